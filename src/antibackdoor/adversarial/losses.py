@@ -1,0 +1,34 @@
+"""Per-sample classification losses used by the PGD engine and the defenses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: log of the clamped zero entries of the one-hot label in reverse cross-entropy (A = -4 in Wang et al.)
+RCE_LOG_ZERO = math.log(1e-4)
+
+
+def symmetric_cross_entropy(logits: torch.Tensor, y: torch.Tensor, alpha: float = 0.1,
+                            beta: float = 1.0) -> torch.Tensor:
+    """SCE = alpha * CE + beta * RCE per sample (Wang et al., ICCV 2019; alpha 0.1, beta 1 for CIFAR-10).
+
+    RCE = -sum_k p_k log q_k with q the one-hot label clamped to 1e-4, which equals -A * (1 - p_y): bounded,
+    and large only for misclassified samples, which is why A-ABL scores with it.
+    """
+    logits = logits.float()
+    ce = F.cross_entropy(logits, y, reduction="none")
+    p_y = torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+    rce = -RCE_LOG_ZERO * (1.0 - p_y)
+    return alpha * ce + beta * rce
+
+
+def per_sample_loss(name: str, logits: torch.Tensor, y: torch.Tensor, sce_alpha: float = 0.1,
+                    sce_beta: float = 1.0) -> torch.Tensor:
+    if name == "ce":
+        return F.cross_entropy(logits.float(), y, reduction="none")
+    if name == "sce":
+        return symmetric_cross_entropy(logits, y, sce_alpha, sce_beta)
+    raise ValueError(f"unknown loss {name!r} (expected 'ce' or 'sce')")

@@ -1,0 +1,146 @@
+"""In-memory image datasets as uint8 tensors.
+
+Everything downstream (poisoning, training, adversarial scoring) slices these tensors by index; keeping
+uint8 on the compute device makes a batch a single gather with no DataLoader, and poisoned images are
+quantised exactly as a real poisoned file would be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import DataError
+
+
+@dataclass
+class ImageSet:
+    """Images ``x`` (uint8, N x C x H x W) with labels ``y`` (int64, N)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = "dataset"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- shape ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    # -- derived sets --------------------------------------------------------------------------
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        """Rows selected by an index or boolean mask (a copy)."""
+        index = index.to(self.x.device)
+        return replace(self, x=self.x[index], y=self.y[index])
+
+    def with_labels(self, y: torch.Tensor) -> ImageSet:
+        return replace(self, y=y.to(self.y.device, torch.int64))
+
+    def with_images(self, x: torch.Tensor) -> ImageSet:
+        return replace(self, x=x)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return replace(self, x=self.x.to(device), y=self.y.to(device))
+
+    def float_images(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Images in [0, 1] as float32, optionally for a subset."""
+        x = self.x if index is None else self.x[index]
+        return x.float().div_(255.0)
+
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(self.y.cpu(), minlength=self.num_classes)
+
+    # -- checks --------------------------------------------------------------------------------
+    def validate(self, require_all_classes: bool = False) -> None:
+        """Reject malformed data with a message that names the problem."""
+        if self.x.dtype != torch.uint8:
+            raise DataError(f"{self.name}: images have dtype {self.x.dtype}; expected uint8 (0..255)")
+        if self.x.dim() != 4 or self.x.shape[1] not in (1, 3):
+            raise DataError(
+                f"{self.name}: images have shape {tuple(self.x.shape)}; expected N x C x H x W with C in (1, 3)"
+            )
+        if self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
+            raise DataError(
+                f"{self.name}: {self.x.shape[0]} images but labels of shape {tuple(self.y.shape)}"
+            )
+        if self.y.dtype != torch.int64:
+            raise DataError(f"{self.name}: labels have dtype {self.y.dtype}; expected integers")
+        if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes):
+            raise DataError(
+                f"{self.name}: labels span {int(self.y.min())}..{int(self.y.max())}, "
+                f"outside [0, {self.num_classes})"
+            )
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise DataError(f"{self.name}: normalisation constants do not match {self.channels} channels")
+        if require_all_classes:
+            counts = self.class_counts()
+            missing = [self.classes[i] for i in range(self.num_classes) if counts[i] == 0]
+            if missing:
+                raise DataError(f"{self.name}: no sample of class(es) {', '.join(missing)}")
+
+
+@dataclass
+class DatasetSplits:
+    """A train/test pair plus the dataset's defaults used by `--preset paper`."""
+
+    train: ImageSet
+    test: ImageSet
+    defaults: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        self.train.validate(require_all_classes=True)
+        self.test.validate()
+        if self.train.x.shape[1:] != self.test.x.shape[1:]:
+            raise DataError(
+                f"{self.train.name}: train images {tuple(self.train.x.shape[1:])} and test images "
+                f"{tuple(self.test.x.shape[1:])} differ in shape"
+            )
+
+
+def from_numpy_nhwc(x, y, name: str, classes: list[str] | None = None, mean=None, std=None) -> ImageSet:
+    """Build an ImageSet from NHWC (or NHW) uint8 arrays, checking shape and dtype first."""
+    import numpy as np
+
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.dtype != np.uint8:
+        raise DataError(f"{name}: images have dtype {x.dtype}; expected uint8 (0..255)")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{name}: images have shape {x.shape}; expected N x H x W x C with C in (1, 3)")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{name}: {x.shape[0]} images but labels of shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{name}: labels have dtype {y.dtype}; expected integers")
+    if classes is None:
+        n = int(y.max()) + 1 if y.size else 0
+        classes = [str(i) for i in range(n)]
+    c = x.shape[-1]
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    if mean is None:
+        mean = tuple(float(v) for v in (xt.float().mean(dim=(0, 2, 3)) / 255.0)) if len(xt) else (0.5,) * c
+    if std is None:
+        std = tuple(float(v) for v in (xt.float().std(dim=(0, 2, 3)) / 255.0)) if len(xt) else (0.25,) * c
+    return ImageSet(xt, torch.from_numpy(y.astype(np.int64)), list(classes), tuple(mean), tuple(std), name)

@@ -1,0 +1,105 @@
+"""The defense interface and registry.
+
+A defense gets the (possibly poisoned) training images and their observed labels — never the poison
+mask — and returns a model plus whatever it learned about the samples (scores, which it kept, new labels).
+Hyper-parameters live in a frozen dataclass per defense, with one instance per preset (`quick`, `paper`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import merge, to_dict
+from ..data.imageset import ImageSet
+from ..errors import ConfigError
+
+log = logging.getLogger("antibackdoor")
+
+ModelFactory = Callable[[], nn.Module]
+
+
+@dataclass
+class DefenseContext:
+    """What a defense may use besides the data: how to build a fresh model, where to checkpoint, etc."""
+
+    model_factory: ModelFactory
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    workdir: Path | None = None  # checkpoints and stage outputs; None = no checkpoints
+    resume: bool = False
+
+    def checkpoint(self, stage: str) -> Path | None:
+        return None if self.workdir is None else self.workdir / f"{stage}.ckpt"
+
+    def fresh_model(self, offset: int = 0) -> nn.Module:
+        """A newly initialised model, seeded so that reruns and resumes start from the same weights."""
+        torch.manual_seed(self.seed * 7 + offset)
+        return self.model_factory().to(self.device)
+
+
+@dataclass
+class DefenseResult:
+    model: nn.Module
+    #: True for samples the final model was trained on (None: all of them)
+    kept: torch.Tensor | None = None
+    #: one number per training sample; see score_name and higher_is_suspicious
+    scores: torch.Tensor | None = None
+    score_name: str = ""
+    higher_is_suspicious: bool = True
+    #: labels the final model was trained with, where the defense changed any (None: unchanged)
+    new_labels: torch.Tensor | None = None
+    #: JSON-serialisable facts about the run (thresholds, chosen q, ...)
+    info: dict[str, Any] = field(default_factory=dict)
+    #: per-stage training histories
+    history: dict[str, list[dict]] = field(default_factory=dict)
+
+    @property
+    def isolated(self) -> torch.Tensor | None:
+        return None if self.kept is None else ~self.kept
+
+
+class Defense:
+    """Subclasses set ``name``, ``Params`` (a frozen dataclass) and ``presets``, and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Params: ClassVar[type]
+    presets: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, preset: str = "quick", overrides: dict[str, Any] | None = None, params: Any = None):
+        if params is None:
+            if preset not in self.presets:
+                raise ConfigError(f"--preset: {preset!r} unknown for defense {self.name}; known: "
+                                  f"{', '.join(self.presets)}")
+            params = merge(self.presets[preset], overrides or {}, f"defense_params ({self.name})")
+        self.params = params
+
+    def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **to_dict(self.params)}
+
+
+DEFENSES: dict[str, type[Defense]] = {}
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    DEFENSES[cls.name] = cls
+    return cls
+
+
+def get_defense(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Defense:
+    cls = DEFENSES.get(name)
+    if cls is None:
+        raise ConfigError(f"--defense: unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}")
+    return cls(preset, overrides)

@@ -1,0 +1,32 @@
+"""No defense: standard training on all data, the baseline every defense is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..data.imageset import ImageSet
+from ..training import TrainConfig
+from .base import Defense, DefenseContext, DefenseResult, register_defense
+from .stages import train_stage
+
+
+@dataclass(frozen=True)
+class NoDefenseParams:
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@register_defense
+class NoDefense(Defense):
+    name = "none"
+    description = "standard training on all data (no defense)"
+    Params = NoDefenseParams
+    presets = {
+        # SGD, as a practitioner would train; the quick preset matches A-ABL's naive stage in length
+        "quick": NoDefenseParams(TrainConfig(epochs=30, optimizer="adam", lr=1e-3, crop=4, flip=False)),
+        "paper": NoDefenseParams(TrainConfig(epochs=100, optimizer="sgd", lr=0.1, schedule="step",
+                                             milestones=(50, 75, 90), crop=4, flip=True)),
+    }
+
+    def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        model, hist = train_stage(ctx, data, self.params.train, "train")
+        return DefenseResult(model, history={"train": hist})

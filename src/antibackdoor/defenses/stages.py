@@ -1,0 +1,48 @@
+"""Stages that defenses compose: train a model, score samples adversarially, split by a threshold.
+
+Each is a plain function so that a defense's ``run`` reads like its paper's algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adversarial.pgd import PGDConfig, PGDStats, pgd_statistics
+from ..data.imageset import ImageSet
+from ..training import TrainConfig, train
+from .base import DefenseContext
+
+log = logging.getLogger("antibackdoor")
+
+
+def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str,
+                sample_weight: torch.Tensor | None = None, seed_offset: int = 0,
+                on_epoch_end=None, model: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``."""
+    model = model if model is not None else ctx.fresh_model(seed_offset)
+    history = train(model, data, cfg, seed=ctx.seed * 31 + seed_offset, device=ctx.device,
+                    checkpoint=ctx.checkpoint(stage), resume=ctx.resume, desc=stage,
+                    sample_weight=sample_weight, on_epoch_end=on_epoch_end)
+    return model, history
+
+
+def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: DefenseContext,
+                       desc: str = "scoring") -> PGDStats:
+    """Attack every sample with ``cfg`` (eval mode, whole batches) and return per-sample statistics."""
+    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc)
+
+
+def otsu_threshold(scores: torch.Tensor) -> float:
+    """Otsu's threshold (scikit-image) on a 1-D score distribution; the midpoint if all scores are equal."""
+    from skimage.filters import threshold_otsu
+
+    values = scores.double().cpu().numpy()
+    if values.size == 0:
+        raise ValueError("no scores to threshold")
+    if np.ptp(values) == 0:
+        return float(values[0])
+    return float(threshold_otsu(values, nbins=1024))

@@ -1,0 +1,68 @@
+"""Evaluation: clean accuracy (ACC), attack success rate (ASR), robust accuracy (RA) and split metrics.
+
+ASR is measured on test images whose true class is not the target. Split metrics compare a defense's
+kept/isolated masks with the ground-truth poison mask, which defenses never see.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adversarial.pgd import PGDConfig, eval_mode, pgd
+from .data.imageset import ImageSet
+
+RA_PGD = PGDConfig(eps=8 / 255, step=2 / 255, steps=10, random_start=True)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ImageSet, device: torch.device | str = "cpu",
+            batch_size: int = 1024) -> torch.Tensor:
+    """Predicted labels for every image (eval mode, fp32)."""
+    out = []
+    with eval_mode(model):
+        for s in range(0, len(data), batch_size):
+            xb = data.x[s:s + batch_size].to(device).float().div_(255.0)
+            out.append(model(xb).argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, data: ImageSet, device: torch.device | str = "cpu") -> float:
+    if len(data) == 0:
+        return float("nan")
+    return float((predict(model, data, device) == data.y.cpu()).float().mean())
+
+
+def attack_success_rate(model: nn.Module, triggered: ImageSet, device: torch.device | str = "cpu") -> float:
+    """Fraction of triggered non-target test images classified as the target (``triggered.y``)."""
+    return accuracy(model, triggered, device)
+
+
+def robust_accuracy(model: nn.Module, data: ImageSet, cfg: PGDConfig = RA_PGD,
+                    device: torch.device | str = "cpu", batch_size: int = 512, seed: int = 0) -> float:
+    """Accuracy under PGD (default PGD-10, eps 8/255, step 2/255, random start)."""
+    if len(data) == 0:
+        return float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    for s in range(0, len(data), batch_size):
+        xb = data.x[s:s + batch_size].to(device).float().div_(255.0)
+        yb = data.y[s:s + batch_size].to(device)
+        correct += int((pgd(model, xb, yb, cfg, generator=gen).pred == yb).sum())
+    return correct / len(data)
+
+
+def split_metrics(kept: torch.Tensor, poison_mask: torch.Tensor) -> dict[str, float]:
+    """gamma = |kept| / N, rho_vul = poison share of the kept set, TPR/FPR of the isolated set."""
+    kept = kept.bool().cpu()
+    poison = poison_mask.bool().cpu()
+    isolated = ~kept
+    n_p, n_c = int(poison.sum()), int((~poison).sum())
+    return {
+        "gamma": float(kept.float().mean()) if len(kept) else float("nan"),
+        "rho_vul": float((kept & poison).sum()) / max(int(kept.sum()), 1),
+        "isolated": int(isolated.sum()),
+        "isolated_poison": int((isolated & poison).sum()),
+        "tpr": float((isolated & poison).sum()) / n_p if n_p else float("nan"),
+        "fpr": float((isolated & ~poison).sum()) / n_c if n_c else float("nan"),
+    }

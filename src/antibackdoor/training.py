@@ -1,0 +1,177 @@
+"""The one training loop: SGD/Adam, step/cosine schedules, on-device augmentation, optional PGD adversary,
+bf16 autocast and channels_last, a checkpoint after every epoch and exact resume.
+
+Randomness (shuffling, augmentation, PGD random starts) comes from a generator seeded by (seed, epoch),
+so an epoch replayed after a resume draws the same numbers as it would have without the interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adversarial.pgd import PGDConfig, pgd
+from .data.augment import augment
+from .data.imageset import ImageSet
+from .errors import ConfigError, RunStateError, TrainingDivergedError
+from .progress import bar
+
+log = logging.getLogger("antibackdoor")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "adam"  # "sgd" or "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "none"  # "none", "step" (x lr_gamma at milestones) or "cosine"
+    milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    crop: int = 4  # random-crop padding in pixels (0 = off)
+    flip: bool = True
+    adversary: PGDConfig | None = None  # PGD adversarial training when set
+    amp: bool = True  # bf16 autocast (CPU with AVX512-BF16/AMX and CUDA)
+    channels_last: bool = True
+
+    def validate(self, where: str = "train") -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"{where}.optimizer: {self.optimizer!r} is not 'sgd' or 'adam'")
+        if self.schedule not in ("none", "step", "cosine"):
+            raise ConfigError(f"{where}.schedule: {self.schedule!r} is not 'none', 'step' or 'cosine'")
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError(f"{where}: epochs >= 0, batch_size >= 1 and lr > 0 are required")
+
+    def lr_at(self, epoch: int) -> float:
+        if self.schedule == "step":
+            return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones)
+        if self.schedule == "cosine":
+            return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / max(1, self.epochs)))
+        return self.lr
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919) % (2**63 - 1))
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically: a killed process leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means an unusable checkpoint file
+        raise RunStateError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it or use --force") from None
+
+
+def autocast_ctx(device: torch.device, enabled: bool):
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
+          device: torch.device | str = "cpu", checkpoint: Path | None = None, resume: bool = False,
+          desc: str = "train", sample_weight: torch.Tensor | None = None,
+          on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None) -> list[dict]:
+    """Train ``model`` in place on ``data`` and return one dict of statistics per epoch.
+
+    ``sample_weight`` (N floats) scales each sample's loss; negative weights give gradient ascent
+    (unlearning). ``on_epoch_end(epoch, model)`` may return extra numbers for the history, and returning
+    ``{"stop": True}`` ends training early (used to abandon a collapsing run).
+    """
+    cfg.validate(desc)
+    device = torch.device(device)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    history: list[dict] = []
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        if not resume:
+            raise RunStateError(f"{checkpoint}: a checkpoint exists; pass --resume to continue or --force to restart")
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        start = int(state["epoch"])
+        log.info("%s: resumed from %s at epoch %d", desc, checkpoint, start)
+    x_all, y_all = data.x.to(device), data.y.to(device)
+    w_all = sample_weight.to(device) if sample_weight is not None else None
+    n = len(data)
+    epochs = bar(range(start, cfg.epochs), desc=desc, total=cfg.epochs, initial=start, unit="ep")
+    for epoch in epochs:
+        gen = epoch_generator(seed, epoch)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(epoch)
+        model.train()
+        order = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        for s in range(0, n, cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            if idx.numel() < 2 and n >= 2:  # BatchNorm needs two samples
+                continue
+            xb = augment(x_all[idx], cfg.crop, cfg.flip, gen).float().div_(255.0)
+            yb = y_all[idx]
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            if cfg.adversary is not None:
+                xb = pgd(model, xb, yb, cfg.adversary, generator=gen, amp=cfg.amp).x_adv
+                model.train()
+            with autocast_ctx(device, cfg.amp):
+                logits = model(xb)
+            per = F.cross_entropy(logits.float(), yb, reduction="none")
+            loss = (per * w_all[idx]).mean() if w_all is not None else per.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += per.detach().sum()
+            correct += (logits.argmax(1) == yb).sum()
+        stats = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": float(loss_sum) / max(n, 1),
+                 "train_acc": float(correct) / max(n, 1)}
+        if not math.isfinite(stats["loss"]):
+            raise TrainingDivergedError(
+                f"{desc}: the loss became {stats['loss']} in epoch {epoch + 1}; lower the learning rate "
+                "or turn off amp")
+        stop = False
+        if on_epoch_end is not None:
+            extra = on_epoch_end(epoch, model) or {}
+            stop = bool(extra.pop("stop", False))
+            stats.update(extra)
+        history.append(stats)
+        if hasattr(epochs, "set_postfix"):
+            epochs.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
+        log.info("%s epoch %d: %s", desc, epoch + 1, {k: round(v, 4) for k, v in stats.items()})
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": model.state_dict(),
+                                         "optimizer": opt.state_dict(), "history": history})
+        if stop:
+            break
+    model.eval()
+    return history
