@@ -167,7 +167,7 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
         history.append(stats)
         if hasattr(epochs, "set_postfix"):
             epochs.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
-        log.info("%s epoch %d: %s", desc, epoch + 1, {k: round(v, 4) for k, v in stats.items()})
+        log.debug("%s epoch %d: %s", desc, epoch + 1, {k: round(v, 4) for k, v in stats.items()})
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": model.state_dict(),
                                          "optimizer": opt.state_dict(), "history": history})

@@ -75,9 +75,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
     """
     n = x.shape[0]
     dev = x.device
-    x0 = x.detach().float()
+    x0 = x.detach() if x.is_floating_point() else x.float()
     if cfg.random_start and math.isfinite(cfg.eps) and cfg.eps > 0:
-        noise = torch.rand(x0.shape, generator=generator).to(dev) * 2 - 1
+        noise = torch.rand(x0.shape, generator=generator).to(dev, x0.dtype) * 2 - 1
         x_adv = (x0 + cfg.eps * noise).clamp_(0, 1)
     else:
         x_adv = x0.clone()
@@ -99,13 +99,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
             newly = (pred != ya) & (flip_step[active] < 0)
             flip_step[active[newly]] = t
             flip_label[active[newly]] = pred[newly]
-            loss[active] = per.detach()
+            loss[active] = per.detach().float()
             pred_out[active] = pred
             if t == cfg.steps:
                 break
             (grad,) = torch.autograd.grad(per.sum(), xa)
             if t == 0:
-                grad_norm[active] = grad.float().flatten(1).norm(p=cfg.grad_norm_p, dim=1)
+                grad_norm[active] = grad.flatten(1).norm(p=cfg.grad_norm_p, dim=1).float()
             stepped = xa.detach() + cfg.step * grad.sign()
             if math.isfinite(cfg.eps):
                 stepped = torch.max(torch.min(stepped, x0[active] + cfg.eps), x0[active] - cfg.eps)
@@ -134,14 +134,15 @@ class PGDStats:
 
 def pgd_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig,
                    device: torch.device | str = "cpu", batch_size: int = 512,
-                   generator: torch.Generator | None = None, progress: str | None = None) -> PGDStats:
-    """Run ``pgd`` over uint8 ``images`` in batches and gather the per-sample statistics (fp32)."""
+                   generator: torch.Generator | None = None, progress: str | None = None,
+                   dtype: torch.dtype = torch.float32) -> PGDStats:
+    """Run ``pgd`` over uint8 ``images`` in batches and gather the per-sample statistics."""
     from ..progress import bar
 
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "flip_step", "flip_label", "grad_norm", "pred")}
     starts = range(0, images.shape[0], batch_size)
     for s in bar(starts, desc=progress, total=len(starts), unit="batch"):
-        xb = images[s:s + batch_size].to(device).float().div_(255.0)
+        xb = images[s:s + batch_size].to(device).to(dtype).div_(255.0)
         yb = labels[s:s + batch_size].to(device)
         r = pgd(model, xb, yb, cfg, generator=generator, amp=False)
         for k in parts:

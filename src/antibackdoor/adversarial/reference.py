@@ -16,14 +16,14 @@ from .pgd import PGDConfig, PGDStats, eval_mode
 
 
 def pgd_statistics_loop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig,
-                        device: torch.device | str = "cpu") -> PGDStats:
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PGDStats:
     """Same outputs as ``pgd_statistics`` (without random start), one sample at a time."""
     if cfg.random_start:
         raise ValueError("the reference loop is deterministic: use random_start=False")
     out = {k: [] for k in ("loss", "flip_step", "flip_label", "grad_norm", "pred")}
     with eval_mode(model), torch.enable_grad():
         for i in range(images.shape[0]):
-            x0 = images[i:i + 1].to(device).float() / 255.0
+            x0 = images[i:i + 1].to(device).to(dtype) / 255.0
             y = labels[i:i + 1].to(device)
             x = x0.clone()
             flip_step, flip_label, gnorm = -1, -1, 0.0
@@ -44,7 +44,7 @@ def pgd_statistics_loop(model: nn.Module, images: torch.Tensor, labels: torch.Te
                 if math.isfinite(cfg.eps):
                     x = torch.clamp(x, x0 - cfg.eps, x0 + cfg.eps)
                 x = x.clamp(0, 1)
-            out["loss"].append(float(loss))
+            out["loss"].append(float(loss.detach()))
             out["flip_step"].append(flip_step)
             out["flip_label"].append(flip_label)
             out["grad_norm"].append(gnorm)

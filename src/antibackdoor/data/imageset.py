@@ -138,7 +138,8 @@ def from_numpy_nhwc(x, y, name: str, classes: list[str] | None = None, mean=None
         n = int(y.max()) + 1 if y.size else 0
         classes = [str(i) for i in range(n)]
     c = x.shape[-1]
-    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    xt = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    xt = torch.from_numpy(xt if xt.flags.writeable else xt.copy())
     if mean is None:
         mean = tuple(float(v) for v in (xt.float().mean(dim=(0, 2, 3)) / 255.0)) if len(xt) else (0.5,) * c
     if std is None:

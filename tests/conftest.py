@@ -1,0 +1,50 @@
+"""Shared fixtures: small slices of the bundled real CIFAR-10 and tiny synthetic .npz files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("ANTIBACKDOOR_PROGRESS", "0")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def mini():
+    from antibackdoor.data import load_dataset
+
+    return load_dataset("cifar10-mini")
+
+
+@pytest.fixture()
+def small_train(mini):
+    """300 real CIFAR-10 training images (every class present)."""
+    return mini.train.subset(torch.arange(300))
+
+
+def write_npz(path, n_train=240, n_test=60, size=16, classes=4, seed=0, **override):
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
+        "y_train": np.arange(n_train) % classes,
+        "x_test": rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
+        "y_test": np.arange(n_test) % classes,
+    }
+    # make the classes learnable: class c brightens quadrant c
+    for key_x, key_y in (("x_train", "y_train"), ("x_test", "y_test")):
+        x, y = arrays[key_x], arrays[key_y]
+        for c in range(classes):
+            r, q = divmod(c, 2)
+            h = size // 2
+            x[y == c, r * h:(r + 1) * h, q * h:(q + 1) * h] //= 4
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture()
+def tiny_npz(tmp_path):
+    return write_npz(tmp_path / "tiny.npz")
