@@ -178,13 +178,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests swap it), one instance per process."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_console_logging() -> None:
     lg = logging.getLogger("antibackdoor")
     lg.setLevel(logging.DEBUG)
-    h = logging.StreamHandler(sys.stderr)
-    h.setLevel(logging.INFO)
-    h.setFormatter(logging.Formatter("[antibackdoor] %(message)s"))
-    lg.addHandler(h)
+    if not any(isinstance(h, _StderrHandler) for h in lg.handlers):
+        h = _StderrHandler()
+        h.setLevel(logging.INFO)
+        h.setFormatter(logging.Formatter("[antibackdoor] %(message)s"))
+        lg.addHandler(h)
 
 
 def main(argv: list[str] | None = None) -> int:

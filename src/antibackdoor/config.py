@@ -38,6 +38,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         inner = args[0] if args else Any
         return tuple(_coerce(inner, v, where) for v in value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -30,7 +30,7 @@ from .data.registry import load_dataset
 from .defenses.base import DefenseContext, DefenseResult, get_defense
 from .errors import ConfigError, RunStateError
 from .metrics import accuracy, attack_success_rate, robust_accuracy, split_metrics
-from .models.registry import build_model
+from .models.registry import MODELS, build_model
 
 log = logging.getLogger("antibackdoor")
 
@@ -192,6 +192,8 @@ class Experiment:
         c = self.config
         splits = self.load_data()
         model = c.model or (QUICK_MODEL if c.preset == "quick" else splits.defaults.get("model", PAPER_MODEL))
+        if model not in MODELS:
+            raise ConfigError(f"--model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
         attack = get_attack(c.attack, **c.attack_params).describe() if c.attack != "none" else {"name": "none"}
         defense_cls = get_defense(c.defense, c.preset)
         fields_ = set(to_dict(defense_cls.params))
@@ -230,7 +232,7 @@ class Experiment:
         except BaseException as exc:
             state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             write_json(run_dir / "status.json", {"state": state, "error": str(exc) or exc.__class__.__name__})
-            log.error("run %s: %s", state, exc)
+            log.debug("run %s: %s", state, exc)
             raise
         finally:
             logging.getLogger("antibackdoor").removeHandler(handler)

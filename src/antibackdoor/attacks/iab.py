@@ -1,0 +1,313 @@
+"""Input-aware dynamic backdoor (IAB; Nguyen & Tran, NeurIPS 2020), as a data-poisoning attack.
+
+IAB learns, per input x, a pattern G(x) and a near-binary mask M(x); the triggered image is
+``x + (G(x) - x) * M(x)``, a sparse, high-contrast, sample-specific stamp (stripe-like on CIFAR-10).
+``prepare`` trains the networks as in the paper's release:
+
+1. the mask network M alone, with the diversity loss (different images -> different masks) plus a penalty
+   on mask density above ``mask_density``;
+2. M frozen, the pattern generator G jointly with a proxy classifier C on batches that mix backdoor samples
+   (own trigger, target label; ``p_attack``), cross-trigger samples (another image's trigger, true label;
+   ``p_cross``) and clean ones, plus the diversity loss on the patterns.
+
+Like A-ABL, which uses IAB to poison a data set, ``poison`` then keeps only G and M: a fraction ``rate`` is
+triggered and relabelled to the target, and ``cross_ratio`` times as many other samples get a trigger made
+for another image and keep their label (so a victim learns that only an image's own trigger fires). The
+cross samples are not in the poison mask. Trained networks are cached (see ``_netcache``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import augment
+from ..data.imageset import ImageSet
+from ..errors import ConfigError
+from ..progress import bar
+from ..training import autocast_ctx
+from . import _netcache
+from .base import Attack, PoisonedSet, quantize, register_attack
+
+log = logging.getLogger("antibackdoor")
+
+_EPS = 1e-7
+
+
+def _conv_block(cin: int, cout: int, relu: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout, momentum=0.05)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class TriggerNet(nn.Module):
+    """The paper's encoder-decoder generator (two convs per level, max-pool down, nearest-neighbour up).
+
+    ``width`` channels at full resolution doubling per level over ``depth`` levels (the paper: 32 and 3 on
+    CIFAR-10). Inputs whose side is not a multiple of 2**depth are edge-padded and the output cropped.
+    Returns raw pre-activation maps; ``pattern``/``mask`` apply the paper's squashing.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 32, depth: int = 3):
+        super().__init__()
+        self.depth = depth
+        layers: list[nn.Module] = []
+        cin, c = in_channels, width
+        for level in range(depth):
+            layers += [*_conv_block(cin, c), *_conv_block(c, c), nn.MaxPool2d(2)]
+            cin = c
+            if level < depth - 1:
+                c *= 2
+        layers += _conv_block(c, c)
+        for level in range(depth):
+            last = level == depth - 1
+            nxt = out_channels if last else c // 2
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), *_conv_block(c, c),
+                       *_conv_block(c, nxt, relu=not last)]
+            c = nxt
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        k = 2 ** self.depth
+        ph, pw = (-h) % k, (-w) % k
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return self.body(x)[..., :h, :w]
+
+    def pattern(self, x: torch.Tensor) -> torch.Tensor:
+        """Trigger pattern in [0, 1] pixel units."""
+        return torch.tanh(self(x).float()) / (2 + _EPS) + 0.5
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask in [0, 1], pushed towards 0/1 by the paper's steep threshold around 0.5."""
+        m = torch.tanh(self(x).float()) / (2 + _EPS) + 0.5
+        return torch.tanh(m * 20 - 10) / (2 + _EPS) + 0.5
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMS distance (the tiny constant keeps sqrt's gradient finite at 0)."""
+    return torch.sqrt((a.float() - b.float()).pow(2).mean(dim=(1, 2, 3)) + 1e-12)
+
+
+def diversity_loss(xa: torch.Tensor, xb: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+    """The paper's diversity loss: image distance over trigger distance, so different inputs must get
+    different triggers (this is what makes the triggers sample-specific)."""
+    return (_distance(xa, xb) / (_distance(ta, tb) + _EPS)).mean()
+
+
+def blend(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x + (pattern - x) * mask
+
+
+@register_attack
+class InputAware(Attack):
+    name = "iab"
+    label_mode = "dirty"
+    description = "input-aware dynamic attack: learned per-image pattern + mask, plus cross-trigger samples"
+    # CPU-sized defaults (the paper's values in ``paper_params``); cost on mini CIFAR-10: see
+    # docs/attacks_dynamic.md.
+    params = {
+        "epochs": 10,  # joint G + classifier epochs (paper: 600)
+        "mask_epochs": 5,  # mask-network epochs (paper: 25)
+        "width": 16,  # generator width at full resolution (paper: 32)
+        "depth": 3,  # generator levels (paper: 3 on CIFAR-10/GTSRB, 2 on MNIST)
+        "proxy_model": "cnn",  # classifier trained jointly with G (paper: PreAct-ResNet18)
+        "batch_size": 128,
+        "lr_c": 0.01,  # SGD, momentum 0.9, wd 5e-4 (paper)
+        "lr_g": 0.01,  # Adam, betas (0.5, 0.9) (paper)
+        "lr_m": 0.01,  # Adam, betas (0.5, 0.9) (paper)
+        "lambda_div": 1.0,
+        "lambda_norm": 100.0,
+        "mask_density": 0.032,
+        "p_attack": 0.1,  # share of each joint-training batch with their own trigger
+        "p_cross": 0.1,  # share with another image's trigger
+        "cross_ratio": 1.0,  # poisoning: cross-trigger samples per backdoor sample (paper: p_cross/p_attack)
+        "crop": 4,  # augmentation while training G/M/C (paper: crop 5, rotation 10, flip)
+        "flip": True,
+        "amp": True,  # bf16 autocast while training
+        "seed": 0,  # network initialisation and batch order (independent of the poisoning seed)
+    }
+    paper_params: dict[str, Any] = {"epochs": 600, "mask_epochs": 25, "width": 32, "depth": 3,
+                                    "proxy_model": "preact-resnet18", "crop": 5}
+    # parameters that only change how the trained networks are used, not the networks themselves
+    _USE_ONLY = ("cross_ratio",)
+
+    def __init__(self, **overrides: Any):
+        super().__init__(**overrides)
+        self.gen_net: TriggerNet | None = None
+        self.mask_net: TriggerNet | None = None
+        self.train_info: dict[str, Any] = {}
+        self.cross_mask: torch.Tensor | None = None
+        if not float(self.cross_ratio) >= 0:
+            raise ConfigError(f"attack iab: cross_ratio {self.cross_ratio} must be >= 0")
+        pa, pc = float(self.p_attack), float(self.p_cross)
+        if not (0 < pa and 0 <= pc and pa + pc < 1):
+            raise ConfigError("attack iab: need 0 < p_attack, 0 <= p_cross and p_attack + p_cross < 1")
+
+    # -- training ---------------------------------------------------------------------------------
+    def prepare(self, train: ImageSet, target: int, generator: torch.Generator) -> None:
+        """Train (or load from the cache) the mask and pattern networks for ``target``."""
+        key = {k: v for k, v in self.config.items() if k not in self._USE_ONLY}
+        key["target"] = int(target)
+        tensors, meta, _ = _netcache.load_or_train(
+            self.name, key, train, lambda: self._train(train, target))
+        # trained or cached, the networks come from the stored tensors: both paths give the same trigger
+        self.gen_net, self.mask_net = self._new_nets(train.channels)
+        _netcache.unpack(tensors, {"G": self.gen_net, "M": self.mask_net})
+        self.gen_net.eval().requires_grad_(False)
+        self.mask_net.eval().requires_grad_(False)
+        self.train_info = meta
+        self.prepared = True
+
+    def _new_nets(self, channels: int) -> tuple[TriggerNet, TriggerNet]:
+        return (TriggerNet(channels, channels, int(self.width), int(self.depth)),
+                TriggerNet(channels, 1, int(self.width), int(self.depth)))
+
+    def _train(self, train: ImageSet, target: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from ..models import build_model
+
+        t0 = time.time()
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+            torch.manual_seed(int(self.seed))
+            dev = train.device
+            G, M = (net.to(dev) for net in self._new_nets(train.channels))
+            C = build_model(str(self.proxy_model), train.num_classes, train.channels, train.image_size,
+                            train.mean, train.std).to(dev)
+            gen = torch.Generator().manual_seed(int(self.seed))
+            std = torch.tensor(train.std, device=dev).view(1, -1, 1, 1)
+            mask_stats = self._train_mask(M, train, gen, std)
+            M.eval().requires_grad_(False)
+            joint_stats = self._train_joint(G, M, C, train, target, gen)
+        info = {"train_time_s": round(time.time() - t0, 1), "mask": mask_stats, "joint": joint_stats}
+        log.info("iab: trained in %.0f s: %s", info["train_time_s"], joint_stats)
+        return _netcache.pack({"G": G.cpu(), "M": M.cpu()}), info
+
+    def _batches(self, n: int, gen: torch.Generator):
+        """Pairs of index batches from two independent shuffles (the paper's two data loaders)."""
+        bs = int(self.batch_size)
+        p1, p2 = torch.randperm(n, generator=gen), torch.randperm(n, generator=gen)
+        for s in range(0, n, bs):
+            if p1[s:s + bs].numel() >= 2:
+                yield p1[s:s + bs], p2[s:s + bs]
+
+    def _augmented(self, train: ImageSet, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = train.x[idx.to(train.device)]
+        return augment(x, int(self.crop), bool(self.flip), gen).float().div_(255.0)
+
+    def _train_mask(self, M: TriggerNet, train: ImageSet, gen: torch.Generator,
+                    std: torch.Tensor) -> dict[str, float]:
+        opt = torch.optim.Adam(M.parameters(), lr=float(self.lr_m), betas=(0.5, 0.9))
+        M.train()
+        stats = {"density": float("nan"), "div": float("nan")}
+        for _ in bar(range(int(self.mask_epochs)), desc="iab: mask network", unit="ep"):
+            dens, divs, k = 0.0, 0.0, 0
+            for i1, i2 in self._batches(len(train), gen):
+                x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
+                m = min(len(x1), len(x2))
+                x1, x2 = x1[:m], x2[:m]
+                with autocast_ctx(x1.device, bool(self.amp)):
+                    m1, m2 = M.mask(x1), M.mask(x2)
+                # images compared after normalisation, as in the paper (which feeds normalised images)
+                div = diversity_loss(x1 / std, x2 / std, m1, m2)
+                norm = F.relu(m1 - float(self.mask_density)).mean()
+                loss = float(self.lambda_norm) * norm + float(self.lambda_div) * div
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                dens += float(m1.detach().mean())
+                divs += float(div.detach())
+                k += 1
+            stats = {"density": round(dens / max(k, 1), 4), "div": round(divs / max(k, 1), 4)}
+        return stats
+
+    def _train_joint(self, G: TriggerNet, M: TriggerNet, C: nn.Module, train: ImageSet, target: int,
+                     gen: torch.Generator) -> dict[str, float]:
+        opt_c = torch.optim.SGD(C.parameters(), lr=float(self.lr_c), momentum=0.9, weight_decay=5e-4)
+        opt_g = torch.optim.Adam(G.parameters(), lr=float(self.lr_g), betas=(0.5, 0.9))
+        C.to(memory_format=torch.channels_last)
+        G.train()
+        C.train()
+        y_all = train.y.to(train.device)
+        stats: dict[str, float] = {}
+        for _ in bar(range(int(self.epochs)), desc="iab: generator + classifier", unit="ep"):
+            tot = {"clean": [0, 0], "bd": [0, 0], "cross": [0, 0]}
+            div_sum, steps = 0.0, 0
+            for i1, i2 in self._batches(len(train), gen):
+                x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
+                y1 = y_all[i1.to(train.device)]
+                bs = len(x1)
+                nb = max(1, int(float(self.p_attack) * bs))
+                nc = min(int(float(self.p_cross) * bs), len(x2) - nb)
+                with autocast_ctx(x1.device, bool(self.amp)):
+                    with torch.no_grad():
+                        m1, m2 = M.mask(x1[:nb]), M.mask(x2[nb:nb + nc])
+                    pat1, pat2 = G.pattern(x1[:nb]), G.pattern(x2[nb:nb + nc])
+                    x_bd = blend(x1[:nb], pat1, m1)
+                    x_cross = blend(x1[nb:nb + nc], pat2, m2)
+                    inputs = torch.cat([x_bd, x_cross, x1[nb + nc:]])
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                    logits = C(inputs).float()
+                targets = torch.cat([torch.full((nb,), target, dtype=torch.long, device=y1.device), y1[nb:]])
+                loss_ce = F.cross_entropy(logits, targets)
+                k = min(nb, nc)
+                div = diversity_loss(x1[:k], x2[nb:nb + k], pat1[:k], pat2[:k]) if k else logits.new_zeros(())
+                loss = loss_ce + float(self.lambda_div) * div
+                # (the release zeroes only the classifier's gradients, letting G's accumulate; we zero both)
+                opt_c.zero_grad(set_to_none=True)
+                opt_g.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_c.step()
+                opt_g.step()
+                hit = (logits.argmax(1) == targets).detach()
+                parts = (("bd", slice(0, nb)), ("cross", slice(nb, nb + nc)), ("clean", slice(nb + nc, bs)))
+                for name, sl in parts:
+                    tot[name][0] += int(hit[sl].sum())
+                    tot[name][1] += int(hit[sl].numel())
+                div_sum += float(div.detach())
+                steps += 1
+            stats = {f"{k}_acc": round(v[0] / max(v[1], 1), 4) for k, v in tot.items()}
+            stats["div"] = round(div_sum / max(steps, 1), 4)
+        return stats
+
+    # -- the trigger --------------------------------------------------------------------------------
+    def _nets(self, device: torch.device) -> tuple[TriggerNet, TriggerNet]:
+        if self.gen_net is None or self.mask_net is None:
+            raise RuntimeError("attack iab: no trigger networks yet; call poison() or prepare() first")
+        return self.gen_net.to(device).eval(), self.mask_net.to(device).eval()
+
+    @torch.no_grad()
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image gets its own trigger: x + (G(x) - x) * M(x)."""
+        G, M = self._nets(x.device)
+        return blend(x, G.pattern(x), M.mask(x)).clamp_(0, 1)
+
+    @torch.no_grad()
+    def apply_cross(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``x`` with the trigger generated for ``other`` (a cross-trigger sample)."""
+        G, M = self._nets(x.device)
+        return blend(x, G.pattern(other), M.mask(other)).clamp_(0, 1)
+
+    def poison(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> PoisonedSet:
+        """Backdoor samples as usual, then ``cross_ratio`` x as many cross-trigger samples (true labels)."""
+        ps = super().poison(train, rate, target, generator)
+        pool = (~ps.poison_mask).nonzero().squeeze(1)
+        n_cross = min(int(round(float(self.cross_ratio) * ps.num_poison)), len(pool))
+        cross = pool[torch.randperm(len(pool), generator=generator)[:n_cross]].sort().values
+        # partner images: any other training image (never the sample itself)
+        partner = torch.randint(0, len(train) - 1, (n_cross,), generator=generator)
+        partner += (partner >= cross).long()
+        x = ps.data.x
+        dev = x.device
+        for s in range(0, n_cross, 1024):
+            ci, pi = cross[s:s + 1024].to(dev), partner[s:s + 1024].to(dev)
+            x[ci] = quantize(self.apply_cross(train.x[ci].float() / 255.0, train.x[pi].float() / 255.0))
+        self.cross_mask = torch.zeros(len(train), dtype=torch.bool)
+        self.cross_mask[cross] = True
+        return ps

@@ -1,0 +1,222 @@
+"""SSBA, the invisible sample-specific backdoor (Li et al., ICCV 2021), with a locally trained StegaStamp.
+
+SSBA hides a fixed string in every poisoned image with a StegaStamp encoder (Tancik et al. 2020): a U-Net
+that adds a small, image-dependent residual from which a decoder network can read the bits back. The
+residual differs per image (sample-specific) and is nearly invisible; a victim trained on the poisoned set
+learns to map "carries the code" to the target class.
+
+BackdoorBench ships SSBA as pre-generated ``.npy`` files that users keep failing to find; here ``prepare``
+trains the encoder/decoder on the training images themselves (as BackdoorBench's own recipe does: random
+100-bit codes, BCE on the decoded bits + an L2 image loss switched on after a delay and ramped up), then
+caches them (see ``_netcache``). ``apply`` encodes ``secret`` (UTF-8 bits, repeated to ``n_bits``; a
+repetition code in place of the recipe's BCH code) into any batch.
+
+Its triggers are low-amplitude, so adversarial perturbation overrides them easily: A-ABL's Category B (not
+isolated by the robustness split, suppressed by adversarial training instead).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.imageset import ImageSet
+from ..errors import ConfigError
+from ..progress import bar
+from ..training import autocast_ctx
+from . import _netcache
+from .base import Attack, quantize, register_attack
+
+log = logging.getLogger("antibackdoor")
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU(inplace=True))
+
+
+class StegaEncoder(nn.Module):
+    """StegaStamp's encoder: the code, spread to a 16x16 map and upsampled to the image size, is stacked on
+    the image and a U-Net (``depth`` stride-2 levels, ``width`` channels doubling per level, skip
+    connections) predicts the residual. No normalisation layers, so a sample's residual never depends on
+    the rest of its batch."""
+
+    def __init__(self, channels: int, n_bits: int, width: int = 32, depth: int = 4):
+        super().__init__()
+        self.channels, self.depth = channels, depth
+        self.secret = nn.Linear(n_bits, channels * 16 * 16)
+        widths = [width * 2 ** min(i, 3) for i in range(depth + 1)]
+        self.inc = _conv(2 * channels, widths[0])
+        self.down = nn.ModuleList([_conv(widths[i], widths[i + 1], 2) for i in range(depth)])
+        self.up = nn.ModuleList([_conv(widths[i + 1], widths[i]) for i in range(depth)])
+        self.merge = nn.ModuleList([_conv(2 * widths[i] + (2 * channels if i == 0 else 0), widths[i])
+                                    for i in range(depth)])
+        self.out = nn.Sequential(_conv(widths[0], widths[0]), nn.Conv2d(widths[0], channels, 1))
+
+    def forward(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        s = F.relu(self.secret(bits)).view(-1, self.channels, 16, 16)
+        s = F.interpolate(s, size=(h, w), mode="nearest")
+        inputs = torch.cat([s.expand(x.shape[0], -1, -1, -1).to(x.dtype), x], 1)
+        k = 2 ** self.depth
+        ph, pw = (-h) % k, (-w) % k
+        z = F.pad(inputs, (0, pw, 0, ph), mode="replicate") if ph or pw else inputs
+        skips = [self.inc(z)]
+        for down in self.down:
+            skips.append(down(skips[-1]))
+        y = skips.pop()
+        for i in reversed(range(self.depth)):
+            y = self.up[i](F.interpolate(y, scale_factor=2, mode="nearest"))
+            extra = [z] if i == 0 else []
+            y = self.merge[i](torch.cat([skips[i], y, *extra], 1))
+        return self.out(y)[..., :h, :w]
+
+
+class StegaDecoder(nn.Module):
+    """StegaStamp's decoder: strided convolutions, then a dense head that predicts one logit per bit."""
+
+    def __init__(self, channels: int, n_bits: int, width: int = 32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv(channels, w, 2), _conv(w, w), _conv(w, 2 * w, 2), _conv(2 * w, 2 * w),
+            _conv(2 * w, 2 * w, 2), _conv(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * w, 512), nn.ReLU(inplace=True),
+                                  nn.Linear(512, n_bits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def secret_bits(secret: str, n_bits: int) -> torch.Tensor:
+    """The UTF-8 bits of ``secret`` (most significant first), repeated to fill ``n_bits``."""
+    raw = secret.encode("utf-8")
+    if not raw:
+        raise ConfigError("attack ssba: secret must not be empty")
+    bits = [(byte >> (7 - i)) & 1 for byte in raw for i in range(8)]
+    return torch.tensor([bits[i % len(bits)] for i in range(n_bits)], dtype=torch.float32)
+
+
+@register_attack
+class SSBA(Attack):
+    name = "ssba"
+    label_mode = "dirty"
+    description = "invisible sample-specific trigger: a fixed code hidden by a locally trained StegaStamp"
+    # CPU-sized defaults (BackdoorBench's recipe in ``paper_params``); cost on mini CIFAR-10: see
+    # docs/attacks_dynamic.md.
+    params = {
+        "secret": "abcd",  # the string hidden in every poisoned image (BackdoorBench: "abcd")
+        "n_bits": 100,  # code length (BackdoorBench: 100)
+        "epochs": 10,  # encoder/decoder epochs (BackdoorBench: 20 over 50k CIFAR-10 images)
+        "width": 16,  # encoder/decoder width (StegaStamp: 32)
+        "depth": 4,  # encoder U-Net levels (StegaStamp: 4 on 32x32)
+        "batch_size": 64,
+        "lr": 1e-3,  # Adam (BackdoorBench: 1e-4 for 15.6k steps; larger for our few hundred)
+        "l2_scale": 10.0,  # weight of the image L2 loss once ramped up
+        "l2_await": 0.1,  # fraction of the steps without the L2 loss (BackdoorBench: 1000 of 15.6k)
+        "l2_ramp": 0.3,  # fraction of the steps over which the L2 weight rises (BackdoorBench: 3000)
+        "amp": True,  # bf16 autocast while training
+        "seed": 0,  # network initialisation and random codes (independent of the poisoning seed)
+    }
+    paper_params: dict[str, Any] = {"epochs": 20, "width": 32, "lr": 1e-4}
+    # parameters that only change how the trained networks are used, not the networks themselves
+    _USE_ONLY = ("secret",)
+
+    def __init__(self, **overrides: Any):
+        super().__init__(**overrides)
+        if int(self.n_bits) < 1:
+            raise ConfigError(f"attack ssba: n_bits {self.n_bits} must be >= 1")
+        self.bits = secret_bits(str(self.secret), int(self.n_bits))
+        self.encoder: StegaEncoder | None = None
+        self.decoder: StegaDecoder | None = None
+        self.train_info: dict[str, Any] = {}
+
+    def _new_nets(self, channels: int) -> tuple[StegaEncoder, StegaDecoder]:
+        return (StegaEncoder(channels, int(self.n_bits), int(self.width), int(self.depth)),
+                StegaDecoder(channels, int(self.n_bits), int(self.width)))
+
+    def prepare(self, train: ImageSet, target: int, generator: torch.Generator) -> None:
+        """Train (or load from the cache) the encoder/decoder; they do not depend on the target."""
+        key = {k: v for k, v in self.config.items() if k not in self._USE_ONLY}
+        tensors, meta, _ = _netcache.load_or_train(self.name, key, train, lambda: self._train(train))
+        self.encoder, self.decoder = self._new_nets(train.channels)
+        _netcache.unpack(tensors, {"E": self.encoder, "D": self.decoder})
+        self.encoder.eval().requires_grad_(False)
+        self.decoder.eval().requires_grad_(False)
+        self.train_info = meta
+        self.prepared = True
+
+    def _train(self, train: ImageSet) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        t0 = time.time()
+        dev = train.device
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+            torch.manual_seed(int(self.seed))
+            enc, dec = (m.to(dev) for m in self._new_nets(train.channels))
+        gen = torch.Generator().manual_seed(int(self.seed))
+        opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=float(self.lr))
+        n, bs = len(train), int(self.batch_size)
+        total = int(self.epochs) * max(1, -(-n // bs))
+        wait, ramp = float(self.l2_await) * total, max(float(self.l2_ramp) * total, 1.0)
+        step = 0
+        stats: dict[str, float] = {}
+        for _ in bar(range(int(self.epochs)), desc="ssba: StegaStamp encoder/decoder", unit="ep"):
+            acc_sum, l2_sum, k = 0.0, 0.0, 0
+            order = torch.randperm(n, generator=gen)
+            for s in range(0, n, bs):
+                x = train.x[order[s:s + bs].to(dev)].float().div_(255.0)
+                bits = torch.randint(0, 2, (len(x), int(self.n_bits)), generator=gen).float().to(dev)
+                with autocast_ctx(dev, bool(self.amp)):
+                    encoded = (x + enc(x, bits).float()).clamp(0, 1)
+                    logits = dec(encoded).float()
+                l2 = F.mse_loss(encoded, x)
+                bce = F.binary_cross_entropy_with_logits(logits, bits)
+                weight = float(self.l2_scale) * min(max(0.0, (step - wait) / ramp), 1.0)
+                loss = bce + weight * l2
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                acc_sum += float(((logits.detach() > 0).float() == bits).float().mean())
+                l2_sum += float(l2.detach())
+                k += 1
+            stats = {"bit_acc": round(acc_sum / max(k, 1), 4), "mse": round(l2_sum / max(k, 1), 6)}
+        enc.eval()
+        dec.eval()
+        info = {"train_time_s": round(time.time() - t0, 1), "train": stats,
+                **self._check(enc, dec, train.subset(torch.arange(min(n, 512))))}
+        log.info("ssba: trained in %.0f s: %s", info["train_time_s"], info)
+        return _netcache.pack({"E": enc.cpu(), "D": dec.cpu()}), info
+
+    @torch.no_grad()
+    def _check(self, enc: StegaEncoder, dec: StegaDecoder, data: ImageSet) -> dict[str, float]:
+        """How well the fixed code survives uint8 quantisation and how visible it is (for the log)."""
+        x = data.x.float() / 255.0
+        poisoned = quantize(self._encode(enc, x)).float() / 255.0
+        pred = (dec(poisoned) > 0).float()
+        mse = float(F.mse_loss(poisoned, x))
+        return {"secret_bit_acc": round(float((pred == self.bits.to(pred.device)).float().mean()), 4),
+                "mean_abs_residual": round(float((poisoned - x).abs().mean()), 5),
+                "psnr_db": round(float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12)))), 2)}
+
+    def _encode(self, enc: StegaEncoder, x: torch.Tensor) -> torch.Tensor:
+        bits = self.bits.to(x.device).expand(x.shape[0], -1)
+        return (x + enc(x, bits)).clamp_(0, 1)
+
+    # -- the trigger --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Hide the fixed code in each image (a per-image residual)."""
+        if self.encoder is None:
+            raise RuntimeError("attack ssba: no encoder yet; call poison() or prepare() first")
+        return self._encode(self.encoder.to(x.device).eval(), x)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The bits the decoder reads from a float batch in [0, 1] (N x n_bits, 0/1)."""
+        if self.decoder is None:
+            raise RuntimeError("attack ssba: no decoder yet; call poison() or prepare() first")
+        return (self.decoder.to(x.device).eval()(x) > 0).float()

@@ -1,0 +1,395 @@
+"""AIBD (Adversarial-Inspired Backdoor Defense, AAAI 2025), Algorithm 1 of the paper.
+
+1. Train an infected model f_p (everything but a held-out slice, see below).
+2. Unbounded L-inf PGD on every training sample (step 1/255, no random start, sign ascent of the CE loss
+   w.r.t. the given label, whole batches in eval mode with early stop): k_i = the number of steps until the
+   prediction first leaves the label (``cap`` if it never does), y^_i = the label it goes to.
+3. Eq. 4: k_i <- (1 - sigmoid(g_i)) * k_i with g_i = ||grad_x L(f_p(x_i), y_i)||_p at the clean input
+   (``grad_norm_p``: 1 = L1, the default; 2 = L2), so confidently fitted samples (small gradient) keep their k.
+4. Progressive top-q: for q = 20%, 18%, ..., 2% the top-q fraction by amplified k (high k = hard to turn into
+   an adversarial example = poisoned, paper Sec. "Distinctive adversarial attack behaviors") forms D^t, whose
+   labels are replaced by y^ (Eq. 6); f_p is fine-tuned on D^c and the relabelled D^t. The largest q whose
+   accuracy stays within ``tolerance`` of ACC_p is kept; a q whose accuracy has collapsed (below ACC_p -
+   ``abandon_drop``) after ``abandon_epoch`` epochs is abandoned early (catastrophic forgetting, paper Fig. 3).
+
+The defender has no clean test set, so ACC and ACC_p are measured on a random held-out slice of the training
+data (``holdout``) that neither f_p nor the fine-tuned models see, restricted to the samples outside D^t at
+that q: the slice holds poisoned samples too, and counting their target labels as "correct" would punish a
+model that has unlearned the backdoor. Deviations from the official code (ediltwwj/AIBD-main) are listed in
+docs/aibd.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adversarial.pgd import PGDConfig, PGDStats, eval_mode
+from ..data.imageset import ImageSet
+from ..errors import ConfigError
+from ..training import TrainConfig
+from .base import Defense, DefenseContext, DefenseResult, register_defense
+from .stages import adversarial_scores, train_stage
+
+log = logging.getLogger("antibackdoor")
+
+PAPER_QS = (0.20, 0.18, 0.16, 0.14, 0.12, 0.10, 0.08, 0.06, 0.04, 0.02)
+TREATMENTS = ("adversarial", "random", "unlearn")
+
+
+@dataclass(frozen=True)
+class AIBDParams:
+    infected: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=65, optimizer="sgd", lr=0.1, schedule="step", milestones=(25, 50), crop=0, flip=False))
+    holdout: float = 0.1  # fraction of the training data held out to measure ACC / ACC_p
+    pgd_step: float = 1 / 255
+    pgd_cap: int = 255  # most PGD steps; never-flipped samples get k = cap
+    grad_norm_p: float = 1.0  # Eq. 4's gradient magnitude: 1 = L1 norm, 2 = L2 norm of grad_x
+    amplify: bool = True  # apply Eq. 4 (False: rank by the raw k)
+    qs: tuple[float, ...] = PAPER_QS  # isolation rates, tried in this order (largest first)
+    retrain: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=15, optimizer="sgd", lr=0.1, schedule="step", milestones=(5, 10), crop=0, flip=False))
+    from_scratch: bool = False  # retrain each q from a fresh model instead of fine-tuning f_p
+    tolerance: float = 0.035  # "ACC close to ACC_p": ACC >= ACC_p - tolerance
+    abandon_epoch: int = 6  # check for a collapse after this many epochs (0 = never abandon)
+    abandon_drop: float = 0.07  # abandon the q if ACC < ACC_p - abandon_drop at that epoch
+    treatment: str = "adversarial"  # D^t labels: "adversarial" (y^), "random" (uniform != y), "unlearn"
+    unlearn_weight: float = 1.0  # "unlearn": loss weight -unlearn_weight on D^t (gradient ascent, as ABL)
+    target_filter: bool = False  # isolate only samples whose given label is the guessed target class
+    target_fraction: float = 0.01  # top fraction by k whose most frequent given label is the guessed target
+    batch_size: int = 512  # PGD batch size
+
+    def validate(self) -> None:
+        if self.treatment not in TREATMENTS:
+            raise ConfigError(f"aibd.treatment: {self.treatment!r} is not one of {', '.join(TREATMENTS)}")
+        if not self.qs or any(not 0 < q < 1 for q in self.qs):
+            raise ConfigError(f"aibd.qs: {list(self.qs)} must be a non-empty list of fractions in (0, 1)")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"aibd.holdout: {self.holdout} must be in (0, 1)")
+        if self.pgd_cap < 1 or not self.pgd_step > 0:
+            raise ConfigError("aibd: pgd_cap >= 1 and pgd_step > 0 are required")
+        if not 0 < self.target_fraction <= 1:
+            raise ConfigError(f"aibd.target_fraction: {self.target_fraction} must be in (0, 1]")
+
+
+# -- the pieces of Algorithm 1, as plain functions -------------------------------------------------------------
+def flip_config(p: AIBDParams) -> PGDConfig:
+    """Unbounded (eps = inf) sign-gradient PGD with early stop: the flip-counting attack of step 2."""
+    return PGDConfig(eps=math.inf, step=p.pgd_step, steps=p.pgd_cap, random_start=False, loss="ce",
+                     early_stop=True, grad_norm_p=p.grad_norm_p)
+
+
+def flip_counts(stats: PGDStats, cap: int) -> torch.Tensor:
+    """k_i: steps until the prediction left the label (0 = already misclassified), ``cap`` if it never did."""
+    return torch.where(stats.flip_step >= 0, stats.flip_step, torch.full_like(stats.flip_step, cap))
+
+
+def amplified_scores(k: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 in float64: (1 - sigmoid(g)) * k, written as sigmoid(-g) * k so that a large g does not round
+    the factor to exactly 0 (float32 1 - sigmoid(g) is 0 for g > 17, which would tie many samples)."""
+    return torch.sigmoid(-grad_norm.double()) * k.double()
+
+
+def rank_desc(scores: torch.Tensor) -> torch.Tensor:
+    """Indices by decreasing score; ties keep index order, so the split is deterministic."""
+    return torch.sort(scores.double(), descending=True, stable=True).indices
+
+
+def guess_target(order: torch.Tensor, y: torch.Tensor, fraction: float, num_classes: int) -> tuple[int, int]:
+    """The most frequent given label among the top ``fraction`` samples by k, and how many samples that was.
+
+    At least one sample is counted: the official code's int(N * 1e-5) is 0 for CIFAR-10, so its vote is
+    empty and it always "guesses" class 0, which happens to be the attack's target in its experiments.
+    """
+    count = max(1, math.ceil(fraction * len(order)))
+    votes = torch.bincount(y[order[:count]].cpu(), minlength=num_classes)
+    return int(votes.argmax()), count
+
+
+def isolate(order: torch.Tensor, q: float, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 5: D^t = the round(q * N) highest-ranked samples (only among ``candidates`` when given)."""
+    n = len(order)
+    count = int(round(q * n))
+    if candidates is not None:
+        order = order[candidates[order]]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
+
+
+def treated_labels(y: torch.Tensor, adv_label: torch.Tensor, isolated: torch.Tensor, treatment: str,
+                   num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and loss weights for training on D (Eq. 6 for "adversarial"; Table 3's ablations otherwise).
+
+    Weight 0 drops a sample: an isolated sample that never flipped has no adversarial label, and keeping its
+    given (likely target) label would teach the backdoor again.
+    """
+    labels = y.clone()
+    weight = torch.ones(len(y))
+    if treatment == "adversarial":
+        flipped = adv_label >= 0
+        labels[isolated & flipped] = adv_label[isolated & flipped]
+        weight[isolated & ~flipped] = 0.0
+    elif treatment == "random":
+        # uniform over the classes other than the given one (a random draw of the target would re-teach it)
+        shift = torch.randint(1, num_classes, (len(y),), generator=generator)
+        labels[isolated] = (y[isolated] + shift[isolated]) % num_classes
+    elif treatment == "unlearn":
+        weight[isolated] = -1.0
+    else:
+        raise ConfigError(f"aibd.treatment: {treatment!r} is not one of {', '.join(TREATMENTS)}")
+    return labels, weight
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> torch.Tensor:
+    out = []
+    with eval_mode(model):
+        for s in range(0, len(data), batch_size):
+            out.append(model(data.x[s:s + batch_size].float().div_(255.0)).argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+# -- the defense -------------------------------------------------------------------------------------------
+@register_defense
+class AIBD(Defense):
+    name = "aibd"
+    description = "AIBD: PGD flip counts isolate robust samples, relabel them adversarially, progressive top-q"
+    Params = AIBDParams
+    presets = {
+        # Official code: ResNet-18, SGD 0.1 x0.1 at 25/50 of 65 epochs, no augmentation; fine-tuning of the
+        # infected model per q with SGD 0.1/0.01/0.001 (5 epochs each), collapse check after epoch 6 at
+        # 2 x 3.5 points, acceptance within 3.5 points; PGD step 1/255 up to 255 steps.
+        "paper": AIBDParams(),
+        # CPU budget: the quick CNN with A-ABL's quick naive training (crop without flip so that a corner
+        # patch stays in its corner); fine-tune with Adam; every other q of the paper's grid.
+        "quick": AIBDParams(
+            infected=TrainConfig(epochs=30, optimizer="adam", lr=1e-3, crop=4, flip=False),
+            pgd_cap=255,
+            qs=(0.20, 0.16, 0.12, 0.08, 0.04, 0.02),
+            retrain=TrainConfig(epochs=4, optimizer="adam", lr=1e-3, crop=4, flip=False),
+            abandon_epoch=1, abandon_drop=0.07, tolerance=0.035,
+        ),
+    }
+
+    def __init__(self, preset: str = "quick", overrides=None, params=None):
+        super().__init__(preset, overrides, params)
+        self.params.validate()
+        #: per-sample flip statistics of the last run (for plot_k_distribution); None before a run
+        self.last_stats: dict[str, torch.Tensor] | None = None
+
+    # The runner calls this after the run when the defense has it (the poison mask is evaluation-only).
+    def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
+                    true_labels: torch.Tensor | None = None) -> list[Path]:
+        if self.last_stats is None or result.scores is None:
+            return []
+        path = plot_k_distribution(
+            result.scores, poison_mask, run_dir / "k_distribution.png", raw_k=self.last_stats["k"],
+            adv_label=self.last_stats["adv_label"], true_labels=true_labels,
+            cut=result.info.get("threshold"), cap=self.params.pgd_cap)
+        return [path]
+
+    def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        p = self.params
+        n = len(data)
+        y = data.y.cpu()
+        holdout = self.holdout_mask(n, ctx.seed)
+        train_part = ~holdout
+
+        # Step 1: the infected model.
+        infected, infected_hist = train_stage(ctx, data.subset(train_part), p.infected, "infected")
+        # Step 2: flip counting on every sample (held-out ones included: they are ranked like the rest).
+        stats = self.flip_statistics(infected, data, ctx)
+        k = flip_counts(stats, p.pgd_cap)
+        scores = amplified_scores(k, stats.grad_norm) if p.amplify else k.double()
+        order = rank_desc(scores)
+        self.last_stats = {"k": k, "adv_label": stats.flip_label, "grad_norm": stats.grad_norm}
+        candidates, target, vote_count = None, None, 0
+        if p.target_filter:
+            target, vote_count = guess_target(order, y, p.target_fraction, data.num_classes)
+            candidates = y == target
+
+        # Step 4: progressive top-q.
+        held = data.subset(holdout)
+        held_y = y[holdout]
+        pred_p = _predict(infected, held)
+        gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 5)
+        state = self._load_state(ctx)
+        history: dict[str, list[dict]] = {"infected": infected_hist}
+        trials: list[dict] = []
+        chosen_model, chosen = None, None
+        for i, q in enumerate(p.qs):
+            isolated = isolate(order, q, candidates)
+            labels, weight = treated_labels(y, stats.flip_label, isolated, p.treatment, data.num_classes, gen)
+            judge = ~isolated[holdout]  # held-out samples outside D^t
+            acc_p = _masked_acc(pred_p, held_y, judge)
+            stage = f"q{round(q * 1000):03d}"
+            record = state.get(stage)
+            last = i == len(p.qs) - 1  # the fallback model: never skipped, its checkpoint is kept
+            if record is not None and not last and record["decision"] in ("abandoned", "rejected"):
+                trials.append(record)
+                history[stage] = record.get("history", [])
+                continue
+            use = train_part & (weight != 0)
+            sw = weight[use] if p.treatment == "unlearn" else None
+
+            def on_epoch_end(epoch: int, model: nn.Module, judge=judge, acc_p=acc_p) -> dict:
+                acc = _masked_acc(_predict(model, held), held_y, judge)
+                out: dict = {"holdout_acc": acc, "holdout_acc_p": acc_p}
+                if p.abandon_epoch and epoch + 1 == p.abandon_epoch and epoch + 1 < p.retrain.epochs \
+                        and acc < acc_p - p.abandon_drop:
+                    out.update(stop=True, abandoned=True)
+                return out
+
+            start = ctx.fresh_model(1 + i) if p.from_scratch else copy.deepcopy(infected)
+            model, hist = train_stage(ctx, data.subset(use).with_labels(labels[use]), p.retrain, stage,
+                                      sample_weight=sw, seed_offset=1 + i, on_epoch_end=on_epoch_end,
+                                      model=start)
+            acc = hist[-1].get("holdout_acc", float("nan")) if hist else float("nan")
+            abandoned = any(h.get("abandoned") for h in hist)
+            stable = not abandoned and acc >= acc_p - p.tolerance
+            decision = "chosen" if stable else ("abandoned" if abandoned else "rejected")
+            record = {"q": q, "decision": decision, "acc": acc, "acc_p": acc_p, "epochs": len(hist),
+                      "isolated": int(isolated.sum()), "history": hist}
+            trials.append(record)
+            history[stage] = hist
+            log.info("aibd q=%.2f: holdout acc %.4f vs infected %.4f after %d epochs -> %s", q, acc, acc_p,
+                     len(hist), decision)
+            if decision != "chosen" and not last:
+                self._save_state(ctx, stage, record)
+                _remove(ctx.checkpoint(stage))
+            chosen_model, chosen = model, (q, isolated, labels, weight)
+            if stable:
+                break
+        assert chosen is not None and chosen_model is not None
+        q, isolated, labels, weight = chosen
+        stable = trials[-1]["decision"] == "chosen"
+        if not stable:
+            log.warning("aibd: no q in %s kept the held-out accuracy within %.3f of the infected model's; "
+                        "using the smallest, q=%.2f", list(p.qs), p.tolerance, q)
+        threshold = float(scores[isolated].min()) if isolated.any() else None
+        info = {
+            "q": q, "stable": stable, "threshold": threshold, "isolated": int(isolated.sum()),
+            "kept": int((~isolated).sum()), "holdout": int(holdout.sum()), "treatment": p.treatment,
+            "acc_infected_holdout": float((pred_p == held_y).float().mean()),
+            "never_flipped": int((stats.flip_step < 0).sum()),
+            "dropped_unflipped": int((isolated & (weight == 0)).sum()),
+            "grad_norm_p": p.grad_norm_p, "target": target, "target_vote_count": vote_count,
+            "trials": [{k_: v for k_, v in t.items() if k_ != "history"} for t in trials],
+        }
+        new_labels = None if p.treatment == "unlearn" else labels
+        return DefenseResult(chosen_model, kept=~isolated, scores=scores, score_name="aibd_k_amplified",
+                             higher_is_suspicious=True, new_labels=new_labels, info=info, history=history)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def holdout_mask(self, n: int, seed: int) -> torch.Tensor:
+        """A seeded random ``holdout`` fraction (at least one sample, at most n - 2)."""
+        count = min(max(1, round(self.params.holdout * n)), max(n - 2, 1))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + 17))
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[perm[:count]] = True
+        return mask
+
+    def flip_statistics(self, model: nn.Module, data: ImageSet, ctx: DefenseContext) -> PGDStats:
+        """Step 2, cached in the work folder so that a resumed run does not attack everything again."""
+        path = None if ctx.workdir is None else ctx.workdir / "aibd_flip_stats.pt"
+        if path is not None and ctx.resume and path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if len(saved["flip_step"]) == len(data):
+                return PGDStats(**saved)
+        stats = adversarial_scores(model, data, flip_config(self.params), ctx, desc="aibd flip counting")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(stats.__dict__), path)
+        return stats
+
+    def _state_path(self, ctx: DefenseContext) -> Path | None:
+        return None if ctx.workdir is None else ctx.workdir / "aibd_progress.json"
+
+    def _load_state(self, ctx: DefenseContext) -> dict:
+        path = self._state_path(ctx)
+        if path is None or not ctx.resume or not path.exists():
+            return {}
+        return json.loads(path.read_text())
+
+    def _save_state(self, ctx: DefenseContext, stage: str, record: dict) -> None:
+        """Remember a rejected q so that a resume skips it (its checkpoint is deleted to save disk)."""
+        path = self._state_path(ctx)
+        if path is None:
+            return
+        state = json.loads(path.read_text()) if path.exists() else {}
+        state[stage] = record
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+
+
+def _masked_acc(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+    if int(mask.sum()) == 0:
+        return float("nan")
+    return float((pred[mask] == y[mask]).float().mean())
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None and path.exists():
+        path.unlink()
+
+
+# -- figure ------------------------------------------------------------------------------------------------
+def plot_k_distribution(scores: torch.Tensor, poison_mask: torch.Tensor, path: Path,
+                        raw_k: torch.Tensor | None = None, adv_label: torch.Tensor | None = None,
+                        true_labels: torch.Tensor | None = None, cut: float | None = None,
+                        cap: int | None = None) -> Path:
+    """AIBD Fig. 2 for one run: PGD iterations k (raw and Eq. 4-amplified) of clean vs poisoned samples,
+    and, given the true labels, how often a poisoned sample's adversarial label is its true label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    p = poison_mask.bool().cpu().numpy()
+    panels = [("amplified k (Eq. 4)", scores.double().cpu().numpy(), cut)]
+    if raw_k is not None:
+        panels.insert(0, ("PGD iterations k", raw_k.double().cpu().numpy(), None))
+    show_labels = adv_label is not None and true_labels is not None and p.any()
+    ncols = len(panels) + int(show_labels)
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), dpi=120, squeeze=False)
+    for ax, (xlabel, s, line) in zip(axes[0], panels, strict=False):
+        top = s.max() if s.max() > s.min() else s.min() + 1
+        bins = np.linspace(s.min(), top, 60)
+        ax.hist(s[~p], bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({int((~p).sum())})")
+        if p.any():
+            ax.hist(s[p], bins=bins, alpha=0.7, color="tab:red", label=f"poisoned ({int(p.sum())})")
+        if line is not None:
+            ax.axvline(line, color="black", linestyle="--", label="chosen top-q cut")
+        if xlabel.startswith("PGD") and cap is not None:
+            ax.set_title(f"cap {cap} = never flipped", fontsize=9)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("samples")
+        ax.legend(fontsize=8)
+    if show_labels:
+        ax = axes[0][-1]
+        adv = adv_label.cpu().numpy()[p]
+        true = true_labels.cpu().numpy()[p]
+        flipped = adv >= 0
+        share = [(adv == true).mean(), ((adv != true) & flipped).mean(), (~flipped).mean()]
+        ax.bar(["true label", "other label", "never flipped"], share, color=["tab:green", "tab:gray", "tab:red"])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("share of poisoned samples")
+        ax.set_title("adversarial label of poisoned samples", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,150 @@
+"""End-to-end runs through the CLI on tiny data, and the handling of bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from antibackdoor.cli import main
+from conftest import write_npz
+
+TINY = ["--model", "cnn-small", "--defense-param", "naive.epochs=2", "--defense-param", "final.epochs=1",
+        "--defense-param", "final.adversary.steps=1"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_a_abl_end_to_end(tmp_path, tiny_npz, capsys):
+    args = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "runs"), "--poison-rate", "0.1",
+            "--target", "1", *TINY]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "attack success rate (ASR)" in out and "rho_vul" in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert run_dir.name.startswith("tiny.npz-badnets-a-abl-")
+    for name in ("config.yaml", "metrics.json", "model.safetensors", "isolation.csv", "log.txt",
+                 "scores_hist.png", "history.json"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr"):
+        assert key in metrics
+    assert 0 <= metrics["acc"] <= 1 and 0 < metrics["gamma"] <= 1
+    assert metrics["poisoned"] == 24
+    rows = list(csv.DictReader(open(run_dir / "isolation.csv")))
+    assert len(rows) == 240 and sum(int(r["is_poison"]) for r in rows) == 24
+    kept = sum(int(r["kept"]) for r in rows)
+    assert kept == round(metrics["gamma"] * 240)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+    # same config again: reused, not retrained
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "reusing finished run" in err
+
+
+def test_config_file_and_flag_override(tmp_path, tiny_npz, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"dataset: npz:{tiny_npz}\nattack: blend\ndefense: none\nmodel: cnn-small\n"
+                   "defense_params:\n  train:\n    epochs: 1\nattack_params:\n  alpha: 0.2\n")
+    code, out, err = run_cli(["run", "--config", str(cfg), "--out", str(tmp_path / "r"), "--seed", "3", "--json"],
+                             capsys)
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics["gamma"] == 1.0 and metrics["isolated"] == 0
+    run_dir = next((tmp_path / "r").iterdir())
+    text = (run_dir / "config.yaml").read_text()
+    assert "seed: 3" in text and "alpha: 0.2" in text and "name: blend" in text
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--poison-rate", "1.5"], "--poison-rate 1.5: must lie in (0, 1)"),
+        (["--target", "7"], "--target 7: must be a class index in [0, 4)"),
+        (["--attack", "nope"], "unknown attack 'nope'"),
+        (["--defense", "nope"], "unknown defense 'nope'"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--defense-param", "naive.epochz=3"], "unknown key(s) epochz"),
+        (["--defense-param", "naive.epochs=three"], "expected an integer"),
+    ],
+)
+def test_bad_options_exit_2(tmp_path, tiny_npz, capsys, extra, message):
+    args = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "runs"), *TINY, *extra]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert message in err
+    assert err.strip().count("\n") == 0 or "Traceback" not in err
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(p.joinpath("metrics.json").exists() for p in runs.iterdir())
+
+
+def test_bad_files_exit_2(tmp_path, capsys):
+    code, _, err = run_cli(["run", "--dataset", f"npz:{tmp_path / 'missing.npz'}"], capsys)
+    assert code == 2 and "missing.npz: no such file" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: [unclosed\n")
+    code, _, err = run_cli(["run", "--config", str(bad)], capsys)
+    assert code == 2 and "bad.yaml: not a readable YAML file" in err
+    bad.write_text("datset: cifar10\n")
+    code, _, err = run_cli(["run", "--config", str(bad)], capsys)
+    assert code == 2 and "unknown key(s) datset" in err
+    one_class = write_npz(tmp_path / "one.npz", y_train=__import__("numpy").zeros(240, int))
+    code, _, err = run_cli(["run", "--dataset", f"npz:{one_class}", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "no sample of class" in err
+
+
+def test_nan_training_fails_cleanly_and_is_not_finished(tmp_path, tiny_npz, capsys):
+    args = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "runs"), "--defense", "none",
+            "--model", "cnn-small", "--defense-param", "train.epochs=1", "--defense-param", "train.lr=1e30",
+            "--defense-param", "train.optimizer=sgd"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "the loss became" in err
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert not (run_dir / "metrics.json").exists()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    # a second attempt does not silently mix with the failed run
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "unfinished run (failed)" in err and "--resume" in err
+
+
+def test_resume_after_kill_gives_identical_metrics(tmp_path, tiny_npz, monkeypatch):
+    """Interrupt a run after a few checkpoints, resume it, compare with an uninterrupted run."""
+    from antibackdoor import training
+    from antibackdoor.experiment import make_config, run_experiment
+
+    base = {"dataset": f"npz:{tiny_npz}", "model": "cnn-small", "attack": "blend",
+            "defense_params": {"naive": {"epochs": 3}, "final": {"epochs": 2, "adversary": {"steps": 1}}}}
+    ref = run_experiment(make_config({**base, "out": str(tmp_path / "ref")}))
+
+    real_save = training.save_checkpoint
+    calls = {"n": 0}
+
+    def dying_save(path, payload):
+        real_save(path, payload)
+        calls["n"] += 1
+        if calls["n"] == 4:  # naive finished, first adversarial epoch checkpointed
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", dying_save)
+    cfg = make_config({**base, "out": str(tmp_path / "run")})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed = run_experiment(cfg, resume=True)
+    for key in ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr"):
+        assert resumed.metrics[key] == ref.metrics[key], key
+
+
+def test_console_script_and_listing(tmp_path):
+    exe = [sys.executable, "-m", "antibackdoor.cli"]
+    out = subprocess.run([*exe, "datasets", "--data-root", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and "cifar10-mini" in out.stdout and "present" in out.stdout
+    out = subprocess.run([*exe, "run", "--poison-rate", "2"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["antibackdoor: error: --poison-rate 2.0: must lie in (0, 1)"]
