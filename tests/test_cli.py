@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_npz
 
 from antibackdoor.cli import main
-from conftest import write_npz
 
 TINY = ["--model", "cnn-small", "--defense-param", "naive.epochs=2", "--defense-param", "final.epochs=1",
         "--defense-param", "final.adversary.steps=1"]

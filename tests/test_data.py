@@ -11,12 +11,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import write_npz
 
 from antibackdoor.data import ImageSet, load_dataset
 from antibackdoor.data.augment import random_crop, random_flip
 from antibackdoor.data.cifar import load_cifar10
 from antibackdoor.errors import ConfigError, DataError
-from conftest import write_npz
 
 
 def test_bundled_mini_cifar(mini):

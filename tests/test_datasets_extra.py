@@ -132,6 +132,9 @@ def test_cache_skips_decoding_and_notices_changes(gtsrb_root, monkeypatch):
         second = load_dataset("gtsrb", gtsrb_root)
     assert np.array_equal(first.train.x.numpy(), second.train.x.numpy())
     assert first.train.mean == second.train.mean
+    # the cache is a plain npz: dataset (x_train, y_train, x_test, y_test)
+    as_npz = load_dataset(f"npz:{d / 'antibackdoor-cache-gtsrb-32.npz'}")
+    assert np.array_equal(as_npz.test.y.numpy(), first.test.y.numpy())
     # rewrite one training image as class 9's colour: the cache is stale and the new pixels appear
     img = d / "Final_Training" / "Images" / "00000" / "00000_00001.ppm"
     sign(img, 9, fmt="PPM")
@@ -152,10 +155,14 @@ def test_corrupt_cache_is_rebuilt(gtsrb_root):
 
 
 def test_unwritable_cache_still_loads(gtsrb_root, monkeypatch):
-    def refuse(*a, **k):
-        raise PermissionError("read-only file system")
+    real_open = open
 
-    monkeypatch.setattr(images_mod.tempfile, "mkstemp", refuse)
+    def refuse(file, mode="r", *a, **k):
+        if "x" in mode:
+            raise PermissionError(f"{file}: read-only file system")
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", refuse)
     s = load_dataset("gtsrb", gtsrb_root)
     assert len(s.test) == N_GTSRB
     assert not list((gtsrb_root / "GTSRB").glob("antibackdoor-cache-*"))
@@ -233,9 +240,9 @@ def make_tiny(root: Path, per_class: int = 3) -> Path:
             Image.new("RGB", (64, 64), RGB[w]).save(folder / f"{w}_{k}.JPEG", format="JPEG")
         (d / "train" / w / f"{w}_boxes.txt").write_text("")
     # one grey JPEG (the real set has a few hundred) and one of another size
-    Image.new("L", (64, 64), 128).save(d / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_0.JPEG", format="JPEG")
-    Image.new("RGB", (50, 50), RGB[WNIDS[1]]).save(d / "train" / WNIDS[1] / "images" / f"{WNIDS[1]}_1.JPEG",
-                                                   format="JPEG")
+    Image.new("L", (64, 64), 128).save(d / f"train/{WNIDS[0]}/images/{WNIDS[0]}_0.JPEG", format="JPEG")
+    odd = d / f"train/{WNIDS[1]}/images/{WNIDS[1]}_1.JPEG"
+    Image.new("RGB", (50, 50), RGB[WNIDS[1]]).save(odd, format="JPEG")
     val = d / "val" / "images"
     val.mkdir(parents=True)
     lines = []
@@ -277,7 +284,7 @@ def test_tiny_imagenet_without_words_uses_wnids(tmp_path):
         (lambda d: (d / "wnids.txt").unlink(), "wnids.txt"),
         (lambda d: (d / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn09999999\t0\t0\t1\t1\n"),
          "val_annotations.txt:1"),
-        (lambda d: (d / "train" / "n02000002" / "images" / "n02000002_2.JPEG").write_bytes(b"\xff\xd8\xff junk"),
+        (lambda d: (d / "train/n02000002/images/n02000002_2.JPEG").write_bytes(b"\xff\xd8\xff junk"),
          "n02000002_2.JPEG"),
         (lambda d: [p.unlink() for p in (d / "train" / "n01000001" / "images").iterdir()]
          and (d / "train" / "n01000001" / "images").rmdir(), "train/n01000001/images"),

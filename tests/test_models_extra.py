@@ -10,13 +10,24 @@ from antibackdoor.models import MODELS, build_model, count_parameters
 
 NEW = ["resnet34", "wrn16-1", "wrn16-2", "vgg16", "mobilenetv2", "densenet121"]
 
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: two threads on a busy shared CPU wait on each other at DenseNet's many small ops (60x)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ours with 10 classes, 3 channels, 32 px (docs/models.md lists these)
 COUNTS = {"resnet34": 21_282_122, "wrn16-1": 175_066, "wrn16-2": 691_674, "vgg16": 14_724_042,
           "mobilenetv2": 2_236_682, "densenet121": 6_956_298}
 
 
 @pytest.mark.parametrize("name", NEW)
-@pytest.mark.parametrize("channels, size", [(1, 32), (3, 32), (1, 64), (3, 64)])
+@pytest.mark.parametrize("channels, size", [(1, 32), (3, 64)])
 def test_shape_and_one_training_step(name, channels, size):
     torch.manual_seed(0)
     model = build_model(name, 5, channels, size)
@@ -35,19 +46,21 @@ def test_shape_and_one_training_step(name, channels, size):
 
 
 @pytest.mark.parametrize("name", NEW)
-def test_28px_grey_inputs(name):
-    """Fashion-MNIST size: five halvings (VGG) and odd maps must still reach the classifier."""
-    model = build_model(name, 10, 1, 28).eval()
+@pytest.mark.parametrize("channels, size", [(3, 32), (1, 64), (1, 28)])
+def test_output_shape(name, channels, size):
+    """The other input kinds, incl. Fashion-MNIST's 28 px: VGG's five halvings must still reach its head."""
+    model = build_model(name, 10, channels, size).eval()
     with torch.no_grad():
-        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+        assert model(torch.rand(2, channels, size, size)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_parameter_counts(name):
     assert MODELS[name].description
-    assert count_parameters(MODELS[name].builder(num_classes=10, in_channels=3, image_size=32)) == COUNTS[name]
+    builder = MODELS[name].builder
+    assert count_parameters(builder(num_classes=10, in_channels=3, image_size=32)) == COUNTS[name]
     # the 64 px variant strides its stem: same weights, same cost as 32 px
-    assert count_parameters(MODELS[name].builder(num_classes=10, in_channels=3, image_size=64)) == COUNTS[name]
+    assert count_parameters(builder(num_classes=10, in_channels=3, image_size=64)) == COUNTS[name]
 
 
 def test_counts_match_published_imagenet_versions():

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="poison a dataset, train with a defense, report ACC/ASR/RA and split metrics")
     r.add_argument("--config", help="YAML file with any ExperimentConfig field; flags given here override it")
     r.add_argument("--dataset", help="cifar10-mini (default), cifar10, fashion-mnist, npz:PATH, ...")
-    r.add_argument("--data-root", help="where datasets are looked for (default $ANTIBACKDOOR_DATA or ~/.cache/antibackdoor)")
+    r.add_argument("--data-root",
+                   help="where datasets are looked for (default $ANTIBACKDOOR_DATA or ~/.cache/antibackdoor)")
     r.add_argument("--attack", help="badnets (default), blend, ... or none for clean data")
     r.add_argument("--defense", help="a-abl (default), none, adv-train, ...")
     r.add_argument("--model", help="model name (default: cnn in quick, resnet18 in paper)")

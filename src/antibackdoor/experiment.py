@@ -191,7 +191,9 @@ class Experiment:
     def resolve(self) -> Resolved:
         c = self.config
         splits = self.load_data()
-        model = c.model or (QUICK_MODEL if c.preset == "quick" else splits.defaults.get("model", PAPER_MODEL))
+        paper_model = splits.defaults.get(f"{c.defense.replace('-', '_')}_model",
+                                          splits.defaults.get("model", PAPER_MODEL))
+        model = c.model or (QUICK_MODEL if c.preset == "quick" else paper_model)
         if model not in MODELS:
             raise ConfigError(f"--model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
         attack = get_attack(c.attack, **c.attack_params).describe() if c.attack != "none" else {"name": "none"}
@@ -273,7 +275,9 @@ class Experiment:
             metrics["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device)
         else:
             metrics["asr"] = None
-        ra_set = test_set if not c.eval.ra_samples else test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
+        ra_set = test_set
+        if c.eval.ra_samples:
+            ra_set = test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
         metrics["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed)
         kept = result.kept if result.kept is not None else torch.ones(len(train_set), dtype=torch.bool)
         metrics.update(split_metrics(kept, poisoned.poison_mask))

@@ -83,7 +83,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable checkpoint file
-        raise RunStateError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it or use --force") from None
+        raise RunStateError(
+            f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it or use --force") from None
 
 
 def autocast_ctx(device: torch.device, enabled: bool):

@@ -155,4 +155,4 @@ def load_cifar10(root: Path, download_missing: bool = True, url: str | None = No
             raise DataError(f"{archive}: truncated or corrupt archive ({exc})") from None
     train = from_numpy_nhwc(xtr, ytr, "cifar10 (train)", CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD)
     test = from_numpy_nhwc(xte, yte, "cifar10 (test)", CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD)
-    return DatasetSplits(train, test, {"split_eps": 2 / 255})
+    return DatasetSplits(train, test, {"split_eps": 2 / 255, "model": "resnet18", "aibd_model": "resnet18"})

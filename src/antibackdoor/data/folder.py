@@ -65,8 +65,10 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 def _images(folder: Path) -> list[Path]:
     """Image files anywhere below ``folder``, skipping hidden files and folders (.ipynb_checkpoints ...)."""
-    return sorted(p for p in folder.rglob("*")
-                  if is_image(p) and p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    def visible(p: Path) -> bool:
+        return not any(s.startswith(".") for s in p.relative_to(folder).parts)
+
+    return sorted(p for p in folder.rglob("*") if is_image(p) and p.is_file() and visible(p))
 
 
 def _collect(path: Path, test: float, seed: int):
@@ -138,11 +140,11 @@ def load_folder(arg: str) -> Arrays:
         if size is None or channels is None:
             auto_size, auto_channels = auto_format(ptr + pte)
             size, channels = size or auto_size, channels or auto_channels
-            log.info("folder:%s: %d classes, %d+%d images, resized to %dx%d, %d channel(s)", path, len(classes),
-                     len(ptr), len(pte), size, size, channels)
-        return Arrays(decode_images(ptr, size, channels, desc="decoding train images"), np.asarray(ytr, np.int64),
-                      decode_images(pte, size, channels, desc="decoding test images"), np.asarray(yte, np.int64),
-                      classes)
+            log.info("folder:%s: %d classes, %d+%d images, resized to %dx%d, %d channel(s)", path,
+                     len(classes), len(ptr), len(pte), size, size, channels)
+        x_train = decode_images(ptr, size, channels, desc="decoding train images")
+        x_test = decode_images(pte, size, channels, desc="decoding test images")
+        return Arrays(x_train, np.asarray(ytr, np.int64), x_test, np.asarray(yte, np.int64), classes)
 
     tag = "folder-" + "-".join(f"{k}{opts[k]}" for k in sorted(opts)) if opts else "folder"
     return cached_arrays(path, tag, f"test={test} seed={seed} size={opts.get('size')} "
@@ -151,10 +153,9 @@ def load_folder(arg: str) -> Arrays:
 
 @register_dataset(
     "folder",
-    "your own images, one sub-folder per class (PATH/train|test/<class>/ or split 80/20): "
-    "folder:PATH[?size=N,test=F,seed=S,channels=C]",
+    "your own images, one sub-folder per class: folder:PATH[?size=N,test=F,seed=S,channels=C]",
     takes_argument=True,
-    where=lambda root: f"the PATH given ({LAYOUT})",
+    where=lambda root: "the PATH given: PATH/<class>/* (split 80/20) or PATH/train|test/<class>/*",
     present=lambda root: True,
 )
 def _folder(arg, root: Path):

@@ -1,4 +1,4 @@
-"""GTSRB (43 German traffic-sign classes) from its official layout or the common ``Train/`` + ``Test.csv`` one.
+"""GTSRB (43 German traffic-sign classes) from its official layout or the common ``Train/`` + ``Test.csv``.
 
 Official (the benchmark's own zips, unpacked under the data root)::
 
@@ -27,15 +27,15 @@ from .registry import register_dataset
 
 GTSRB_SIZE = 32
 GTSRB_CLASSES = [
-    "speed limit 20", "speed limit 30", "speed limit 50", "speed limit 60", "speed limit 70", "speed limit 80",
-    "end of speed limit 80", "speed limit 100", "speed limit 120", "no passing", "no passing over 3.5t",
-    "right-of-way at next intersection", "priority road", "yield", "stop", "no vehicles",
-    "over 3.5t prohibited", "no entry", "general caution", "dangerous curve left", "dangerous curve right",
-    "double curve", "bumpy road", "slippery road", "road narrows on the right", "road work", "traffic signals",
-    "pedestrians", "children crossing", "bicycles crossing", "beware of ice/snow", "wild animals crossing",
-    "end of all speed and passing limits", "turn right ahead", "turn left ahead", "ahead only",
-    "go straight or right", "go straight or left", "keep right", "keep left", "roundabout mandatory",
-    "end of no passing", "end of no passing over 3.5t",
+    "speed limit 20", "speed limit 30", "speed limit 50", "speed limit 60", "speed limit 70",
+    "speed limit 80", "end of speed limit 80", "speed limit 100", "speed limit 120", "no passing",
+    "no passing over 3.5t", "right-of-way at next intersection", "priority road", "yield", "stop",
+    "no vehicles", "over 3.5t prohibited", "no entry", "general caution", "dangerous curve left",
+    "dangerous curve right", "double curve", "bumpy road", "slippery road", "road narrows on the right",
+    "road work", "traffic signals", "pedestrians", "children crossing", "bicycles crossing",
+    "beware of ice/snow", "wild animals crossing", "end of all speed and passing limits", "turn right ahead",
+    "turn left ahead", "ahead only", "go straight or right", "go straight or left", "keep right", "keep left",
+    "roundabout mandatory", "end of no passing", "end of no passing over 3.5t",
 ]
 ROI = ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2")
 TEST_GT = "GT-final_test.csv"
@@ -107,7 +107,9 @@ def _official(d: Path, roi: bool):
     places = [test_dir / TEST_GT, test_dir.parent / TEST_GT, d / TEST_GT, d.parent / TEST_GT]
     csv = next((p for p in places if p.is_file()), None)
     if csv is None:
-        unlabeled = " (GT-final_test.test.csv has no labels)" if (test_dir / "GT-final_test.test.csv").exists() else ""
+        unlabeled = ""
+        if (test_dir / "GT-final_test.test.csv").exists():
+            unlabeled = " (GT-final_test.test.csv has no labels)"
         raise DataError(f"{places[0]}: missing{unlabeled}; put {TEST_GT} from GTSRB_Final_Test_GT.zip in "
                         f"{' or '.join(str(p.parent) for p in places)}")
     rows = read_table(csv, ["Filename", "ClassId", *(ROI if roi else ())], delimiter=";")
@@ -127,7 +129,7 @@ def _folder(d: Path, roi: bool):
     for c in range(len(GTSRB_CLASSES)):
         folder = next((train_dir / n for n in (str(c), f"{c:05d}") if (train_dir / n).is_dir()), None)
         if folder is None:
-            raise DataError(f"{train_dir / str(c)}: missing (expected one folder per class 0..42 in {train_dir})")
+            raise DataError(f"{train_dir / str(c)}: missing (expected class folders 0..42 in {train_dir})")
         files = sorted(p for p in folder.iterdir() if is_image(p))
         if not files:
             raise DataError(f"{folder}: no images")
@@ -172,7 +174,9 @@ def load_gtsrb(root: Path, roi: bool = False, size: int = GTSRB_SIZE) -> Arrays:
 
 def _where(root: Path) -> str:
     found = find_gtsrb(root)
-    return str(found[1]) if found else f"{root / 'GTSRB'} ({LAYOUT})"
+    if found is None:
+        return f"{root / 'GTSRB'} (Final_Training/ + Final_Test/, or Train/ + Test.csv)"
+    return str(found[1])
 
 
 def _present(root: Path) -> bool:

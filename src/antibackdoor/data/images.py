@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
+import uuid
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,8 +77,8 @@ def decode_image(path: Path, size: int, channels: int = 3, box: Box | None = Non
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def decode_images(paths: Sequence[Path], size: int, channels: int = 3, boxes: Sequence[Box | None] | None = None,
-                  desc: str | None = None) -> np.ndarray:
+def decode_images(paths: Sequence[Path], size: int, channels: int = 3,
+                  boxes: Sequence[Box | None] | None = None, desc: str | None = None) -> np.ndarray:
     """Many files -> one ``N x size x size x channels`` uint8 array, filled in place (no list of arrays)."""
     out = np.empty((len(paths), size, size, channels), np.uint8)
     for i in bar(range(len(paths)), desc):
@@ -87,7 +87,7 @@ def decode_images(paths: Sequence[Path], size: int, channels: int = 3, boxes: Se
 
 
 def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] of NHWC uint8 images, in chunks (Tiny-ImageNet as float32 = 5 GB)."""
+    """Per-channel mean and std in [0, 1] of NHWC uint8 images, in chunks (Tiny-ImageNet in float32: 5 GB)."""
     c = x.shape[-1]
     if len(x) == 0:
         return (0.5,) * c, (0.25,) * c
@@ -118,13 +118,14 @@ class Arrays:
     def splits(self, name: str, defaults: dict | None = None) -> DatasetSplits:
         if self.mean is None or self.std is None:
             self.mean, self.std = channel_stats(self.x_train)
-        train = from_numpy_nhwc(self.x_train, self.y_train, f"{name} (train)", self.classes, self.mean, self.std)
-        test = from_numpy_nhwc(self.x_test, self.y_test, f"{name} (test)", self.classes, self.mean, self.std)
+        m, s = self.mean, self.std
+        train = from_numpy_nhwc(self.x_train, self.y_train, f"{name} (train)", self.classes, m, s)
+        test = from_numpy_nhwc(self.x_test, self.y_test, f"{name} (test)", self.classes, m, s)
         return DatasetSplits(train, test, dict(defaults or {}))
 
 
 def tree_fingerprint(folder: Path, options: str) -> str:
-    """Hash of every folder and file under ``folder`` (path, size, mtime) except our caches, plus ``options``."""
+    """Hash of every folder and file below ``folder`` (path, size, mtime) but our caches, and ``options``."""
     h = hashlib.sha256(f"v{CACHE_VERSION}\0{options}\0".encode())
     entries = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -134,7 +135,10 @@ def tree_fingerprint(folder: Path, options: str) -> str:
         for f in filenames:
             if f.startswith(CACHE_PREFIX):
                 continue
-            st = os.stat(os.path.join(dirpath, f))
+            try:
+                st = os.stat(os.path.join(dirpath, f))
+            except OSError:  # vanished meanwhile, or a dangling link: the loader will name it if it matters
+                continue
             entries.append(f"{rel}/{f}\0{st.st_size}\0{st.st_mtime_ns}\n")
     for e in sorted(entries):
         h.update(e.encode())
@@ -151,7 +155,8 @@ def _read_cache(path: Path, fingerprint: str) -> Arrays | None:
             if str(f["fingerprint"]) != fingerprint:
                 log.info("%s: stale (the data changed); decoding again", path)
                 return None
-            return Arrays(f["x_train"], f["y_train"], f["x_test"], f["y_test"], [str(c) for c in f["classes"]],
+            classes = [str(c) for c in f["classes"]]
+            return Arrays(f["x_train"], f["y_train"], f["x_test"], f["y_test"], classes,
                           tuple(float(v) for v in f["mean"]), tuple(float(v) for v in f["std"]))
     except FileNotFoundError:
         return None
@@ -163,8 +168,10 @@ def _read_cache(path: Path, fingerprint: str) -> Arrays | None:
 def _write_cache(path: Path, arrays: Arrays, fingerprint: str) -> None:
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as out:
+        # a unique name beside the target (same file system, so the rename is atomic); "x" mode honours the
+        # umask, unlike mkstemp's 0600, so others sharing the data folder can read the cache too
+        tmp = path.parent / f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "xb") as out:
             np.savez(out, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test,
                      y_test=arrays.y_test, classes=np.array(arrays.classes, dtype=str),
                      mean=np.array(arrays.mean), std=np.array(arrays.std), fingerprint=np.array(fingerprint))
@@ -209,7 +216,7 @@ def read_table(path: Path, required: Sequence[str], delimiter: str | None = None
     header = [h.strip() for h in reader.fieldnames or []]
     missing = [c for c in required if c not in header]
     if missing:
-        raise DataError(f"{path}: no column(s) {', '.join(missing)} in the header (found {', '.join(header)})")
+        raise DataError(f"{path}: no column(s) {', '.join(missing)} in the header ({', '.join(header)})")
     rows = []
     for lineno, row in enumerate(reader, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}

@@ -65,7 +65,7 @@ def _train_files(d: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
     for label, wnid in enumerate(wnids):
         folder = d / "train" / wnid / "images"
         if not folder.is_dir():
-            raise DataError(f"{folder}: missing (wnids.txt lists {wnid}; expected train/<wnid>/images/*.JPEG)")
+            raise DataError(f"{folder}: missing (wnids.txt lists {wnid}; expected train/<wnid>/images/)")
         files = sorted(p for p in folder.iterdir() if is_image(p))
         if not files:
             raise DataError(f"{folder}: no images")
@@ -79,7 +79,7 @@ def _val_files(d: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
     try:
         lines = ann.read_text().splitlines()
     except FileNotFoundError:
-        raise DataError(f"{ann}: missing (expected file<TAB>wnid<TAB>box lines labelling val/images)") from None
+        raise DataError(f"{ann}: missing (expected file<TAB>wnid<TAB>box lines for val/images)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{ann}: unreadable ({exc})") from None
     index = {w: i for i, w in enumerate(wnids)}
@@ -111,9 +111,9 @@ def load_tiny_imagenet(root: Path, size: int = TINY_SIZE) -> Arrays:
         wnids = _wnids(d)
         ptr, ytr = _train_files(d, wnids)
         pte, yte = _val_files(d, wnids)
-        return Arrays(decode_images(ptr, size, 3, desc="decoding tiny-imagenet train"), np.asarray(ytr, np.int64),
-                      decode_images(pte, size, 3, desc="decoding tiny-imagenet val"), np.asarray(yte, np.int64),
-                      _names(d, wnids))
+        x_train = decode_images(ptr, size, 3, desc="decoding tiny-imagenet train")
+        x_test = decode_images(pte, size, 3, desc="decoding tiny-imagenet val")
+        return Arrays(x_train, np.asarray(ytr, np.int64), x_test, np.asarray(yte, np.int64), _names(d, wnids))
 
     return cached_arrays(d, f"tiny-imagenet-{size}", f"size={size}", build)
 

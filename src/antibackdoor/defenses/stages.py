@@ -45,4 +45,12 @@ def otsu_threshold(scores: torch.Tensor) -> float:
         raise ValueError("no scores to threshold")
     if np.ptp(values) == 0:
         return float(values[0])
-    return float(threshold_otsu(values, nbins=1024))
+    nbins = 1024
+    t = float(threshold_otsu(values, nbins=nbins))
+    # skimage returns the centre of the threshold's histogram bin, which can lie below values of the lower
+    # class in that same bin; move it to the middle of the gap between the two classes it defines.
+    upper = t + np.ptp(values) / nbins / 2
+    below, above = values[values <= upper], values[values > upper]
+    if below.size and above.size:
+        t = float((below.max() + above.min()) / 2)
+    return t
