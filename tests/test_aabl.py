@@ -55,6 +55,7 @@ def test_split_isolates_badnets_on_real_images(mini):
     kept = scores > otsu_threshold(scores)
     m = ab.split_metrics(kept, poisoned.poison_mask)
     # poisoned samples are robust: their adversarial loss sits far below the clean samples'
-    assert scores[poisoned.poison_mask].median() < scores[~poisoned.poison_mask].median()
-    assert m["tpr"] > 0.5
-    assert m["rho_vul"] < 0.5 * 0.1  # the kept subset holds less than half the original poison share
+    assert scores[poisoned.poison_mask].median() < scores[~poisoned.poison_mask].quantile(0.25)
+    # the split isolates poisoned samples far more often than clean ones, so the kept subset is cleaner
+    assert m["tpr"] > 2 * m["fpr"], m
+    assert m["rho_vul"] < 0.08, m

@@ -38,8 +38,9 @@ class AABL(Defense):
     presets = {
         "paper": AABLParams(),
         # The split only works once the naive model has learned the backdoor firmly: more epochs than the
-        # paper's 20 and crop without flip (a flip moves a corner patch to the other corner).
-        "quick": AABLParams(naive=TrainConfig(epochs=30, optimizer="adam", lr=1e-3, crop=4, flip=False),
+        # paper's 20 and crop without flip (a flip moves a corner patch to the other corner). On the mini
+        # CIFAR-10 with BadNets, 40 epochs isolated 77% of the poison, 30 epochs 64% and 60 epochs 58%.
+        "quick": AABLParams(naive=TrainConfig(epochs=40, optimizer="adam", lr=1e-3, crop=4, flip=False),
                             final=QUICK_AT),
     }
 

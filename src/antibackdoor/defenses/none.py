@@ -21,8 +21,8 @@ class NoDefense(Defense):
     description = "standard training on all data (no defense)"
     Params = NoDefenseParams
     presets = {
-        # SGD, as a practitioner would train; the quick preset matches A-ABL's naive stage in length
-        "quick": NoDefenseParams(TrainConfig(epochs=30, optimizer="adam", lr=1e-3, crop=4, flip=False)),
+        # quick: the same training as A-ABL's quick naive stage, so `none` shows what stage 1 learns
+        "quick": NoDefenseParams(TrainConfig(epochs=40, optimizer="adam", lr=1e-3, crop=4, flip=False)),
         "paper": NoDefenseParams(TrainConfig(epochs=100, optimizer="sgd", lr=0.1, schedule="step",
                                              milestones=(50, 75, 90), crop=4, flip=True)),
     }
