@@ -9,7 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("ANTIBACKDOOR_PROGRESS", "0")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# CI has 2 quiet cores; on a busy machine set ANTIBACKDOOR_TEST_THREADS=1 to avoid oversubscription
+torch.set_num_threads(int(os.environ.get("ANTIBACKDOOR_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 
 @pytest.fixture(scope="session")

@@ -196,13 +196,19 @@ class Experiment:
         model = c.model or (QUICK_MODEL if c.preset == "quick" else paper_model)
         if model not in MODELS:
             raise ConfigError(f"--model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
-        attack = get_attack(c.attack, **c.attack_params).describe() if c.attack != "none" else {"name": "none"}
+        attack = get_attack(c.attack, **self.attack_params()).describe() if c.attack != "none" else {"name": "none"}
         defense_cls = get_defense(c.defense, c.preset)
         fields_ = set(to_dict(defense_cls.params))
         data_defaults = {k: v for k, v in splits.defaults.items() if k in fields_}
         defense = get_defense(c.defense, c.preset, {**data_defaults, **c.defense_params})
         self.defense = defense
         return Resolved(c, model, attack, defense.describe())
+
+    def attack_params(self) -> dict[str, Any]:
+        """The attack's parameters: its paper settings under ``--preset paper``, then the user's overrides."""
+        c = self.config
+        base = dict(getattr(ATTACKS[c.attack], "paper_params", {}) or {}) if c.preset == "paper" else {}
+        return {**base, **c.attack_params}
 
     def run_dir(self, resolved: Resolved) -> Path:
         c = self.config
@@ -246,7 +252,8 @@ class Experiment:
         t0 = time.time()
         device = pick_device(c.device)
         splits = self.load_data()
-        train_set, test_set = splits.train, splits.test
+        # on the compute device before poisoning, so attacks that train networks in prepare() use it too
+        train_set, test_set = splits.train.to(device), splits.test.to(device)
         gen = torch.Generator().manual_seed(c.seed)
         log.info("data: %s (%d train, %d test, %d classes)", c.dataset, len(train_set), len(test_set),
                  train_set.num_classes)
@@ -254,7 +261,7 @@ class Experiment:
             attack = None
             poisoned = no_poison(train_set, c.target)
         else:
-            attack = get_attack(c.attack, **c.attack_params)
+            attack = get_attack(c.attack, **self.attack_params())
             log.info("attack: %s at rate %g towards class %d", c.attack, c.poison_rate, c.target)
             poisoned = attack.poison(train_set, c.poison_rate, c.target, gen)
         log.info("poisoned samples: %d of %d", poisoned.num_poison, len(train_set))
@@ -265,7 +272,7 @@ class Experiment:
 
         ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume)
         log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, resolved.model, device)
-        result = self.defense.run(poisoned.data.to(device), ctx)
+        result = self.defense.run(poisoned.data, ctx)
         t_defense = time.time() - t0
 
         log.info("evaluating")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -114,13 +114,15 @@ class InputAware(Attack):
     # CPU-sized defaults (the paper's values in ``paper_params``); cost on mini CIFAR-10: see
     # docs/attacks_dynamic.md.
     params = {
-        "epochs": 10,  # joint G + classifier epochs (paper: 600)
-        "mask_epochs": 5,  # mask-network epochs (paper: 25)
-        "width": 16,  # generator width at full resolution (paper: 32)
+        "epochs": 15,  # joint G + classifier epochs (paper: 600)
+        "mask_epochs": 3,  # mask-network epochs (paper: 25)
+        "width": 8,  # generator width at full resolution (paper: 32)
         "depth": 3,  # generator levels (paper: 3 on CIFAR-10/GTSRB, 2 on MNIST)
         "proxy_model": "cnn",  # classifier trained jointly with G (paper: PreAct-ResNet18)
-        "batch_size": 128,
-        "lr_c": 0.01,  # SGD, momentum 0.9, wd 5e-4 (paper)
+        "batch_size": 128,  # joint training (paper: 128)
+        "mask_batch_size": 32,  # mask training: more, smaller steps converge in few epochs (paper: 128)
+        "proxy_optimizer": "adam",  # "adam" or "sgd" (paper: SGD, momentum 0.9, wd 5e-4)
+        "lr_c": 1e-3,  # classifier learning rate (paper: 0.01 with SGD)
         "lr_g": 0.01,  # Adam, betas (0.5, 0.9) (paper)
         "lr_m": 0.01,  # Adam, betas (0.5, 0.9) (paper)
         "lambda_div": 1.0,
@@ -128,14 +130,17 @@ class InputAware(Attack):
         "mask_density": 0.032,
         "p_attack": 0.1,  # share of each joint-training batch with their own trigger
         "p_cross": 0.1,  # share with another image's trigger
-        "cross_ratio": 1.0,  # poisoning: cross-trigger samples per backdoor sample (paper: p_cross/p_attack)
+        # poisoning: cross-trigger samples per backdoor sample (paper: p_cross / p_attack = 1). 1 leaves the
+        # quick victim at 63% ASR: see docs/attacks_dynamic.md
+        "cross_ratio": 0.25,
         "crop": 4,  # augmentation while training G/M/C (paper: crop 5, rotation 10, flip)
         "flip": True,
         "amp": True,  # bf16 autocast while training
-        "seed": 0,  # network initialisation and batch order (independent of the poisoning seed)
+        "model_seed": 0,  # network initialisation and batch order (independent of the poisoning seed)
     }
-    paper_params: dict[str, Any] = {"epochs": 600, "mask_epochs": 25, "width": 32, "depth": 3,
-                                    "proxy_model": "preact-resnet18", "crop": 5}
+    paper_params: ClassVar[dict[str, Any]] = {
+        "epochs": 600, "mask_epochs": 25, "width": 32, "depth": 3, "proxy_model": "preact-resnet18",
+        "mask_batch_size": 128, "proxy_optimizer": "sgd", "lr_c": 0.01, "crop": 5, "cross_ratio": 1.0}
     # parameters that only change how the trained networks are used, not the networks themselves
     _USE_ONLY = ("cross_ratio",)
 
@@ -145,8 +150,11 @@ class InputAware(Attack):
         self.mask_net: TriggerNet | None = None
         self.train_info: dict[str, Any] = {}
         self.cross_mask: torch.Tensor | None = None
+        self.trained_target: int | None = None
         if not float(self.cross_ratio) >= 0:
             raise ConfigError(f"attack iab: cross_ratio {self.cross_ratio} must be >= 0")
+        if self.proxy_optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"attack iab: proxy_optimizer {self.proxy_optimizer!r} is not 'adam' or 'sgd'")
         pa, pc = float(self.p_attack), float(self.p_cross)
         if not (0 < pa and 0 <= pc and pa + pc < 1):
             raise ConfigError("attack iab: need 0 < p_attack, 0 <= p_cross and p_attack + p_cross < 1")
@@ -164,6 +172,7 @@ class InputAware(Attack):
         self.gen_net.eval().requires_grad_(False)
         self.mask_net.eval().requires_grad_(False)
         self.train_info = meta
+        self.trained_target = int(target)
         self.prepared = True
 
     def _new_nets(self, channels: int) -> tuple[TriggerNet, TriggerNet]:
@@ -173,25 +182,29 @@ class InputAware(Attack):
     def _train(self, train: ImageSet, target: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         from ..models import build_model
 
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
-            torch.manual_seed(int(self.seed))
+            torch.manual_seed(int(self.model_seed))
             dev = train.device
             G, M = (net.to(dev) for net in self._new_nets(train.channels))
             C = build_model(str(self.proxy_model), train.num_classes, train.channels, train.image_size,
                             train.mean, train.std).to(dev)
-            gen = torch.Generator().manual_seed(int(self.seed))
+            gen = torch.Generator().manual_seed(int(self.model_seed))
             std = torch.tensor(train.std, device=dev).view(1, -1, 1, 1)
             mask_stats = self._train_mask(M, train, gen, std)
             M.eval().requires_grad_(False)
             joint_stats = self._train_joint(G, M, C, train, target, gen)
-        info = {"train_time_s": round(time.time() - t0, 1), "mask": mask_stats, "joint": joint_stats}
-        log.info("iab: trained in %.0f s: %s", info["train_time_s"], joint_stats)
+        info = {"train_time_s": round(time.time() - t0, 1), "train_cpu_s": round(time.process_time() - c0, 1),
+                "mask": mask_stats, "joint": joint_stats}
+        log.info("iab: trained in %.0f s: %s", info["train_time_s"], info)
+        if mask_stats["density"] > 2 * float(self.mask_density):
+            log.warning("iab: the masks cover %.0f%% of the pixels (target %.0f%%); the mask network is "
+                        "undertrained (raise mask_epochs)", 100 * mask_stats["density"],
+                        100 * float(self.mask_density))
         return _netcache.pack({"G": G.cpu(), "M": M.cpu()}), info
 
-    def _batches(self, n: int, gen: torch.Generator):
+    def _batches(self, n: int, gen: torch.Generator, bs: int):
         """Pairs of index batches from two independent shuffles (the paper's two data loaders)."""
-        bs = int(self.batch_size)
         p1, p2 = torch.randperm(n, generator=gen), torch.randperm(n, generator=gen)
         for s in range(0, n, bs):
             if p1[s:s + bs].numel() >= 2:
@@ -208,7 +221,7 @@ class InputAware(Attack):
         stats = {"density": float("nan"), "div": float("nan")}
         for _ in bar(range(int(self.mask_epochs)), desc="iab: mask network", unit="ep"):
             dens, divs, k = 0.0, 0.0, 0
-            for i1, i2 in self._batches(len(train), gen):
+            for i1, i2 in self._batches(len(train), gen, int(self.mask_batch_size)):
                 x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
                 m = min(len(x1), len(x2))
                 x1, x2 = x1[:m], x2[:m]
@@ -229,7 +242,11 @@ class InputAware(Attack):
 
     def _train_joint(self, G: TriggerNet, M: TriggerNet, C: nn.Module, train: ImageSet, target: int,
                      gen: torch.Generator) -> dict[str, float]:
-        opt_c = torch.optim.SGD(C.parameters(), lr=float(self.lr_c), momentum=0.9, weight_decay=5e-4)
+        if self.proxy_optimizer == "sgd":
+            opt_c: torch.optim.Optimizer = torch.optim.SGD(C.parameters(), lr=float(self.lr_c), momentum=0.9,
+                                                           weight_decay=5e-4)
+        else:
+            opt_c = torch.optim.Adam(C.parameters(), lr=float(self.lr_c))
         opt_g = torch.optim.Adam(G.parameters(), lr=float(self.lr_g), betas=(0.5, 0.9))
         C.to(memory_format=torch.channels_last)
         G.train()
@@ -239,16 +256,20 @@ class InputAware(Attack):
         for _ in bar(range(int(self.epochs)), desc="iab: generator + classifier", unit="ep"):
             tot = {"clean": [0, 0], "bd": [0, 0], "cross": [0, 0]}
             div_sum, steps = 0.0, 0
-            for i1, i2 in self._batches(len(train), gen):
+            for i1, i2 in self._batches(len(train), gen, int(self.batch_size)):
                 x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
                 y1 = y_all[i1.to(train.device)]
                 bs = len(x1)
-                nb = max(1, int(float(self.p_attack) * bs))
-                nc = min(int(float(self.p_cross) * bs), len(x2) - nb)
+                # at least two images per generator call (BatchNorm); no cross part if it would be empty
+                nb = max(2, int(float(self.p_attack) * bs))
+                nc = int(float(self.p_cross) * bs)
+                nc = min(max(nc, 2), len(x2) - nb) if nc else 0
+                nc = nc if nc >= 2 else 0
                 with autocast_ctx(x1.device, bool(self.amp)):
                     with torch.no_grad():
                         m1, m2 = M.mask(x1[:nb]), M.mask(x2[nb:nb + nc])
-                    pat1, pat2 = G.pattern(x1[:nb]), G.pattern(x2[nb:nb + nc])
+                    pat1 = G.pattern(x1[:nb])
+                    pat2 = G.pattern(x2[nb:nb + nc]) if nc else pat1[:0]
                     x_bd = blend(x1[:nb], pat1, m1)
                     x_cross = blend(x1[nb:nb + nc], pat2, m2)
                     inputs = torch.cat([x_bd, x_cross, x1[nb + nc:]])
@@ -296,6 +317,8 @@ class InputAware(Attack):
 
     def poison(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> PoisonedSet:
         """Backdoor samples as usual, then ``cross_ratio`` x as many cross-trigger samples (true labels)."""
+        if self.prepared and self.trained_target != target:
+            self.prepared = False  # the networks were trained for another target class
         ps = super().poison(train, rate, target, generator)
         pool = (~ps.poison_mask).nonzero().squeeze(1)
         n_cross = min(int(round(float(self.cross_ratio) * ps.num_poison)), len(pool))
