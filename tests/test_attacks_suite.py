@@ -1,4 +1,5 @@
-"""Trojan, SIG, WaNet and CLB: triggers as specified, poison masks and labels right, prepare's cache reused."""
+"""Trojan, SIG, WaNet and CLB: triggers as specified, poison masks and labels right, prepare's cache reused.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def test_contract(small_train, name, label_mode):
     rate = 0.5 if label_mode == "clean" else 0.1
     att, ps = poison(name, small_train, rate, **TINY.get(name, {}))
     m = ps.poison_mask
-    pool = (small_train.y == TARGET) if label_mode == "clean" else torch.ones(len(small_train), dtype=torch.bool)
+    everyone = torch.ones(len(small_train), dtype=torch.bool)
+    pool = (small_train.y == TARGET) if label_mode == "clean" else everyone
     assert int(m.sum()) == round(rate * int(pool.sum())) > 0
     assert not (m & ~pool).any()  # clean label: only target-class samples are poisoned
     diff = changed(ps.data.x, small_train.x)
@@ -132,7 +134,8 @@ def test_trojan_fixed_patch(small_train):
     rest = x.clone()
     rest[:, :, -5:, -5:] = x0[:, :, -5:, -5:]
     assert torch.equal(rest, x0)  # only the patch changed
-    ring = get_attack("trojan", shape="ring", corner="top-left", margin=1).apply(torch.full((1, 3, 32, 32), 0.5))
+    ringed = get_attack("trojan", shape="ring", corner="top-left", margin=1)
+    ring = ringed.apply(torch.full((1, 3, 32, 32), 0.5))
     inside = torch.zeros(32, 32, dtype=torch.bool)
     inside[1:6, 1:6] = True
     inside[2:5, 2:5] = False
@@ -225,10 +228,9 @@ def test_cache_keys_and_corrupt_entry(small_train):
     t2, hit2 = attack_cache.cached_tensors("demo", {"a": 1}, small_train, build)
     assert (hit1, hit2) == (False, True) and torch.equal(t1["w"], t2["w"]) and len(calls) == 1
     other = small_train.with_labels(small_train.y.roll(1))
-    assert attack_cache.cache_path("demo", {"a": 1}, other) != attack_cache.cache_path("demo", {"a": 1}, small_train)
-    assert attack_cache.cache_path("demo", {"a": 2}, small_train) != attack_cache.cache_path("demo", {"a": 1},
-                                                                                              small_train)
     path = attack_cache.cache_path("demo", {"a": 1}, small_train)
+    assert attack_cache.cache_path("demo", {"a": 1}, other) != path
+    assert attack_cache.cache_path("demo", {"a": 2}, small_train) != path
     path.write_bytes(b"not a safetensors file")
     t3, hit3 = attack_cache.cached_tensors("demo", {"a": 1}, small_train, build)
     assert hit3 is False and len(calls) == 2 and torch.equal(t3["w"], t1["w"])

@@ -327,6 +327,7 @@ class Experiment:
             score_histogram(scores, poisoned.poison_mask, run_dir / "scores_hist.png",
                             xlabel=result.score_name or "score", threshold=result.info.get("threshold"),
                             title=f"{self.config.attack} / {self.config.defense}")
+        self.defense.write_plots(result, poisoned.poison_mask, run_dir, true_labels=poisoned.true_labels.cpu())
 
 
 def _read_status(run_dir: Path) -> str:

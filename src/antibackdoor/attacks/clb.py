@@ -17,6 +17,7 @@ in the data root (``cache.py``); ``robust_epochs`` and the PGD settings control 
 from __future__ import annotations
 
 import logging
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from torch import nn
 from ..adversarial.pgd import PGDConfig, pgd
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..training import TrainConfig
 from .base import Attack, PoisonedSet, quantize, register_attack
 from .cache import cached_state_dict
 
@@ -58,6 +60,11 @@ class CLB(Attack):
         "robust_model": "cnn", "robust_epochs": 10, "robust_eps": 8.0, "robust_step": 4.0, "robust_steps": 2,
         "robust_lr": 0.05, "model_seed": 0,
     }
+    #: a Madry-style robust ResNet-18 (PGD-10, step 2/255, 100 SGD epochs): hours on a CPU
+    paper_params: ClassVar[dict[str, Any]] = {
+        "robust_model": "resnet18", "robust_epochs": 100, "robust_step": 2.0, "robust_steps": 10,
+        "robust_lr": 0.1,
+    }
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
@@ -70,9 +77,7 @@ class CLB(Attack):
         return (x + float(self.amplitude) * t).clamp(0, 1)
 
     # -- the robust model -----------------------------------------------------------------------
-    def robust_config(self):
-        from ..training import TrainConfig
-
+    def robust_config(self) -> TrainConfig:
         adv = PGDConfig(eps=float(self.robust_eps) / 255, step=float(self.robust_step) / 255,
                         steps=int(self.robust_steps))
         return TrainConfig(epochs=int(self.robust_epochs), optimizer="sgd", lr=float(self.robust_lr),
@@ -82,11 +87,11 @@ class CLB(Attack):
         """Train (or load from the cache) the adversarially robust model; ``generator`` is not used, so the
         model depends only on the data and the config and can be shared by every run."""
         from ..models import build_model
-        from ..training import train as fit
+        from ..training import train as fit  # looked up at call time (tests replace it)
 
         cfg = self.robust_config()
         key = {"version": 1, "model": self.robust_model, "train": repr(cfg), "seed": int(self.model_seed)}
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = train.x.device  # the compute device: the experiment moves the data there first
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.model_seed))
             model = build_model(str(self.robust_model), train.num_classes, train.channels, train.image_size,

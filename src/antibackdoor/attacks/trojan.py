@@ -15,6 +15,7 @@ target 100). The original then retrains the model; as a data-poisoning attack we
 from __future__ import annotations
 
 import logging
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -68,6 +69,9 @@ class Trojan(Attack):
         "optimize": False, "neurons": 2, "target_value": 100.0, "opt_steps": 300, "opt_step": 0.01,
         "clean_model": "cnn", "clean_epochs": 10, "model_seed": 0,
     }
+    #: the original generation as in BackdoorBench's trojannn: 1000 steps against a trained clean ResNet-18
+    paper_params: ClassVar[dict[str, Any]] = {"optimize": True, "opt_steps": 1000, "clean_model": "resnet18",
+                                              "clean_epochs": 100}
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
@@ -110,11 +114,11 @@ class Trojan(Attack):
         """The clean model the trigger is optimised against: trained once per data set and config, cached."""
         from ..models import build_model
         from ..training import TrainConfig
-        from ..training import train as fit
+        from ..training import train as fit  # looked up at call time (tests replace it)
 
         cfg = TrainConfig(epochs=int(self.clean_epochs), optimizer="adam", lr=1e-3, crop=4, flip=True)
         key = {"version": 1, "model": self.clean_model, "train": repr(cfg), "seed": int(self.model_seed)}
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = train.x.device  # the compute device: the experiment moves the data there first
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.model_seed))
             model = build_model(str(self.clean_model), train.num_classes, train.channels, train.image_size,
@@ -144,12 +148,14 @@ class Trojan(Attack):
             return ((feats["x"][0, neurons] - float(self.target_value)) ** 2).sum()
 
         try:
+            with torch.no_grad():
+                before = float(neuron_loss(p))
             with torch.enable_grad():
-                before = float(neuron_loss(p).detach())
                 for _ in range(int(self.opt_steps)):
                     p.requires_grad_(True)
                     (grad,) = torch.autograd.grad(neuron_loss(p), p)
                     p = (p.detach() - float(self.opt_step) * grad.sign()).clamp_(0, 1)
+            with torch.no_grad():
                 after = float(neuron_loss(p))
         finally:
             hook.remove()

@@ -3,7 +3,8 @@
 The trigger is a fixed, smooth warping field: a k x k grid of random offsets (normalised to mean magnitude 1),
 upsampled bicubically to the image size, scaled by ``s / H`` and added to the identity sampling grid (times
 ``grid_rescale``); ``F.grid_sample`` resamples the image along it. Defaults are the paper's CIFAR-10 values:
-k = 4, s = 0.5, grid_rescale = 1.
+k = 4, s = 0.5, grid_rescale = 1. That sub-pixel warp is learned only from much data and long training: on
+the mini CIFAR-10 quick setting it reaches ~36% ASR, s = 3 ~88% (docs/attacks.md).
 
 Noise mode: besides the ``rate * N`` backdoor samples (warped, relabelled to the target), ``cross_ratio``
 times as many other samples are warped with the trigger field plus per-sample random noise (up to one pixel)

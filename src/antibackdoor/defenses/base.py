@@ -84,6 +84,11 @@ class Defense:
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
 
+    def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
+                    true_labels: torch.Tensor | None = None) -> list[Path]:
+        """Defense-specific figures for the run directory (the runner passes the ground truth)."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **to_dict(self.params)}
 
