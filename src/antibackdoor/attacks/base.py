@@ -96,6 +96,11 @@ class Attack:
             out[s:s + batch_size] = quantize(self.apply(x[s:s + batch_size].float().div(255.0)))
         return out
 
+    def poison_images(self, train: ImageSet, idx: torch.Tensor) -> torch.Tensor:
+        """The poisoned uint8 versions of ``train.x[idx]``; attacks that do more than add the trigger to a
+        training image (e.g. CLB's adversarial perturbation first) override this."""
+        return self.apply_uint8(train.x[idx.to(train.x.device)])
+
     def poison(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> PoisonedSet:
         """Poison a fraction ``rate`` of ``train`` towards class ``target``."""
         if not 0.0 < rate < 1.0:
@@ -108,7 +113,7 @@ class Attack:
         idx = self.select(train, rate, target, generator)
         x = train.x.clone()
         y = train.y.clone()
-        x[idx] = self.apply_uint8(train.x[idx])
+        x[idx.to(x.device)] = self.poison_images(train, idx).to(x.device)
         if self.label_mode == "dirty":
             y[idx] = target
         mask = torch.zeros(len(train), dtype=torch.bool)

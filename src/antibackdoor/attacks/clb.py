@@ -26,7 +26,7 @@ from ..adversarial.pgd import PGDConfig, pgd
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..training import TrainConfig
-from .base import Attack, PoisonedSet, quantize, register_attack
+from .base import Attack, quantize, register_attack
 from .cache import cached_state_dict
 
 log = logging.getLogger("antibackdoor")
@@ -116,21 +116,7 @@ class CLB(Attack):
         return out
 
     # -- poisoning -----------------------------------------------------------------------------
-    def poison(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> PoisonedSet:
-        """As the base (clean label: ``rate`` of the target class), with the PGD step before the trigger."""
-        if not 0.0 < rate < 1.0:
-            raise ConfigError(f"--poison-rate {rate}: must lie in (0, 1)")
-        if not 0 <= target < train.num_classes:
-            raise ConfigError(f"--target {target}: must be a class index in [0, {train.num_classes})")
-        self.target = target
-        if not self.prepared:
-            self.prepare(train, target, generator)
-        idx = self.select(train, rate, target, generator)
-        adv = self.perturb(train.x[idx].cpu(), train.y[idx].cpu())
-        x = train.x.clone()
-        x[idx.to(x.device)] = quantize(self.apply(adv)).to(x.device)
-        mask = torch.zeros(len(train), dtype=torch.bool)
-        mask[idx.cpu()] = True
-        name = f"{train.name} + {self.name}"
-        data = ImageSet(x, train.y.clone(), train.classes, train.mean, train.std, name)
-        return PoisonedSet(data, mask, train.y.clone(), target, self.name)
+    def poison_images(self, train: ImageSet, idx: torch.Tensor) -> torch.Tensor:
+        """The PGD step from the robust model before the trigger (clean label: the base keeps the labels)."""
+        adv = self.perturb(train.x[idx.to(train.x.device)].cpu(), train.y[idx.to(train.y.device)].cpu())
+        return quantize(self.apply(adv))
