@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from ..adversarial.pgd import PGDConfig
@@ -18,6 +19,8 @@ from ..training import TrainConfig
 from .adv_train import PAPER_AT, QUICK_AT
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .stages import adversarial_scores, otsu_threshold, train_stage
+
+log = logging.getLogger("antibackdoor")
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,19 @@ class AABL(Defense):
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         p = self.params
         # Stage 1: naive training on everything.
+        log.info("A-ABL stage 1/3: naive training on all %d samples", len(data))
         naive, naive_hist = train_stage(ctx, data, p.naive, "naive")
         # Stage 2: adversarial split.
+        log.info("A-ABL stage 2/3: iFGSM split (eps %.4g, %d steps, %s)", p.split_eps, p.split_steps, p.split_loss)
         scores = self.split_scores(naive, data, ctx)
         threshold = otsu_threshold(scores)
         kept = scores > threshold  # vulnerable (high adversarial SCE loss) samples are kept
         if int(kept.sum()) == 0:
             kept[:] = True
+        log.info("split: Otsu threshold %.4g; kept %d vulnerable, isolated %d robust samples", threshold,
+                 int(kept.sum()), int((~kept).sum()))
         # Stage 3: adversarial training from scratch on the vulnerable subset.
+        log.info("A-ABL stage 3/3: PGD adversarial training on the %d kept samples", int(kept.sum()))
         model, final_hist = train_stage(ctx, data.subset(kept), p.final, "adv_train", seed_offset=1)
         return DefenseResult(
             model, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
