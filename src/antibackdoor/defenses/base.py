@@ -47,7 +47,8 @@ class DefenseContext:
 @dataclass
 class DefenseResult:
     model: nn.Module
-    #: True for samples the final model was trained on (None: all of them)
+    #: False for samples the defense isolated as suspicious (None: none isolated); AIBD still trains on its
+    #: isolated samples with new labels, so this is not 'trained on'
     kept: torch.Tensor | None = None
     #: one number per training sample; see score_name and higher_is_suspicious
     scores: torch.Tensor | None = None
