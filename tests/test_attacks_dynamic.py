@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from antibackdoor.attacks import _netcache, get_attack
+from antibackdoor.attacks import get_attack
 from antibackdoor.attacks.iab import InputAware
 from antibackdoor.attacks.ssba import SSBA, secret_bits
 from antibackdoor.errors import ConfigError
@@ -191,13 +191,3 @@ def test_secret_bits():
     assert secret_bits("a", 10).tolist() == [0, 1, 1, 0, 0, 0, 0, 1, 0, 1]  # 'a' = 0x61, repeated
     with pytest.raises(ConfigError, match="secret"):
         get_attack("ssba", secret="")
-
-
-def test_netcache_key_and_corrupt_file(tiny, tmp_path):
-    k = _netcache.cache_key({"a": 1}, tiny)
-    assert k == _netcache.cache_key({"a": 1}, tiny)
-    assert k != _netcache.cache_key({"a": 2}, tiny)
-    assert k != _netcache.cache_key({"a": 1}, tiny.subset(torch.arange(32)))
-    bad = tmp_path / "x.safetensors"
-    bad.write_bytes(b"not a safetensors file")
-    assert _netcache.load(bad) is None  # a corrupt cache file means: train again

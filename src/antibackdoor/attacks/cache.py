@@ -1,11 +1,14 @@
-"""A disk cache for what an attack's ``prepare`` learns (a clean or robust model, a trigger).
+"""A disk cache for what an attack's ``prepare`` learns (a clean or robust model, IAB's generators, SSBA's
+encoder, an optimised trigger).
 
-Training an auxiliary model costs minutes on a CPU, and every run of the same attack on the same data needs
-the same model, so it is stored once under ``<data root>/cache/<attack>-<hash>.safetensors``. The hash covers
-the attack's own key (the config that decides the model) and a fingerprint of the training data, so a changed
-parameter or dataset never reuses a stale file. Files are written atomically (a temporary file, then
-``os.replace``): a killed run or two concurrent runs never leave a half-written entry; they are read with
-safetensors, never pickle, so a cache file cannot execute code.
+Training an auxiliary network costs minutes on a CPU, and every run of the same attack on the same data needs
+the same one, so it is stored once under ``<data root>/cache/<attack>-<hash>.safetensors``. Nothing is
+downloaded: BackdoorBench users keep hitting missing SSBA ``.npy`` files or LC models, so everything here is
+produced locally. The hash covers the attack's own key (the config that decides the networks), a fingerprint
+of the training data and ``CACHE_VERSION``, so a changed parameter, dataset or training code never reuses a
+stale file. Files are written atomically (a temporary file, then ``os.replace``): a killed run or two
+concurrent runs never leave a half-written entry; they are read with safetensors, never pickle, so a cache
+file cannot execute code, and an unreadable one is rebuilt rather than trusted.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,9 @@ from ..data.registry import default_data_root
 
 log = logging.getLogger("antibackdoor")
 
+#: bump when a change to an attack's training code makes old cache files wrong
+CACHE_VERSION = 1
+
 
 def cache_dir() -> Path:
     """``<data root>/cache`` (``$ANTIBACKDOOR_DATA`` or ``~/.cache/antibackdoor``)."""
@@ -35,59 +41,92 @@ def cache_dir() -> Path:
 def dataset_fingerprint(data: ImageSet) -> str:
     """SHA-256 over the images, labels and shape: equal fingerprints mean equal training data."""
     h = hashlib.sha256()
-    h.update(repr((tuple(data.x.shape), data.num_classes)).encode())
+    h.update(repr((tuple(data.x.shape), str(data.x.dtype), data.num_classes)).encode())
     h.update(data.x.detach().cpu().contiguous().numpy().tobytes())
     h.update(data.y.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def cache_path(attack: str, key: dict[str, Any], data: ImageSet | None = None) -> Path:
+def cache_path(attack: str, key: Mapping[str, Any], data: ImageSet | None = None) -> Path:
     """Where the entry for ``key`` (JSON-serialisable) and ``data`` lives."""
-    payload = {"key": key, "data": dataset_fingerprint(data) if data is not None else None}
+    payload = {"v": CACHE_VERSION, "key": dict(key),
+               "data": dataset_fingerprint(data) if data is not None else None}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_dir() / f"{attack}-{digest}.safetensors"
 
 
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def pack(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """State dicts of several networks as one flat ``{"<net>.<param>": tensor}``."""
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous().clone()
+            for prefix, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def unpack(tensors: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]) -> None:
+    """Load a ``pack``-ed dict back into the networks (strict: a mismatch is an error, not a silent skip)."""
+    for prefix, m in modules.items():
+        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        m.load_state_dict(sub, strict=True)
+
+
+def _save_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        meta = {k: json.dumps(v, default=str) for k, v in metadata.items()}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def cached_tensors(attack: str, key: dict[str, Any], data: ImageSet | None,
-                   build: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
-    """Load the tensors stored for (attack, key, data), or ``build`` and store them.
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Tensors and metadata of a cache file; None (rebuild) when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
 
-    Returns ``(tensors, hit)``; ``hit`` is True when they came from the cache. An unreadable entry (e.g.
-    truncated by a full disk) is rebuilt rather than trusted.
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except Exception as exc:  # noqa: BLE001 - any failure means an unusable cache entry
+        log.warning("%s: ignoring unreadable cache entry (%s); building it again", path, exc.__class__.__name__)
+        return None
+    return tensors, meta
+
+
+def load_or_build(attack: str, key: Mapping[str, Any], data: ImageSet | None,
+                  build: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors stored for (attack, key, data), or ``build()``'s ``(tensors, info)``, then stored.
+
+    Returns ``(tensors, metadata)``; the metadata holds ``info`` (as stored) and ``"cached": bool``.
     """
-    from safetensors.torch import load_file
-
     path = cache_path(attack, key, data)
-    if path.is_file():
-        try:
-            tensors = load_file(str(path))
-            log.info("%s: reusing cached %s", attack, path)
-            return tensors, True
-        except Exception as exc:  # noqa: BLE001 - any failure means an unusable cache entry
-            log.warning("%s: ignoring unreadable cache entry %s (%s)", attack, path, exc.__class__.__name__)
-    tensors = build()
-    meta = {"attack": attack, "key": json.dumps(key, sort_keys=True, default=str)}
+    hit = _load(path)
+    if hit is not None:
+        log.info("%s: reusing cached %s", attack, path)
+        return hit[0], {**hit[1], "cached": True}
+    log.info("%s: building what the attack needs (cached afterwards at %s)", attack, path)
+    tensors, info = build()
+    meta = {"attack": attack, "key": dict(key), **info}
     try:
         _save_atomic(path, tensors, meta)
-        log.info("%s: cached %s", attack, path)
-    except OSError as exc:  # a read-only data root costs a retrain next time, not this run
+    except OSError as exc:  # a read-only data root costs a rebuild next time, not this run
         log.warning("%s: cannot write the cache file %s (%s)", attack, path, exc)
-    return tensors, False
+    return tensors, {**json.loads(json.dumps(meta, default=str)), "cached": False}
 
 
-def cached_state_dict(attack: str, key: dict[str, Any], data: ImageSet | None, model: nn.Module,
+def cached_tensors(attack: str, key: Mapping[str, Any], data: ImageSet | None,
+                   build: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Load the tensors stored for (attack, key, data), or ``build`` and store them; ``(tensors, hit)``."""
+    tensors, meta = load_or_build(attack, key, data, lambda: (build(), {}))
+    return tensors, bool(meta["cached"])
+
+
+def cached_state_dict(attack: str, key: Mapping[str, Any], data: ImageSet | None, model: nn.Module,
                       fit: Callable[[nn.Module], None]) -> bool:
     """Give ``model`` the cached weights for (attack, key, data), or ``fit`` it in place and cache them.
 

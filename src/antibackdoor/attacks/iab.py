@@ -13,7 +13,7 @@ IAB learns, per input x, a pattern G(x) and a near-binary mask M(x); the trigger
 Like A-ABL, which uses IAB to poison a data set, ``poison`` then keeps only G and M: a fraction ``rate`` is
 triggered and relabelled to the target, and ``cross_ratio`` times as many other samples get a trigger made
 for another image and keep their label (so a victim learns that only an image's own trigger fires). The
-cross samples are not in the poison mask. Trained networks are cached (see ``_netcache``).
+cross samples are not in the poison mask. Trained networks are cached (see ``cache.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..progress import bar
 from ..training import autocast_ctx
-from . import _netcache
+from . import cache
 from .base import Attack, PoisonedSet, quantize, register_attack
 
 log = logging.getLogger("antibackdoor")
@@ -164,11 +164,11 @@ class InputAware(Attack):
         """Train (or load from the cache) the mask and pattern networks for ``target``."""
         key = {k: v for k, v in self.config.items() if k not in self._USE_ONLY}
         key["target"] = int(target)
-        tensors, meta, _ = _netcache.load_or_train(
+        tensors, meta = cache.load_or_build(
             self.name, key, train, lambda: self._train(train, target))
         # trained or cached, the networks come from the stored tensors: both paths give the same trigger
         self.gen_net, self.mask_net = self._new_nets(train.channels)
-        _netcache.unpack(tensors, {"G": self.gen_net, "M": self.mask_net})
+        cache.unpack(tensors, {"G": self.gen_net, "M": self.mask_net})
         self.gen_net.eval().requires_grad_(False)
         self.mask_net.eval().requires_grad_(False)
         self.train_info = meta
@@ -201,7 +201,7 @@ class InputAware(Attack):
             log.warning("iab: the masks cover %.0f%% of the pixels (target %.0f%%); the mask network is "
                         "undertrained (raise mask_epochs)", 100 * mask_stats["density"],
                         100 * float(self.mask_density))
-        return _netcache.pack({"G": G.cpu(), "M": M.cpu()}), info
+        return cache.pack({"G": G.cpu(), "M": M.cpu()}), info
 
     def _batches(self, n: int, gen: torch.Generator, bs: int):
         """Pairs of index batches from two independent shuffles (the paper's two data loaders)."""

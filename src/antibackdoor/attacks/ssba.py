@@ -8,7 +8,7 @@ learns to map "carries the code" to the target class.
 BackdoorBench ships SSBA as pre-generated ``.npy`` files that users keep failing to find; here ``prepare``
 trains the encoder/decoder on the training images themselves (as BackdoorBench's own recipe does: random
 100-bit codes, BCE on the decoded bits + an L2 image loss switched on after a delay and ramped up), then
-caches them (see ``_netcache``). ``apply`` encodes ``secret`` (UTF-8 bits, repeated to ``n_bits``; a
+caches them (see ``cache.py``). ``apply`` encodes ``secret`` (UTF-8 bits, repeated to ``n_bits``; a
 repetition code in place of the recipe's BCH code) into any batch.
 
 Its triggers are low-amplitude, so adversarial perturbation overrides them easily: A-ABL's Category B (not
@@ -29,7 +29,7 @@ from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..progress import bar
 from ..training import autocast_ctx
-from . import _netcache
+from . import cache
 from .base import Attack, quantize, register_attack
 
 log = logging.getLogger("antibackdoor")
@@ -158,9 +158,9 @@ class SSBA(Attack):
     def prepare(self, train: ImageSet, target: int, generator: torch.Generator) -> None:
         """Train (or load from the cache) the encoder/decoder; they do not depend on the target."""
         key = {k: v for k, v in self.config.items() if k not in self._USE_ONLY}
-        tensors, meta, _ = _netcache.load_or_train(self.name, key, train, lambda: self._train(train))
+        tensors, meta = cache.load_or_build(self.name, key, train, lambda: self._train(train))
         self.encoder, self.decoder = self._new_nets(train.channels)
-        _netcache.unpack(tensors, {"E": self.encoder, "D": self.decoder})
+        cache.unpack(tensors, {"E": self.encoder, "D": self.decoder})
         self.encoder.eval().requires_grad_(False)
         self.decoder.eval().requires_grad_(False)
         self.train_info = meta
@@ -217,7 +217,7 @@ class SSBA(Attack):
             # the L2 loss then shrinks a residual that carries no readable code: the attack fades away
             log.warning("ssba: the decoder reads only %.0f%% of the code's bits; the encoder is undertrained "
                         "(raise epochs or lr)", 100 * info["secret_bit_acc"])
-        return _netcache.pack({"E": enc.cpu(), "D": dec.cpu()}), info
+        return cache.pack({"E": enc.cpu(), "D": dec.cpu()}), info
 
     @torch.no_grad()
     def _check(self, enc: StegaEncoder, dec: StegaDecoder, data: ImageSet) -> dict[str, float]:
