@@ -135,16 +135,95 @@ class PGDStats:
 def pgd_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig,
                    device: torch.device | str = "cpu", batch_size: int = 512,
                    generator: torch.Generator | None = None, progress: str | None = None,
-                   dtype: torch.dtype = torch.float32) -> PGDStats:
-    """Run ``pgd`` over uint8 ``images`` in batches and gather the per-sample statistics."""
+                   dtype: torch.dtype = torch.float32, amp: bool = False) -> PGDStats:
+    """Run the attack over uint8 ``images`` in batches and gather the per-sample statistics.
+
+    With ``cfg.early_stop`` the batch is a pool that is refilled as samples flip (see ``_streaming``), so a
+    few slow samples never leave the rest of a batch idle. ``amp`` runs the model under bf16 autocast.
+    """
     from ..progress import bar
 
+    if cfg.early_stop:
+        return _streaming(model, images, labels, cfg, torch.device(device), batch_size, generator, progress,
+                          dtype, amp)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "flip_step", "flip_label", "grad_norm", "pred")}
     starts = range(0, images.shape[0], batch_size)
     for s in bar(starts, desc=progress, total=len(starts), unit="batch"):
         xb = images[s:s + batch_size].to(device).to(dtype).div_(255.0)
         yb = labels[s:s + batch_size].to(device)
-        r = pgd(model, xb, yb, cfg, generator=generator, amp=False)
+        r = pgd(model, xb, yb, cfg, generator=generator, amp=amp)
         for k in parts:
             parts[k].append(getattr(r, k).cpu())
     return PGDStats(**{k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()})
+
+
+def _streaming(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig,
+               device: torch.device, pool_size: int, generator: torch.Generator | None, progress: str | None,
+               dtype: torch.dtype, amp: bool) -> PGDStats:
+    """Early-stopped PGD over a whole dataset with a refilled pool ("continuous batching").
+
+    Flip counts are long-tailed (AIBD: most samples flip within a few steps, a few never do within the
+    cap), so fixed batches would spend most steps on a handful of stragglers. Here every sample carries its
+    own step counter; each iteration attacks the whole pool, retires the samples that flipped (or reached
+    ``steps``) and tops the pool up from the queue. Each sample sees exactly the updates of ``pgd``.
+    """
+    from ..progress import bar
+
+    n = images.shape[0]
+    flip_step = torch.full((n,), -1, dtype=torch.long)
+    flip_label = torch.full((n,), -1, dtype=torch.long)
+    grad_norm = torch.zeros(n)
+    loss_out = torch.zeros(n)
+    pred_out = torch.zeros(n, dtype=torch.long)
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    idx, t = empty, empty  # global index and steps taken of each pool member
+    y = empty
+    x0 = x_adv = torch.empty((0, *images.shape[1:]), device=device, dtype=dtype)
+    queued = 0
+    progress_bar = bar(None, desc=progress, total=n, unit="sample")
+    with eval_mode(model), torch.enable_grad():
+        while queued < n or idx.numel():
+            room = pool_size - idx.numel()
+            if room > 0 and queued < n:  # refill
+                new = torch.arange(queued, min(n, queued + room))
+                queued += new.numel()
+                xn = images[new].to(device).to(dtype).div_(255.0)
+                start = xn
+                if cfg.random_start and math.isfinite(cfg.eps) and cfg.eps > 0:
+                    noise = torch.rand(xn.shape, generator=generator).to(device, dtype) * 2 - 1
+                    start = (xn + cfg.eps * noise).clamp_(0, 1)
+                idx = torch.cat([idx, new.to(device)])
+                t = torch.cat([t, torch.zeros(new.numel(), dtype=torch.long, device=device)])
+                x0 = torch.cat([x0, xn])
+                x_adv = torch.cat([x_adv, start])
+                y = torch.cat([y, labels[new].to(device)])
+            xa = x_adv.requires_grad_(True)
+            with _autocast(xa, amp):
+                logits = model(xa)
+            per = per_sample_loss(cfg.loss, logits, y, cfg.sce_alpha, cfg.sce_beta)
+            pred = logits.argmax(1)
+            (grad,) = torch.autograd.grad(per.sum(), xa)
+            flipped = pred != y
+            done = flipped | (t >= cfg.steps)
+            first = (t == 0) & (cfg.steps > 0)
+            if bool(first.any()):
+                gi = idx[first].cpu()
+                grad_norm[gi] = grad[first].flatten(1).norm(p=cfg.grad_norm_p, dim=1).float().cpu()
+            if bool(done.any()):
+                gi = idx[done].cpu()
+                loss_out[gi] = per.detach()[done].float().cpu()
+                pred_out[gi] = pred[done].cpu()
+                fl = flipped[done].cpu()
+                flip_step[gi[fl]] = t[done].cpu()[fl]
+                flip_label[gi[fl]] = pred[done].cpu()[fl]
+                if hasattr(progress_bar, "update"):
+                    progress_bar.update(int(done.sum()))
+            go = ~done
+            stepped = x_adv.detach()[go] + cfg.step * grad[go].sign()
+            if math.isfinite(cfg.eps):
+                stepped = torch.max(torch.min(stepped, x0[go] + cfg.eps), x0[go] - cfg.eps)
+            x_adv = stepped.clamp_(0, 1)
+            x0, y, idx, t = x0[go], y[go], idx[go], t[go] + 1
+    if hasattr(progress_bar, "close"):
+        progress_bar.close()
+    return PGDStats(loss_out, flip_step, flip_label, grad_norm, pred_out)
