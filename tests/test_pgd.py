@@ -79,3 +79,20 @@ def test_sce_matches_definition():
     q[torch.arange(2), y] = 1.0
     rce = -(p * q.log()).sum(1)
     torch.testing.assert_close(symmetric_cross_entropy(logits, y, 0.1, 1.0), 0.1 * ce + rce)
+
+
+def test_gpu_fast_path_options_keep_the_statistics(trained_model, mini):
+    """channels_last batches give the same statistics; bf16 autocast stays close (the GPU path)."""
+    model = trained_model.float()
+    try:
+        x, y = mini.train.x[600:664], mini.train.y[600:664]
+        cfg = PGDConfig(eps=math.inf, step=1 / 255, steps=20, random_start=False, early_stop=True)
+        plain = pgd_statistics(model, x, y, cfg, batch_size=16)
+        nhwc = pgd_statistics(model, x, y, cfg, batch_size=16, channels_last=True)
+        assert torch.equal(plain.flip_step, nhwc.flip_step)
+        torch.testing.assert_close(plain.loss, nhwc.loss, rtol=2e-3, atol=1e-4)  # other fp32 kernels
+        bf16 = pgd_statistics(model, x, y, cfg, batch_size=16, amp=True, channels_last=True)
+        assert bf16.loss.dtype == torch.float32
+        assert float((bf16.flip_step == plain.flip_step).float().mean()) >= 0.7
+    finally:
+        trained_model.double()

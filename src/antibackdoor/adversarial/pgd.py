@@ -66,8 +66,16 @@ def _autocast(x: torch.Tensor, enabled: bool):
     return torch.autocast(x.device.type, dtype=torch.bfloat16)
 
 
+def _forward(model: nn.Module, x: torch.Tensor, amp: bool, channels_last: bool) -> torch.Tensor:
+    """Logits of ``x``; bf16 autocast and channels_last are the fast path on GPUs (the loss stays fp32)."""
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(x, amp):
+        return model(x)
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
-        generator: torch.Generator | None = None, amp: bool = False) -> PGDResult:
+        generator: torch.Generator | None = None, amp: bool = False, channels_last: bool = False) -> PGDResult:
     """Attack a batch ``x`` (float, [0, 1]) with labels ``y``; the model is put in eval mode meanwhile.
 
     Runs ``steps`` sign-gradient ascent steps and one final forward pass. With ``early_stop`` only the
@@ -92,8 +100,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
         for t in range(cfg.steps + 1):
             xa = x_adv[active].requires_grad_(t < cfg.steps)
             ya = y[active]
-            with _autocast(xa, amp):
-                logits = model(xa)
+            logits = _forward(model, xa, amp, channels_last)
             per = per_sample_loss(cfg.loss, logits, ya, cfg.sce_alpha, cfg.sce_beta)
             pred = logits.argmax(1)
             newly = (pred != ya) & (flip_step[active] < 0)
@@ -135,23 +142,25 @@ class PGDStats:
 def pgd_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig,
                    device: torch.device | str = "cpu", batch_size: int = 512,
                    generator: torch.Generator | None = None, progress: str | None = None,
-                   dtype: torch.dtype = torch.float32, amp: bool = False) -> PGDStats:
+                   dtype: torch.dtype = torch.float32, amp: bool = False,
+                   channels_last: bool = False) -> PGDStats:
     """Run the attack over uint8 ``images`` in batches and gather the per-sample statistics.
 
     With ``cfg.early_stop`` the batch is a pool that is refilled as samples flip (see ``_streaming``), so a
-    few slow samples never leave the rest of a batch idle. ``amp`` runs the model under bf16 autocast.
+    few slow samples never leave the rest of a batch idle. ``amp`` runs the model under bf16 autocast and
+    ``channels_last`` feeds it NHWC batches (both for GPUs; the per-sample losses stay fp32).
     """
     from ..progress import bar
 
     if cfg.early_stop:
         return _streaming(model, images, labels, cfg, torch.device(device), batch_size, generator, progress,
-                          dtype, amp)
+                          dtype, amp, channels_last)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "flip_step", "flip_label", "grad_norm", "pred")}
     starts = range(0, images.shape[0], batch_size)
     for s in bar(starts, desc=progress, total=len(starts), unit="batch"):
         xb = images[s:s + batch_size].to(device).to(dtype).div_(255.0)
         yb = labels[s:s + batch_size].to(device)
-        r = pgd(model, xb, yb, cfg, generator=generator, amp=amp)
+        r = pgd(model, xb, yb, cfg, generator=generator, amp=amp, channels_last=channels_last)
         for k in parts:
             parts[k].append(getattr(r, k).cpu())
     return PGDStats(**{k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()})
@@ -159,7 +168,7 @@ def pgd_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def _streaming(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig,
                device: torch.device, pool_size: int, generator: torch.Generator | None, progress: str | None,
-               dtype: torch.dtype, amp: bool) -> PGDStats:
+               dtype: torch.dtype, amp: bool, channels_last: bool) -> PGDStats:
     """Early-stopped PGD over a whole dataset with a refilled pool ("continuous batching").
 
     Flip counts are long-tailed (AIBD: most samples flip within a few steps, a few never do within the
@@ -198,8 +207,7 @@ def _streaming(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
                 x_adv = torch.cat([x_adv, start])
                 y = torch.cat([y, labels[new].to(device)])
             xa = x_adv.requires_grad_(True)
-            with _autocast(xa, amp):
-                logits = model(xa)
+            logits = _forward(model, xa, amp, channels_last)
             per = per_sample_loss(cfg.loss, logits, y, cfg.sce_alpha, cfg.sce_beta)
             pred = logits.argmax(1)
             (grad,) = torch.autograd.grad(per.sum(), xa)

@@ -32,8 +32,14 @@ def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: st
 
 def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: DefenseContext,
                        desc: str = "scoring") -> PGDStats:
-    """Attack every sample with ``cfg`` (eval mode, whole batches) and return per-sample statistics."""
-    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc)
+    """Attack every sample with ``cfg`` (eval mode, whole batches) and return per-sample statistics.
+
+    On a GPU the attack runs under bf16 autocast with channels_last batches (the losses stay fp32); on the
+    CPU in plain fp32, where the scores are those the tests compare with the batch-of-one reference.
+    """
+    gpu = ctx.device.type == "cuda"
+    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc, amp=gpu,
+                          channels_last=gpu)
 
 
 def otsu_threshold(scores: torch.Tensor) -> float:
