@@ -62,6 +62,20 @@ def test_config_file_and_flag_override(tmp_path, tiny_npz, capsys):
     assert "seed: 3" in text and "alpha: 0.2" in text and "name: blend" in text
 
 
+def test_flags_merge_into_config_file_sections(tmp_path):
+    from antibackdoor.cli import build_parser, config_from_args
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("defense: aibd\ndefense_params:\n  retrain:\n    epochs: 2\n    lr: 0.01\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg), "--defense-param", "retrain.epochs=4",
+                                      "--no-aibd-target-filter"])
+    data = config_from_args(args)
+    # one dotted key replaces one value, not the file's whole section
+    assert data["defense_params"] == {"retrain": {"epochs": 4, "lr": 0.01}, "target_filter": False}
+    args = build_parser().parse_args(["run", "--defense", "aibd", "--aibd-target-filter"])
+    assert config_from_args(args)["defense_params"] == {"target_filter": True}
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -72,6 +86,7 @@ def test_config_file_and_flag_override(tmp_path, tiny_npz, capsys):
         (["--model", "nope"], "unknown model 'nope'"),
         (["--defense-param", "naive.epochz=3"], "unknown key(s) epochz"),
         (["--defense-param", "naive.epochs=three"], "expected an integer"),
+        (["--aibd-target-filter"], "--aibd-target-filter: only for --defense aibd"),
     ],
 )
 def test_bad_options_exit_2(tmp_path, tiny_npz, capsys, extra, message):

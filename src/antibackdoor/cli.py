@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .config import deep_update
 from .errors import AntibackdoorError, ConfigError
 
 log = logging.getLogger("antibackdoor")
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack parameter, e.g. alpha=0.2 (repeatable)")
     r.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
                    help="defense parameter, dotted for nested ones, e.g. naive.epochs=40 (repeatable)")
+    r.add_argument("--aibd-target-filter", action=argparse.BooleanOptionalAction, default=None,
+                   help="AIBD: isolate only samples of the guessed target class (on in quick, off in paper)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     r.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
     r.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
@@ -95,10 +98,12 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             data[key] = value
     for option, key in (("attack_param", "attack_params"), ("defense_param", "defense_params")):
         extra = _nest(getattr(args, option), "--" + option.replace("_", "-"))
-        if extra:
-            merged = dict(data.get(key) or {})
-            merged.update(extra)
-            data[key] = merged
+        if option == "defense_param" and args.aibd_target_filter is not None:
+            if data.get("defense", "a-abl") != "aibd":
+                raise ConfigError("--aibd-target-filter: only for --defense aibd")
+            extra["target_filter"] = args.aibd_target_filter
+        if extra:  # a flag's dotted key overrides one value of the config file, not its whole section
+            data[key] = deep_update(data.get(key) or {}, extra)
     return data
 
 

@@ -72,17 +72,17 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     return cls(**kwargs)
 
 
+def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` updated by ``b``, recursing into mappings present in both (neither is modified)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_update(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return out
+
+
 def merge(base: T, overrides: dict[str, Any], where: str = "config") -> T:
     """A copy of dataclass ``base`` with (nested) ``overrides`` applied."""
-    d = to_dict(base)
-
-    def deep(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = deep(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-        return out
-
-    return from_dict(type(base), deep(d, overrides), where)
+    return from_dict(type(base), deep_update(to_dict(base), overrides), where)
 
 
 def to_dict(obj: Any) -> Any:
