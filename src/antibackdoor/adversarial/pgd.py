@@ -74,6 +74,22 @@ def _forward(model: nn.Module, x: torch.Tensor, amp: bool, channels_last: bool) 
         return model(x)
 
 
+def _start(x0: torch.Tensor, cfg: PGDConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The attack's starting point: ``x0``, or a uniform random point of the eps-ball with random start."""
+    if cfg.random_start and math.isfinite(cfg.eps) and cfg.eps > 0:
+        noise = torch.rand(x0.shape, generator=generator).to(x0.device, x0.dtype) * 2 - 1
+        return (x0 + cfg.eps * noise).clamp_(0, 1)
+    return x0.clone()
+
+
+def _step(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
+    """One sign-gradient ascent step, projected onto the eps-ball around ``x0`` and the [0, 1] box."""
+    stepped = x + cfg.step * grad.sign()
+    if math.isfinite(cfg.eps):
+        stepped = torch.max(torch.min(stepped, x0 + cfg.eps), x0 - cfg.eps)
+    return stepped.clamp_(0, 1)
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
         generator: torch.Generator | None = None, amp: bool = False, channels_last: bool = False) -> PGDResult:
     """Attack a batch ``x`` (float, [0, 1]) with labels ``y``; the model is put in eval mode meanwhile.
@@ -84,11 +100,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
     n = x.shape[0]
     dev = x.device
     x0 = x.detach() if x.is_floating_point() else x.float()
-    if cfg.random_start and math.isfinite(cfg.eps) and cfg.eps > 0:
-        noise = torch.rand(x0.shape, generator=generator).to(dev, x0.dtype) * 2 - 1
-        x_adv = (x0 + cfg.eps * noise).clamp_(0, 1)
-    else:
-        x_adv = x0.clone()
+    x_adv = _start(x0, cfg, generator)
     flip_step = torch.full((n,), -1, dtype=torch.long, device=dev)
     flip_label = torch.full((n,), -1, dtype=torch.long, device=dev)
     grad_norm = torch.zeros(n, device=dev)
@@ -113,10 +125,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
             (grad,) = torch.autograd.grad(per.sum(), xa)
             if t == 0:
                 grad_norm[active] = grad.flatten(1).norm(p=cfg.grad_norm_p, dim=1).float()
-            stepped = xa.detach() + cfg.step * grad.sign()
-            if math.isfinite(cfg.eps):
-                stepped = torch.max(torch.min(stepped, x0[active] + cfg.eps), x0[active] - cfg.eps)
-            stepped.clamp_(0, 1)
+            stepped = _step(xa.detach(), grad, x0[active], cfg)
             if cfg.early_stop:
                 keep = ~newly
                 x_adv[active[keep]] = stepped[keep]
@@ -197,10 +206,7 @@ def _streaming(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
                 new = torch.arange(queued, min(n, queued + room))
                 queued += new.numel()
                 xn = images[new].to(device).to(dtype).div_(255.0)
-                start = xn
-                if cfg.random_start and math.isfinite(cfg.eps) and cfg.eps > 0:
-                    noise = torch.rand(xn.shape, generator=generator).to(device, dtype) * 2 - 1
-                    start = (xn + cfg.eps * noise).clamp_(0, 1)
+                start = _start(xn, cfg, generator)
                 idx = torch.cat([idx, new.to(device)])
                 t = torch.cat([t, torch.zeros(new.numel(), dtype=torch.long, device=device)])
                 x0 = torch.cat([x0, xn])
@@ -227,10 +233,7 @@ def _streaming(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
                 if hasattr(progress_bar, "update"):
                     progress_bar.update(int(done.sum()))
             go = ~done
-            stepped = x_adv.detach()[go] + cfg.step * grad[go].sign()
-            if math.isfinite(cfg.eps):
-                stepped = torch.max(torch.min(stepped, x0[go] + cfg.eps), x0[go] - cfg.eps)
-            x_adv = stepped.clamp_(0, 1)
+            x_adv = _step(x_adv.detach()[go], grad[go], x0[go], cfg)
             x0, y, idx, t = x0[go], y[go], idx[go], t[go] + 1
     if hasattr(progress_bar, "close"):
         progress_bar.close()
