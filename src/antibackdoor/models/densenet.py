@@ -53,6 +53,9 @@ class DenseNet(nn.Module):
                 layers.append(Transition(c, int(c * reduction)))
                 c = int(c * reduction)
         self.features = nn.Sequential(*layers)
+        #: each dense block ends a stage: at its transition (which pools), and the last block at its end
+        self.stage_names = tuple(f"features.{i}" for i, m in enumerate(layers)
+                                 if isinstance(m, Transition) or i == len(layers) - 1)
         self.bn = nn.BatchNorm2d(c)
         self.linear = nn.Linear(c, num_classes)
 

@@ -32,6 +32,7 @@ class InvertedResidual(nn.Module):
         layers = [] if expansion == 1 else [conv_bn(cin, hidden, 1)]
         layers += [conv_bn(hidden, hidden, 3, stride, groups=hidden), conv_bn(hidden, cout, 1, act=False)]
         self.body = nn.Sequential(*layers)
+        self.stride = stride
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,9 @@ class MobileNetV2(nn.Module):
                 cin = c
         layers.append(conv_bn(cin, 1280, 1))
         self.features = nn.Sequential(*layers)
+        #: the last layer at each resolution (before every stride-2 block, and the final 1x1 conv)
+        ends = [i - 1 for i, m in enumerate(layers) if isinstance(m, InvertedResidual) and m.stride == 2]
+        self.stage_names = tuple(f"features.{i}" for i in [*ends, len(layers) - 1] if i >= 0)
         self.classifier = nn.Linear(1280, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

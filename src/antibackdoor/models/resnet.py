@@ -67,6 +67,7 @@ class ResNet(nn.Module):
                 cin = width
             layers.append(nn.Sequential(*blocks))
         self.layers = nn.Sequential(*layers)
+        self.stage_names = tuple(f"layers.{i}" for i in range(len(layers)))
         self.bn_final = nn.BatchNorm2d(512) if preact else None
         self.linear = nn.Linear(512, num_classes)
 

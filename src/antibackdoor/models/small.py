@@ -29,6 +29,8 @@ class SmallCNN(nn.Module):
             *_block(in_channels, w, True), *_block(w, 2 * w, True), *_block(2 * w, 4 * w, True),
             *_block(4 * w, 8 * w, False),
         )
+        #: the output of each conv block (after its pool): the network's stages (see features.py)
+        self.stage_names = ("features.3", "features.7", "features.11", "features.14")
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(8 * w, num_classes)
 

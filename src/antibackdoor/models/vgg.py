@@ -28,6 +28,8 @@ class VGG(nn.Module):
             layers += [nn.Conv2d(cin, v, 3, stride, 1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
             cin, stride = v, 1
         self.features = nn.Sequential(*layers)
+        #: every max-pool closes a stage
+        self.stage_names = tuple(f"features.{i}" for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d))
         self.classifier = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

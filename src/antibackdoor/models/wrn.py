@@ -49,6 +49,7 @@ class WideResNet(nn.Module):
                 cin = w
             groups.append(nn.Sequential(*blocks))
         self.groups = nn.Sequential(*groups)
+        self.stage_names = tuple(f"groups.{i}" for i in range(len(groups)))
         self.bn = nn.BatchNorm2d(cin)
         self.linear = nn.Linear(cin, num_classes)
         for m in self.modules():  # the original's init
