@@ -25,9 +25,10 @@ from antibackdoor.defenses.aibd import (
 )
 from antibackdoor.errors import ConfigError
 from antibackdoor.models import build_model
+from antibackdoor.precision import PLAIN
 from antibackdoor.training import TrainConfig, train
 
-FAST = TrainConfig(epochs=2, optimizer="adam", lr=2e-3, crop=0, flip=False, amp=False, channels_last=False)
+FAST = TrainConfig(epochs=2, optimizer="adam", lr=2e-3, crop=0, flip=False)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def model64(mini):
     torch.manual_seed(0)
     data = mini.train.subset(torch.arange(500))
     m = build_model("cnn-small", 10, mean=data.mean, std=data.std)
-    train(m, data, FAST)
+    train(m, data, FAST, precision=PLAIN)
     return m.double().eval()
 
 
@@ -127,7 +128,7 @@ def _tiny_clean(n: int = 480, size: int = 16, classes: int = 4, seed: int = 0) -
 def test_clean_data_gets_a_small_q_and_keeps_accuracy(tmp_path):
     data = _tiny_clean()
     test = _tiny_clean(200, seed=1)
-    ep = dict(optimizer="adam", lr=2e-3, crop=0, flip=False, amp=False, batch_size=64)
+    ep = dict(optimizer="adam", lr=2e-3, crop=0, flip=False, batch_size=64)
     d = get_defense("aibd", "quick", {
         "infected": {"epochs": 6, **ep}, "retrain": {"epochs": 3, **ep}, "holdout": 0.25,
         "qs": [0.4, 0.25, 0.02], "pgd_cap": 40, "abandon_epoch": 1, "abandon_drop": 0.1, "tolerance": 0.04,
@@ -172,7 +173,7 @@ def test_badnets_poison_is_isolated_into_the_target_class(mini):
     train = mini.train.subset(torch.arange(800))
     ps = get_attack("badnets").poison(train, 0.1, 0, torch.Generator().manual_seed(0))
     data, poison = ps.data, ps.poison_mask
-    ep = dict(optimizer="adam", lr=2e-3, crop=0, flip=False, amp=False, batch_size=64)
+    ep = dict(optimizer="adam", lr=2e-3, crop=0, flip=False, batch_size=64)
     d = get_defense("aibd", "quick", {
         "infected": {"epochs": 8, **ep}, "retrain": {"epochs": 1, **ep}, "holdout": 0.2, "qs": [0.5, 0.1],
         "pgd_cap": 40, "target_filter": True, "target_fraction": 0.02, "treatment": "unlearn",

@@ -20,11 +20,11 @@ from antibackdoor.errors import ConfigError
 # 32 mask + 32 joint steps: fewer leave BatchNorm's running statistics near their initial values, and
 # the generator's eval-mode output nearly constant
 IAB_TINY = {"width": 4, "depth": 2, "epochs": 8, "mask_epochs": 8, "batch_size": 16, "mask_batch_size": 16,
-            "proxy_model": "cnn-small", "amp": False, "cross_ratio": 1.0}
+            "proxy_model": "cnn-small", "cross_ratio": 1.0}
 # 320 steps: the decoder leaves its 50% plateau after 100-300 steps (seeds 0-4 all do by then), and the
 # L2 loss then shrinks the residual
 SSBA_TINY = {"width": 8, "depth": 2, "n_bits": 8, "epochs": 80, "batch_size": 16, "lr": 3e-3,
-             "l2_scale": 2.0, "l2_await": 0.5, "l2_ramp": 0.2, "amp": False}
+             "l2_scale": 2.0, "l2_await": 0.5, "l2_ramp": 0.2}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -22,7 +22,7 @@ log = logging.getLogger("antibackdoor")
 RUN_FLAGS = {
     "dataset": "dataset", "attack": "attack", "defense": "defense", "model": "model",
     "poison_rate": "poison_rate", "target": "target", "seed": "seed", "preset": "preset", "out": "out",
-    "data_root": "data_root", "device": "device",
+    "data_root": "data_root", "device": "device", "precision": "precision",
 }
 
 
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", choices=["quick", "paper"], help="quick: small CPU setting; paper: the papers' setting")
     r.add_argument("--out", help="parent folder of run directories (default runs)")
     r.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where the hardware runs it natively, else fp32 "
+                        "(see antibackdoor doctor); fp16 only when asked, with a gradient scaler")
     r.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="attack parameter, e.g. alpha=0.2 (repeatable)")
     r.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",

@@ -31,6 +31,7 @@ from .defenses.base import DefenseContext, DefenseResult, get_defense
 from .errors import ConfigError, RunStateError
 from .metrics import accuracy, attack_success_rate, robust_accuracy, split_metrics
 from .models.registry import MODELS, build_model
+from .precision import PRECISIONS, Precision, resolve_precision, use_precision
 
 log = logging.getLogger("antibackdoor")
 
@@ -68,6 +69,9 @@ class ExperimentConfig:
     out: str = "runs"
     data_root: str | None = None
     device: str = "auto"
+    #: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16; config.yaml and the
+    #: run id record what auto resolved to
+    precision: str = "auto"
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -78,10 +82,12 @@ class ExperimentConfig:
             raise ConfigError(f"--poison-rate {self.poison_rate}: must lie in (0, 1)")
         if self.target < 0:
             raise ConfigError(f"--target {self.target}: must be a class index >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 #: fields that do not change a run's results (excluded from its id)
-_NOT_IN_ID = ("out", "device", "data_root")
+_NOT_IN_ID = ("out", "device", "data_root", "precision_reason")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -114,10 +120,13 @@ class Resolved:
     model: str
     attack: dict[str, Any]
     defense: dict[str, Any]
+    precision: Precision
 
     def as_dict(self) -> dict[str, Any]:
         d = to_dict(self.config)
         d["model"] = self.model
+        d["precision"] = self.precision.name  # what auto resolved to: results differ by precision
+        d["precision_reason"] = self.precision.reason
         d["attack_resolved"] = self.attack
         d["defense_resolved"] = self.defense
         return d
@@ -202,7 +211,8 @@ class Experiment:
         data_defaults = {k: v for k, v in splits.defaults.items() if k in fields_}
         defense = get_defense(c.defense, c.preset, {**data_defaults, **c.defense_params})
         self.defense = defense
-        return Resolved(c, model, attack, defense.describe())
+        precision = resolve_precision(c.precision, pick_device(c.device))
+        return Resolved(c, model, attack, defense.describe(), precision)
 
     def attack_params(self) -> dict[str, Any]:
         """The attack's parameters: its paper settings under ``--preset paper``, then the user's overrides."""
@@ -251,6 +261,14 @@ class Experiment:
         c = self.config
         t0 = time.time()
         device = pick_device(c.device)
+        prec = resolved.precision
+        log.info("precision: %s", prec.describe())
+        with use_precision(prec):  # attacks that train networks in prepare() compute in it too
+            return self._execute_in(resolved, run_dir, resume, t0, device, prec)
+
+    def _execute_in(self, resolved: Resolved, run_dir: Path, resume: bool, t0: float, device: torch.device,
+                    prec: Precision) -> RunResult:
+        c = self.config
         splits = self.load_data()
         # on the compute device before poisoning, so attacks that train networks in prepare() use it too
         train_set, test_set = splits.train.to(device), splits.test.to(device)
@@ -270,26 +288,28 @@ class Experiment:
             return build_model(resolved.model, train_set.num_classes, train_set.channels, train_set.image_size,
                                train_set.mean, train_set.std)
 
-        ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume)
+        ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume,
+                             precision=prec)
         log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, resolved.model, device)
         result = self.defense.run(poisoned.data, ctx)
         t_defense = time.time() - t0
 
         log.info("evaluating")
         model = result.model.eval()
-        metrics: dict[str, Any] = {"acc": accuracy(model, test_set, device)}
+        metrics: dict[str, Any] = {"acc": accuracy(model, test_set, device, prec)}
         if attack is not None:
-            metrics["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device)
+            metrics["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device, prec)
         else:
             metrics["asr"] = None
         ra_set = test_set
         if c.eval.ra_samples:
             ra_set = test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
-        metrics["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed)
+        metrics["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed, precision=prec)
         kept = result.kept if result.kept is not None else torch.ones(len(train_set), dtype=torch.bool)
         metrics.update(split_metrics(kept, poisoned.poison_mask))
         metrics["poisoned"] = poisoned.num_poison
         metrics["train_size"] = len(train_set)
+        metrics["precision"] = prec.name
         metrics["defense_info"] = result.info
         metrics["time_defense_s"] = round(t_defense, 1)
         metrics["time_total_s"] = round(time.time() - t0, 1)

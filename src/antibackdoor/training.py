@@ -1,5 +1,6 @@
 """The one training loop: SGD/Adam, step/cosine schedules, on-device augmentation, optional PGD adversary,
-bf16 autocast and channels_last, a checkpoint after every epoch and exact resume.
+the precision of ``precision.py`` (bf16/fp16 autocast, channels_last), a checkpoint after every epoch and
+exact resume.
 
 Randomness (shuffling, augmentation, PGD random starts) comes from a generator seeded by (seed, epoch),
 so an epoch replayed after a resume draws the same numbers as it would have without the interruption.
@@ -18,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adversarial.pgd import PGDConfig, pgd
+from .adversarial.pgd import PGDConfig, adversarial_examples
 from .data.augment import augment
 from .data.imageset import ImageSet
 from .errors import ConfigError, RunStateError, TrainingDivergedError
+from .precision import Precision, as_precision
 from .progress import bar
 
 log = logging.getLogger("antibackdoor")
@@ -41,8 +43,6 @@ class TrainConfig:
     crop: int = 4  # random-crop padding in pixels (0 = off)
     flip: bool = True
     adversary: PGDConfig | None = None  # PGD adversarial training when set
-    amp: bool = True  # bf16 autocast (CPU with AVX512-BF16/AMX and CUDA)
-    channels_last: bool = True
 
     def validate(self, where: str = "train") -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -87,19 +87,15 @@ def load_checkpoint(path: Path) -> dict:
             f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it or use --force") from None
 
 
-def autocast_ctx(device: torch.device, enabled: bool):
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
           device: torch.device | str = "cpu", checkpoint: Path | None = None, resume: bool = False,
           desc: str = "train", sample_weight: torch.Tensor | None = None,
-          on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None) -> list[dict]:
+          on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None,
+          precision: Precision | str | None = None) -> list[dict]:
     """Train ``model`` in place on ``data`` and return one dict of statistics per epoch.
+
+    ``precision`` (a Precision or auto/fp32/bf16/fp16; None: the active one, see ``precision.py``) sets the
+    autocast dtype and memory layout of the model, the adversary and the batches.
 
     ``sample_weight`` (N floats) scales each sample's loss; negative weights give gradient ascent
     (unlearning). ``on_epoch_end(epoch, model)`` may return extra numbers for the history, and returning
@@ -107,10 +103,10 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
     """
     cfg.validate(desc)
     device = torch.device(device)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    prec = as_precision(precision, device)
+    prec.prepare(model.to(device))
     opt = make_optimizer(model, cfg)
+    scaler = prec.scaler()
     history: list[dict] = []
     start = 0
     if checkpoint is not None and checkpoint.exists():
@@ -119,6 +115,8 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
         state = load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = list(state["history"])
         start = int(state["epoch"])
         log.info("%s: resumed from %s at epoch %d", desc, checkpoint, start)
@@ -138,20 +136,19 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
             idx = order[s:s + cfg.batch_size]
             if idx.numel() < 2 and n >= 2:  # BatchNorm needs two samples
                 continue
-            xb = augment(x_all[idx], cfg.crop, cfg.flip, gen).float().div_(255.0)
+            xb = prec.batch(augment(x_all[idx], cfg.crop, cfg.flip, gen).float().div_(255.0))
             yb = y_all[idx]
-            if cfg.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
             if cfg.adversary is not None:
-                xb = pgd(model, xb, yb, cfg.adversary, generator=gen, amp=cfg.amp).x_adv
+                xb = adversarial_examples(model, xb, yb, cfg.adversary, generator=gen, precision=prec)
                 model.train()
-            with autocast_ctx(device, cfg.amp):
+            with prec.autocast():
                 logits = model(xb)
             per = F.cross_entropy(logits.float(), yb, reduction="none")
             loss = (per * w_all[idx]).mean() if w_all is not None else per.mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += per.detach().sum()
             correct += (logits.argmax(1) == yb).sum()
         stats = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": float(loss_sum) / max(n, 1),
@@ -159,7 +156,7 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
         if not math.isfinite(stats["loss"]):
             raise TrainingDivergedError(
                 f"{desc}: the loss became {stats['loss']} in epoch {epoch + 1}; lower the learning rate "
-                "or turn off amp")
+                "or use --precision fp32")
         stop = False
         if on_epoch_end is not None:
             extra = on_epoch_end(epoch, model) or {}
@@ -171,7 +168,8 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
         log.debug("%s epoch %d: %s", desc, epoch + 1, {k: round(v, 4) for k, v in stats.items()})
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": model.state_dict(),
-                                         "optimizer": opt.state_dict(), "history": history})
+                                         "optimizer": opt.state_dict(), "history": history,
+                                         "scaler": scaler.state_dict()})
         if stop:
             break
     model.eval()

@@ -25,6 +25,7 @@ from torch import nn
 from ..adversarial.pgd import PGDConfig, pgd
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..precision import active_precision
 from ..training import TrainConfig
 from .base import Attack, quantize, register_attack
 from .cache import cached_state_dict
@@ -92,15 +93,18 @@ class CLB(Attack):
         from ..training import train as fit  # looked up at call time (tests replace it)
 
         cfg = self.robust_config()
-        key = {"version": 1, "model": self.robust_model, "train": repr(cfg), "seed": int(self.model_seed)}
         device = train.x.device  # the compute device: the experiment moves the data there first
+        prec = active_precision(device)
+        key = {"version": 1, "model": self.robust_model, "train": repr(cfg), "seed": int(self.model_seed),
+               "precision": prec.name}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.model_seed))
             model = build_model(str(self.robust_model), train.num_classes, train.channels, train.image_size,
                                 train.mean, train.std).to(device)
         self.cache_hit = cached_state_dict(
             "clb", key, train, model,
-            lambda m: fit(m, train, cfg, seed=int(self.model_seed), device=device, desc="clb robust model"))
+            lambda m: fit(m, train, cfg, seed=int(self.model_seed), device=device, desc="clb robust model",
+                          precision=prec))
         self.model = model.eval()
         self.prepared = True
 
@@ -111,10 +115,12 @@ class CLB(Attack):
         cfg = PGDConfig(eps=float(self.eps) / 255, step=float(self.step) / 255, steps=int(self.steps),
                         random_start=False)
         device = next(self.model.parameters()).device
+        prec = active_precision(device)
         out = torch.empty(x.shape, dtype=torch.float32)
         for s in range(0, x.shape[0], batch_size):
             xb = x[s:s + batch_size].to(device).float().div(255.0)
-            out[s:s + batch_size] = pgd(self.model, xb, y[s:s + batch_size].to(device), cfg).x_adv.cpu()
+            yb = y[s:s + batch_size].to(device)
+            out[s:s + batch_size] = pgd(self.model, xb, yb, cfg, precision=prec).x_adv.cpu()
         return out
 
     # -- poisoning -----------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from torch import nn
 from ..data.augment import augment
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..precision import Precision, active_precision
 from ..progress import bar
-from ..training import autocast_ctx
 from . import cache
 from .base import Attack, PoisonedSet, quantize, register_attack
 
@@ -135,7 +135,6 @@ class InputAware(Attack):
         "cross_ratio": 0.25,
         "crop": 4,  # augmentation while training G/M/C (paper: crop 5, rotation 10, flip)
         "flip": True,
-        "amp": True,  # bf16 autocast while training
         "model_seed": 0,  # network initialisation and batch order (independent of the poisoning seed)
     }
     paper_params: ClassVar[dict[str, Any]] = {
@@ -164,8 +163,10 @@ class InputAware(Attack):
         """Train (or load from the cache) the mask and pattern networks for ``target``."""
         key = {k: v for k, v in self.config.items() if k not in self._USE_ONLY}
         key["target"] = int(target)
+        prec = active_precision(train.device)
+        key["precision"] = prec.name  # the networks are trained in it
         tensors, meta = cache.load_or_build(
-            self.name, key, train, lambda: self._train(train, target))
+            self.name, key, train, lambda: self._train(train, target, prec))
         # trained or cached, the networks come from the stored tensors: both paths give the same trigger
         self.gen_net, self.mask_net = self._new_nets(train.channels)
         cache.unpack(tensors, {"G": self.gen_net, "M": self.mask_net})
@@ -179,7 +180,8 @@ class InputAware(Attack):
         return (TriggerNet(channels, channels, int(self.width), int(self.depth)),
                 TriggerNet(channels, 1, int(self.width), int(self.depth)))
 
-    def _train(self, train: ImageSet, target: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _train(self, train: ImageSet, target: int,
+               prec: Precision) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         from ..models import build_model
 
         t0, c0 = time.time(), time.process_time()
@@ -191,9 +193,9 @@ class InputAware(Attack):
                             train.mean, train.std).to(dev)
             gen = torch.Generator().manual_seed(int(self.model_seed))
             std = torch.tensor(train.std, device=dev).view(1, -1, 1, 1)
-            mask_stats = self._train_mask(M, train, gen, std)
+            mask_stats = self._train_mask(M, train, gen, std, prec)
             M.eval().requires_grad_(False)
-            joint_stats = self._train_joint(G, M, C, train, target, gen)
+            joint_stats = self._train_joint(G, M, C, train, target, gen, prec)
         info = {"train_time_s": round(time.time() - t0, 1), "train_cpu_s": round(time.process_time() - c0, 1),
                 "mask": mask_stats, "joint": joint_stats}
         log.info("iab: trained in %.0f s: %s", info["train_time_s"], info)
@@ -215,8 +217,9 @@ class InputAware(Attack):
         return augment(x, int(self.crop), bool(self.flip), gen).float().div_(255.0)
 
     def _train_mask(self, M: TriggerNet, train: ImageSet, gen: torch.Generator,
-                    std: torch.Tensor) -> dict[str, float]:
+                    std: torch.Tensor, prec: Precision) -> dict[str, float]:
         opt = torch.optim.Adam(M.parameters(), lr=float(self.lr_m), betas=(0.5, 0.9))
+        scaler = prec.scaler()
         M.train()
         stats = {"density": float("nan"), "div": float("nan")}
         for _ in bar(range(int(self.mask_epochs)), desc="iab: mask network", unit="ep"):
@@ -225,15 +228,16 @@ class InputAware(Attack):
                 x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
                 m = min(len(x1), len(x2))
                 x1, x2 = x1[:m], x2[:m]
-                with autocast_ctx(x1.device, bool(self.amp)):
+                with prec.autocast():
                     m1, m2 = M.mask(x1), M.mask(x2)
                 # images compared after normalisation, as in the paper (which feeds normalised images)
                 div = diversity_loss(x1 / std, x2 / std, m1, m2)
                 norm = F.relu(m1 - float(self.mask_density)).mean()
                 loss = float(self.lambda_norm) * norm + float(self.lambda_div) * div
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 dens += float(m1.detach().mean())
                 divs += float(div.detach())
                 k += 1
@@ -241,14 +245,15 @@ class InputAware(Attack):
         return stats
 
     def _train_joint(self, G: TriggerNet, M: TriggerNet, C: nn.Module, train: ImageSet, target: int,
-                     gen: torch.Generator) -> dict[str, float]:
+                     gen: torch.Generator, prec: Precision) -> dict[str, float]:
         if self.proxy_optimizer == "sgd":
             opt_c: torch.optim.Optimizer = torch.optim.SGD(C.parameters(), lr=float(self.lr_c), momentum=0.9,
                                                            weight_decay=5e-4)
         else:
             opt_c = torch.optim.Adam(C.parameters(), lr=float(self.lr_c))
         opt_g = torch.optim.Adam(G.parameters(), lr=float(self.lr_g), betas=(0.5, 0.9))
-        C.to(memory_format=torch.channels_last)
+        prec.prepare(C)
+        scaler = prec.scaler()
         G.train()
         C.train()
         y_all = train.y.to(train.device)
@@ -265,7 +270,7 @@ class InputAware(Attack):
                 nc = int(float(self.p_cross) * bs)
                 nc = min(max(nc, 2), len(x2) - nb) if nc else 0
                 nc = nc if nc >= 2 else 0
-                with autocast_ctx(x1.device, bool(self.amp)):
+                with prec.autocast():
                     with torch.no_grad():
                         m1, m2 = M.mask(x1[:nb]), M.mask(x2[nb:nb + nc])
                     pat1 = G.pattern(x1[:nb])
@@ -273,8 +278,7 @@ class InputAware(Attack):
                     x_bd = blend(x1[:nb], pat1, m1)
                     x_cross = blend(x1[nb:nb + nc], pat2, m2)
                     inputs = torch.cat([x_bd, x_cross, x1[nb + nc:]])
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                    logits = C(inputs).float()
+                    logits = C(prec.batch(inputs)).float()
                 targets = torch.cat([torch.full((nb,), target, dtype=torch.long, device=y1.device), y1[nb:]])
                 loss_ce = F.cross_entropy(logits, targets)
                 k = min(nb, nc)
@@ -283,9 +287,10 @@ class InputAware(Attack):
                 # (the release zeroes only the classifier's gradients, letting G's accumulate; we zero both)
                 opt_c.zero_grad(set_to_none=True)
                 opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_c.step()
-                opt_g.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt_c)
+                scaler.step(opt_g)
+                scaler.update()
                 hit = (logits.argmax(1) == targets).detach()
                 parts = (("bd", slice(0, nb)), ("cross", slice(nb, nb + nc)), ("clean", slice(nb + nc, bs)))
                 for name, sl in parts:

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..precision import Precision, active_precision
 from ..progress import bar
-from ..training import autocast_ctx
 from . import cache
 from .base import Attack, quantize, register_attack
 
@@ -133,7 +133,6 @@ class SSBA(Attack):
         "l2_start_acc": 0.9,
         "l2_await": 0.5,
         "l2_ramp": 0.2,
-        "amp": True,  # bf16 autocast while training
         "model_seed": 0,  # network initialisation and random codes (independent of the poisoning seed)
     }
     # BackdoorBench's recipe on CIFAR-10 (15.6k steps; a fixed L2 delay: l2_start_acc above 1 disables ours)
@@ -158,7 +157,9 @@ class SSBA(Attack):
     def prepare(self, train: ImageSet, target: int, generator: torch.Generator) -> None:
         """Train (or load from the cache) the encoder/decoder; they do not depend on the target."""
         key = {k: v for k, v in self.config.items() if k not in self._USE_ONLY}
-        tensors, meta = cache.load_or_build(self.name, key, train, lambda: self._train(train))
+        prec = active_precision(train.device)
+        key["precision"] = prec.name  # the networks are trained in it
+        tensors, meta = cache.load_or_build(self.name, key, train, lambda: self._train(train, prec))
         self.encoder, self.decoder = self._new_nets(train.channels)
         cache.unpack(tensors, {"E": self.encoder, "D": self.decoder})
         self.encoder.eval().requires_grad_(False)
@@ -166,7 +167,7 @@ class SSBA(Attack):
         self.train_info = meta
         self.prepared = True
 
-    def _train(self, train: ImageSet) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _train(self, train: ImageSet, prec: Precision) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         t0, c0 = time.time(), time.process_time()
         dev = train.device
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
@@ -174,6 +175,7 @@ class SSBA(Attack):
             enc, dec = (m.to(dev) for m in self._new_nets(train.channels))
         gen = torch.Generator().manual_seed(int(self.model_seed))
         opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=float(self.lr))
+        scaler = prec.scaler()
         n, bs = len(train), int(self.batch_size)
         total = int(self.epochs) * max(1, -(-n // bs))
         wait, ramp = float(self.l2_await) * total, max(float(self.l2_ramp) * total, 1.0)
@@ -187,7 +189,7 @@ class SSBA(Attack):
                     continue
                 x = train.x[order[s:s + bs].to(dev)].float().div_(255.0)
                 bits = torch.randint(0, 2, (len(x), int(self.n_bits)), generator=gen).float().to(dev)
-                with autocast_ctx(dev, bool(self.amp)):
+                with prec.autocast():
                     encoded = (x + enc(x, bits).float()).clamp(0, 1)
                     logits = dec(encoded).float()
                 l2 = F.mse_loss(encoded, x)
@@ -197,8 +199,9 @@ class SSBA(Attack):
                 weight = float(self.l2_scale) * min(max(0.0, (step - wait) / ramp), 1.0)
                 loss = bce + weight * l2
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 step += 1
                 acc = float(((logits.detach() > 0).float() == bits).float().mean())
                 running_acc = 0.9 * running_acc + 0.1 * acc

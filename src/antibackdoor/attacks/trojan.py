@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..precision import active_precision
 from .base import Attack, register_attack
 from .cache import cached_state_dict
 
@@ -117,15 +118,18 @@ class Trojan(Attack):
         from ..training import train as fit  # looked up at call time (tests replace it)
 
         cfg = TrainConfig(epochs=int(self.clean_epochs), optimizer="adam", lr=1e-3, crop=4, flip=True)
-        key = {"version": 1, "model": self.clean_model, "train": repr(cfg), "seed": int(self.model_seed)}
         device = train.x.device  # the compute device: the experiment moves the data there first
+        prec = active_precision(device)
+        key = {"version": 1, "model": self.clean_model, "train": repr(cfg), "seed": int(self.model_seed),
+               "precision": prec.name}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.model_seed))
             model = build_model(str(self.clean_model), train.num_classes, train.channels, train.image_size,
                                 train.mean, train.std).to(device)
         self.cache_hit = cached_state_dict(
             "trojan", key, train, model,
-            lambda m: fit(m, train, cfg, seed=int(self.model_seed), device=device, desc="trojan clean model"))
+            lambda m: fit(m, train, cfg, seed=int(self.model_seed), device=device, desc="trojan clean model",
+                          precision=prec))
         return model.eval()
 
     def optimize_pattern(self, model: nn.Module, channels: int, height: int, width: int) -> torch.Tensor:
@@ -135,6 +139,7 @@ class Trojan(Attack):
         feats: dict[str, torch.Tensor] = {}
         hook = head.register_forward_hook(lambda mod, inp, out: feats.__setitem__("x", inp[0]))
         device = head.weight.device
+        prec = active_precision(device)
         size = int(self.size)
         r, c = corner_slices(str(self.corner), size, int(self.margin), height, width)
         m = self.mask().to(device)
@@ -144,8 +149,9 @@ class Trojan(Attack):
         def neuron_loss(patch: torch.Tensor) -> torch.Tensor:
             x = torch.zeros(1, channels, height, width, device=device)
             x[..., r, c] = torch.where(m, patch, x[..., r, c])
-            model(x)
-            return ((feats["x"][0, neurons] - float(self.target_value)) ** 2).sum()
+            with prec.autocast():
+                model(prec.batch(x))
+            return ((feats["x"][0, neurons].float() - float(self.target_value)) ** 2).sum()
 
         try:
             with torch.no_grad():

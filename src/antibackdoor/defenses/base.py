@@ -19,6 +19,7 @@ from torch import nn
 from ..config import merge, to_dict
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..precision import Precision, as_precision
 
 log = logging.getLogger("antibackdoor")
 
@@ -34,6 +35,12 @@ class DefenseContext:
     seed: int = 0
     workdir: Path | None = None  # checkpoints and stage outputs; None = no checkpoints
     resume: bool = False
+    #: the precision every stage computes in (None: the active one, see ``precision.py``)
+    precision: Precision | None = None
+
+    def compute_precision(self) -> Precision:
+        """The resolved precision of this defense's training and scoring."""
+        return as_precision(self.precision, self.device)
 
     def checkpoint(self, stage: str) -> Path | None:
         return None if self.workdir is None else self.workdir / f"{stage}.ckpt"

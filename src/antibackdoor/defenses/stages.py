@@ -26,7 +26,7 @@ def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: st
     model = model if model is not None else ctx.fresh_model(seed_offset)
     history = train(model, data, cfg, seed=ctx.seed * 31 + seed_offset, device=ctx.device,
                     checkpoint=ctx.checkpoint(stage), resume=ctx.resume, desc=stage,
-                    sample_weight=sample_weight, on_epoch_end=on_epoch_end)
+                    sample_weight=sample_weight, on_epoch_end=on_epoch_end, precision=ctx.compute_precision())
     return model, history
 
 
@@ -34,12 +34,11 @@ def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: De
                        desc: str = "scoring") -> PGDStats:
     """Attack every sample with ``cfg`` (eval mode, whole batches) and return per-sample statistics.
 
-    On a GPU the attack runs under bf16 autocast with channels_last batches (the losses stay fp32); on the
-    CPU in plain fp32, where the scores are those the tests compare with the batch-of-one reference.
+    The model runs in the context's precision (bf16 autocast where the hardware has it natively); the
+    per-sample losses are fp32 either way.
     """
-    gpu = ctx.device.type == "cuda"
-    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc, amp=gpu,
-                          channels_last=gpu)
+    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc,
+                          precision=ctx.compute_precision())
 
 
 def otsu_threshold(scores: torch.Tensor) -> float:
