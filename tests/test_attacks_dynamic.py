@@ -21,9 +21,12 @@ from antibackdoor.errors import ConfigError
 # the generator's eval-mode output nearly constant
 IAB_TINY = {"width": 4, "depth": 2, "epochs": 8, "mask_epochs": 8, "batch_size": 16, "mask_batch_size": 16,
             "proxy_model": "cnn-small", "cross_ratio": 1.0}
-# 320 steps: the decoder leaves its 50% plateau after 100-300 steps (seeds 0-4 all do by then), and the
-# L2 loss then shrinks the residual
-SSBA_TINY = {"width": 8, "depth": 2, "n_bits": 8, "epochs": 80, "batch_size": 16, "lr": 3e-3,
+# 320 steps at lr 1e-3: the decoder leaves its 50% plateau and the L2 loss then shrinks the residual. In fp32,
+# model seeds 0-7 all converged on an AVX-512 CPU and on the same CPU restricted to AVX2 kernels
+# (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2): residual 0.04-0.07, random-code bit accuracy >= 0.90,
+# secret >= 0.86. lr 3e-3 was not robust: one seed of eight lost its encoder (all-zero residual) on both,
+# and on an AVX2-only machine two of five seeds failed.
+SSBA_TINY = {"width": 8, "depth": 2, "n_bits": 8, "epochs": 80, "batch_size": 16, "lr": 1e-3,
              "l2_scale": 2.0, "l2_await": 0.5, "l2_ramp": 0.2}
 
 
@@ -134,7 +137,7 @@ def test_ssba_poison_contract(tiny, ssba_run):
     assert torch.equal(_changed(ps.data.x, tiny.x), m)  # the residual survives quantisation, only there
     assert torch.all(ps.data.y[m] == 3) and torch.equal(ps.data.y[~m], tiny.y[~m])
     diff = (ps.data.x[m].float() - tiny.x[m].float()).abs() / 255
-    # small (about 0.05 after this tiny training, 0.02 after the quick preset's; the image range is 1)
+    # small (0.04-0.07 after this tiny training, 0.02 after the quick preset's; the image range is 1)
     assert float(diff.mean()) < 0.1
     x = tiny.float_images(torch.arange(8))
     out = att.apply(x)
@@ -149,7 +152,8 @@ def test_ssba_decoder_recovers_bits(tiny, ssba_run):
     from antibackdoor.attacks import quantize
 
     # random codes hidden in all 64 images and quantised are read back far better than chance (0.5;
-    # 0.82-0.99 over seeds 0-4); 512 bits make this a reliable check, unlike the one fixed 8-bit secret
+    # 0.90-1.00 over seeds 0-7 on both CPU kinds); 512 bits make this a reliable check, unlike the one fixed
+    # 8-bit secret
     codes = torch.randint(0, 2, (len(tiny), 8), generator=torch.Generator().manual_seed(0)).float()
     hidden = quantize(att.encode(tiny.float_images(), codes)).float() / 255
     assert float((att.decode(hidden) == codes).float().mean()) > 0.7

@@ -1,4 +1,4 @@
-"""Command line: ``antibackdoor run | datasets | models | attacks | defenses``.
+"""Command line: ``antibackdoor run | doctor | datasets | models | attacks | defenses``.
 
 Errors caused by input (files, options, data) end with one line ``antibackdoor: error: ...`` and exit 2.
 """
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
     r.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
 
+    d = sub.add_parser("doctor", help="torch, devices, CPU features, the precision auto picks, measured speed")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--quick", action="store_true", help="tiny measurements (seconds; numbers only indicative)")
+    d.add_argument("--no-measure", action="store_true", help="only describe the machine, measure nothing")
+
     for name, text in [("datasets", "list datasets, where each is looked for and whether it is present"),
                        ("models", "list models with parameter counts"), ("attacks", "list attacks"),
                        ("defenses", "list defenses")]:
@@ -156,6 +161,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import DEFAULT, QUICK, diagnose, format_report
+
+    report = diagnose(QUICK if args.quick else DEFAULT, measure=not args.no_measure)
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         from .data import DATASETS
@@ -222,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         return cmd_list(args)
     except AntibackdoorError as exc:
         print(f"antibackdoor: error: {exc}", file=sys.stderr)

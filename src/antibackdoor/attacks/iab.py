@@ -188,7 +188,7 @@ class InputAware(Attack):
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
             torch.manual_seed(int(self.model_seed))
             dev = train.device
-            G, M = (net.to(dev) for net in self._new_nets(train.channels))
+            G, M = (prec.prepare(net.to(dev)) for net in self._new_nets(train.channels))
             C = build_model(str(self.proxy_model), train.num_classes, train.channels, train.image_size,
                             train.mean, train.std).to(dev)
             gen = torch.Generator().manual_seed(int(self.model_seed))
@@ -225,7 +225,7 @@ class InputAware(Attack):
         for _ in bar(range(int(self.mask_epochs)), desc="iab: mask network", unit="ep"):
             dens, divs, k = 0.0, 0.0, 0
             for i1, i2 in self._batches(len(train), gen, int(self.mask_batch_size)):
-                x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
+                x1, x2 = (prec.batch(self._augmented(train, i, gen)) for i in (i1, i2))
                 m = min(len(x1), len(x2))
                 x1, x2 = x1[:m], x2[:m]
                 with prec.autocast():
@@ -262,7 +262,7 @@ class InputAware(Attack):
             tot = {"clean": [0, 0], "bd": [0, 0], "cross": [0, 0]}
             div_sum, steps = 0.0, 0
             for i1, i2 in self._batches(len(train), gen, int(self.batch_size)):
-                x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
+                x1, x2 = (prec.batch(self._augmented(train, i, gen)) for i in (i1, i2))
                 y1 = y_all[i1.to(train.device)]
                 bs = len(x1)
                 # at least two images per generator call (BatchNorm); no cross part if it would be empty

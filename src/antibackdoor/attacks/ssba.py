@@ -172,7 +172,7 @@ class SSBA(Attack):
         dev = train.device
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
             torch.manual_seed(int(self.model_seed))
-            enc, dec = (m.to(dev) for m in self._new_nets(train.channels))
+            enc, dec = (prec.prepare(m.to(dev)) for m in self._new_nets(train.channels))
         gen = torch.Generator().manual_seed(int(self.model_seed))
         opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=float(self.lr))
         scaler = prec.scaler()
@@ -187,11 +187,11 @@ class SSBA(Attack):
             for s in range(0, n, bs):
                 if min(bs, n - s) < 2 <= n:  # the decoder's BatchNorm needs two samples
                     continue
-                x = train.x[order[s:s + bs].to(dev)].float().div_(255.0)
+                x = prec.batch(train.x[order[s:s + bs].to(dev)].float().div_(255.0))
                 bits = torch.randint(0, 2, (len(x), int(self.n_bits)), generator=gen).float().to(dev)
                 with prec.autocast():
                     encoded = (x + enc(x, bits).float()).clamp(0, 1)
-                    logits = dec(encoded).float()
+                    logits = dec(prec.batch(encoded)).float()
                 l2 = F.mse_loss(encoded, x)
                 bce = F.binary_cross_entropy_with_logits(logits, bits)
                 if running_acc >= float(self.l2_start_acc):
