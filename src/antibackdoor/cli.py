@@ -205,22 +205,26 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _print_params(presets: dict[str, Any], option: str) -> None:
-    """One line per parameter: name, type, quick value (paper value where it differs) and its doc."""
+    """One line per parameter: name, type, quick value (paper value where it differs) and its doc. Fields of
+    nested settings (a stage's TrainConfig) appear under dotted names where a preset sets them."""
     from .config import describe_fields
 
-    quick = presets.get("quick")
-    if quick is None:
+    if "quick" not in presets:
         return
-    paper = {f.name: f.default for f in describe_fields(presets["paper"])} if "paper" in presets else {}
-    rows = describe_fields(quick)
-    if not rows:
+    quick = {f.name: f for f in describe_fields(presets["quick"])}
+    paper = {f.name: f for f in describe_fields(presets["paper"])} if "paper" in presets else {}
+    if not quick and not paper:
         print(f"    (no {option})")
-    for f in rows:
-        value = _short(f.default)
-        if f.name in paper and paper[f.name] != f.default:
-            value += f" (paper: {_short(paper[f.name])})"
+    for name in [*quick, *(n for n in paper if n not in quick)]:
+        q, pp = quick.get(name), paper.get(name)
+        f = q or pp
+        if "." in name and all(x is None or x.value == x.default for x in (q, pp)):
+            continue  # a nested field at its declared default in both presets
+        value = _short(q.value) if q is not None else "-"
+        if pp is not None and (q is None or pp.value != q.value):
+            value += f" (paper: {_short(pp.value)})"
         doc = f"  {f.doc}" if f.doc else ""
-        print(f"    {f.name}: {f.type} = {value}{doc}")
+        print(f"    {name}: {f.type} = {value}{doc}")
     print()
 
 

@@ -126,14 +126,32 @@ def type_name(tp: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FieldInfo:
-    name: str
+    name: str  # dotted for fields of nested dataclasses: ``naive.epochs``
     type: str
-    default: Any
+    value: Any
     doc: str
+    default: Any  # the field's declared default (``dataclasses.MISSING`` when it has none)
 
 
-def describe_fields(params: Any) -> list[FieldInfo]:
-    """Name, type, value (in ``params``, a dataclass instance) and doc of each field, for listings."""
+def _declared_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return to_dict(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return to_dict(f.default_factory())
+    return dataclasses.MISSING
+
+
+def describe_fields(params: Any, prefix: str = "") -> list[FieldInfo]:
+    """Name, type, value (in ``params``, a dataclass instance), doc and declared default of each field, for
+    listings; the fields of nested dataclasses are listed one by one under dotted names (``naive.epochs``), the
+    names ``--defense-param`` takes."""
     hints = typing.get_type_hints(type(params))
-    return [FieldInfo(f.name, type_name(hints[f.name]), to_dict(getattr(params, f.name)), f.metadata.get("doc", ""))
-            for f in dataclasses.fields(params)]
+    rows: list[FieldInfo] = []
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_fields(value, f"{prefix}{f.name}.")
+        else:
+            rows.append(FieldInfo(prefix + f.name, type_name(hints[f.name]), to_dict(value),
+                                  f.metadata.get("doc", ""), _declared_default(f)))
+    return rows

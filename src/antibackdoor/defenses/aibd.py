@@ -15,7 +15,7 @@
 The defender has no clean test set, so ACC and ACC_p are measured on a random held-out slice of the
 training data (``holdout``) that neither f_p nor the fine-tuned models see, minus the slice's samples in
 the (unfiltered) top-max(qs): the slice holds poisoned samples too, and counting their target labels as
-correct would reward the backdoor. Deviations from the official code (ediltwwj/AIBD-main) are listed in
+correct would reward the backdoor. Deviations from the official code (the authors' release) are listed in
 docs/aibd.md.
 """
 
