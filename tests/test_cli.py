@@ -152,6 +152,9 @@ def test_flags_merge_into_config_file_sections(tmp_path):
          "--attack-param pattern_file: /nonexistent.png: no such file"),
         (["--attack", "clb", "--attack-param", "robust_model=nope"], "--attack-param robust_model: unknown model"),
         (["--device", "nonsense"], "--device: 'nonsense' is not a device"),
+        (["--poison-rate", "0.001"], "--poison-rate 0.001: selects no sample out of 240"),
+        (["--attack", "wanet", "--poison-rate", "0.4"], "--attack-param cross_ratio: attack wanet at --poison-rate 0.4 "
+                                                        "needs 96 poisoned + 192 cover samples"),
     ],
 )
 def test_bad_options_exit_2(tmp_path, tiny_npz, capsys, extra, message):

@@ -189,6 +189,8 @@ class Experiment:
         if model not in MODELS:
             raise ConfigError(f"--model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
         attack = get_attack(c.attack, c.preset, c.attack_params) if c.attack != "none" else None
+        if attack is not None:
+            attack.check(splits.train, c.poison_rate, c.target)
         data_params = paper.defense_params.get(c.defense, {}) if paper is not None else {}
         defense = get_defense(c.defense, c.preset, deep_update(data_params, c.defense_params))
         return Resolved(c, model, attack, defense, pick_device(c.device))

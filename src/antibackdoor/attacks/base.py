@@ -143,16 +143,34 @@ class Attack:
         raise NotImplementedError
 
     # -- shared behaviour ---------------------------------------------------------------------
-    def select(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> torch.Tensor:
-        """Indices of the samples to poison (seeded, reproducible)."""
+    def _pool(self, train: ImageSet, target: int) -> torch.Tensor:
+        """The samples that may be poisoned: all (dirty label) or the target class (clean label)."""
         if self.label_mode == "clean":
-            pool = (train.y == target).nonzero().squeeze(1).cpu()
-        else:
-            pool = torch.arange(len(train))
-        n = int(round(rate * len(pool)))
+            return (train.y == target).nonzero().squeeze(1).cpu()
+        return torch.arange(len(train))
+
+    def check(self, train: ImageSet, rate: float, target: int) -> tuple[int, int]:
+        """Check rate, target and the sample budget before anything is drawn or trained (the experiment calls
+        it before creating the run directory); returns how many samples get poisoned and cover versions."""
+        if not 0.0 < rate < 1.0:
+            raise ConfigError(f"--poison-rate {rate}: must lie in (0, 1)")
+        if not 0 <= target < train.num_classes:
+            raise ConfigError(f"--target {target}: must be a class index in [0, {train.num_classes})")
+        pool = len(self._pool(train, target))
+        n = int(round(rate * pool))
         if n == 0:
-            raise ConfigError(f"--poison-rate {rate}: selects no sample out of {len(pool)}")
-        perm = torch.randperm(len(pool), generator=generator)[:n]
+            raise ConfigError(f"--poison-rate {rate}: selects no sample out of {pool}")
+        n_cover = self.cover_count(n)
+        if n + n_cover > len(train):
+            raise ConfigError(
+                f"--attack-param {self.cover_param}: attack {self.name} at --poison-rate {rate} needs {n} "
+                f"poisoned + {n_cover} cover samples, more than the {len(train)} there are; lower one of them")
+        return n, n_cover
+
+    def select(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices of the samples to poison (seeded, reproducible; ``check`` has validated the counts)."""
+        pool = self._pool(train, target)
+        perm = torch.randperm(len(pool), generator=generator)[:int(round(rate * len(pool)))]
         return pool[perm].sort().values
 
     def apply_uint8(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
@@ -169,17 +187,9 @@ class Attack:
 
         Whether there are enough samples for both is checked before ``prepare`` (which may train for minutes).
         """
-        if not 0.0 < rate < 1.0:
-            raise ConfigError(f"--poison-rate {rate}: must lie in (0, 1)")
-        if not 0 <= target < train.num_classes:
-            raise ConfigError(f"--target {target}: must be a class index in [0, {train.num_classes})")
+        _, n_cover = self.check(train, rate, target)
         self.target = target
         idx = self.select(train, rate, target, generator)
-        n_cover = self.cover_count(len(idx))
-        if len(idx) + n_cover > len(train):
-            raise ConfigError(
-                f"--attack-param {self.cover_param}: attack {self.name} at --poison-rate {rate} needs {len(idx)} "
-                f"poisoned + {n_cover} cover samples, more than the {len(train)} there are; lower one of them")
         if not self.prepared:
             self.prepare(train, target, generator)
         x = train.x.clone()
