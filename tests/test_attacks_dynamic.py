@@ -74,7 +74,7 @@ def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def test_iab_poison_contract(tiny, iab_run):
     att, ps = iab_run
-    m, cross = ps.poison_mask, att.cross_mask
+    m, cross = ps.poison_mask, ps.cover_mask
     assert ps.data.x.shape == tiny.x.shape and ps.data.x.dtype == torch.uint8
     assert int(m.sum()) == 16 and int(cross.sum()) == 16  # cross_ratio 1: as many cross samples
     assert not (m & cross).any()
@@ -105,7 +105,7 @@ def test_iab_trigger_is_sample_specific(tiny, iab_run):
 
 def test_iab_cache_reused(tiny, iab_run, cache_root, monkeypatch):
     att, ps = iab_run
-    files = list((cache_root / "cache").glob("iab-*.safetensors"))
+    files = list((cache_root / "cache").glob("antibackdoor-cache-iab-*.safetensors"))
     assert len(files) == 1 and not list((cache_root / "cache").glob("*.tmp"))
     assert att.train_info["cached"] is False
 
@@ -117,10 +117,23 @@ def test_iab_cache_reused(tiny, iab_run, cache_root, monkeypatch):
     ps2 = again.poison(tiny, 0.25, 3, torch.Generator().manual_seed(0))
     assert again.train_info["cached"] is True
     assert torch.equal(ps2.data.x[ps.poison_mask], ps.data.x[ps.poison_mask])
-    assert int(again.cross_mask.sum()) == 8
+    assert ps2.num_cover == 8
     # another target trains other networks
     with pytest.raises(AssertionError, match="trained again"):
         get_attack("iab", **IAB_TINY).prepare(tiny, 4, torch.Generator())
+
+
+def test_iab_too_few_samples_for_cross_triggers_is_an_error(tiny, monkeypatch):
+    """As WaNet: 16 poisoned + 64 cross-trigger samples do not fit in 64 images. It used to truncate the cross
+    samples silently; now it stops, before any training, with the error WaNet gives."""
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking the sample budget")
+
+    monkeypatch.setattr(InputAware, "_train", no_training)
+    with pytest.raises(ConfigError, match=r"^--attack-param cross_ratio: attack iab at --poison-rate 0.25 needs 16 "
+                                          r"poisoned \+ 64 cover samples, more than the 64 there are"):
+        get_attack("iab", **{**IAB_TINY, "cross_ratio": 4.0}).poison(tiny, 0.25, 3, torch.Generator())
 
 
 def test_iab_needs_prepare_and_valid_params():
@@ -164,7 +177,7 @@ def test_ssba_decoder_recovers_bits(tiny, ssba_run):
 
 def test_ssba_cache_reused(tiny, ssba_run, cache_root, monkeypatch):
     att, ps = ssba_run
-    assert len(list((cache_root / "cache").glob("ssba-*.safetensors"))) == 1
+    assert len(list((cache_root / "cache").glob("antibackdoor-cache-ssba-*.safetensors"))) == 1
 
     def no_training(*a, **k):
         raise AssertionError("trained again instead of using the cache")

@@ -6,6 +6,8 @@ kept/isolated masks with the ground-truth poison mask, which defenses never see.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -13,7 +15,26 @@ from .adversarial.pgd import PGDConfig, eval_mode, pgd
 from .data.imageset import ImageSet
 from .precision import PLAIN, Precision
 
-RA_PGD = PGDConfig(eps=8 / 255, step=2 / 255, steps=10, random_start=True)
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How RA is measured: L-inf PGD with random start; by default PGD-10, eps 8/255, step 2/255 (both papers).
+    The one definition of RA: ``robust_accuracy`` and the run's ``eval`` section use it."""
+
+    ra_eps: float = 8 / 255
+    ra_step: float = 2 / 255
+    ra_steps: int = 10
+    ra_samples: int = 0  # evaluate RA on the first N test images (0 = all)
+
+    def pgd(self) -> PGDConfig:
+        return PGDConfig(eps=self.ra_eps, step=self.ra_step, steps=self.ra_steps, random_start=True)
+
+    def label(self) -> str:
+        """``PGD-10 8/255``: the attack RA was measured with, as the result table names it."""
+        return f"PGD-{self.ra_steps} {self.ra_eps * 255:.3g}/255"
+
+
+RA_PGD = EvalConfig().pgd()
 
 
 @torch.no_grad()
@@ -45,7 +66,8 @@ def attack_success_rate(model: nn.Module, triggered: ImageSet, device: torch.dev
 def robust_accuracy(model: nn.Module, data: ImageSet, cfg: PGDConfig = RA_PGD,
                     device: torch.device | str = "cpu", batch_size: int = 512, seed: int = 0,
                     precision: Precision | None = None) -> float:
-    """Accuracy under PGD (default PGD-10, eps 8/255, step 2/255, random start; ``precision`` None: fp32)."""
+    """Accuracy under PGD (default ``EvalConfig().pgd()``: PGD-10, eps 8/255, step 2/255, random start;
+    ``precision`` None: fp32)."""
     if len(data) == 0:
         return float("nan")
     gen = torch.Generator().manual_seed(seed)

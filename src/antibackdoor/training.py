@@ -2,15 +2,15 @@
 the precision of ``precision.py`` (bf16/fp16 autocast, channels_last), a checkpoint after every epoch and
 exact resume.
 
-Randomness (shuffling, augmentation, PGD random starts) comes from a generator seeded by (seed, epoch),
-so an epoch replayed after a resume draws the same numbers as it would have without the interruption.
+Randomness (shuffling, augmentation, PGD random starts) comes from a generator seeded by
+``derive_seed(seed, "epoch", epoch)``, so an epoch replayed after a resume draws the same numbers as it would
+have without the interruption.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +20,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adversarial.pgd import PGDConfig, adversarial_examples
+from .caching import atomic_write
 from .data.augment import augment
 from .data.imageset import ImageSet
 from .errors import ConfigError, RunStateError, TrainingDivergedError
 from .precision import Precision, as_precision
 from .progress import bar
+from .seeding import generator
 
 log = logging.getLogger("antibackdoor")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training run. ``optimizer`` is ``sgd`` (Nesterov momentum, L2 weight decay in the gradient) or
+    ``adam``, which is AdamW: Adam with ``weight_decay`` decoupled from the gradient (Loshchilov & Hutter), so
+    the decay means the same shrinkage whatever the gradients' scale."""
+
     epochs: int = 20
     batch_size: int = 128
-    optimizer: str = "adam"  # "sgd" or "adam"
+    optimizer: str = "adam"  # "sgd" or "adam" (AdamW)
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -51,6 +57,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.schedule: {self.schedule!r} is not 'none', 'step' or 'cosine'")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(f"{where}: epochs >= 0, batch_size >= 1 and lr > 0 are required")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"{where}.weight_decay: {self.weight_decay} must be >= 0")
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "step":
@@ -64,19 +72,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919) % (2**63 - 1))
+    return generator(seed, "epoch", epoch)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically: a killed process leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
