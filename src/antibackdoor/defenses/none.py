@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..data.imageset import ImageSet
 from ..training import TrainConfig
+from .a_abl import QUICK_NAIVE
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .stages import train_stage
 
@@ -22,7 +23,7 @@ class NoDefense(Defense):
     Params = NoDefenseParams
     presets = {
         # quick: the same training as A-ABL's quick naive stage, so `none` shows what stage 1 learns
-        "quick": NoDefenseParams(TrainConfig(epochs=40, optimizer="adam", lr=1e-3, crop=4, flip=False)),
+        "quick": NoDefenseParams(QUICK_NAIVE),
         "paper": NoDefenseParams(TrainConfig(epochs=100, optimizer="sgd", lr=0.1, schedule="step",
                                              milestones=(50, 75, 90), crop=4, flip=True)),
     }
