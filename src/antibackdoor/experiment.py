@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,59 @@ def no_poison(train: ImageSet, target: int) -> PoisonedSet:
     return PoisonedSet(train, torch.zeros(len(train), dtype=torch.bool), train.y.clone(), target, "none")
 
 
+def resolve_model(model: str | None, preset: str, defense: str, data_defaults: dict[str, Any]) -> str:
+    """The model name a run uses: the one asked for, else cnn (quick) or the dataset's paper model."""
+    paper_model = data_defaults.get(f"{defense.replace('-', '_')}_model", data_defaults.get("model", PAPER_MODEL))
+    name = model or (QUICK_MODEL if preset == "quick" else paper_model)
+    if name not in MODELS:
+        raise ConfigError(f"--model: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return name
+
+
+def resolve_defense(name: str, preset: str, overrides: dict[str, Any], data_defaults: dict[str, Any]):
+    """The defense with its preset, the dataset's defaults for its parameters, then the user's overrides."""
+    defense_cls = get_defense(name, preset)
+    fields_ = set(to_dict(defense_cls.params))
+    data_params = {k: v for k, v in data_defaults.items() if k in fields_}
+    return get_defense(name, preset, {**data_params, **overrides})
+
+
+def run_in_dir(run_dir: Path, config: dict[str, Any], resume: bool, force: bool,
+               execute: Callable[[Path], RunResult]) -> RunResult:
+    """The run-directory protocol shared by ``run`` and ``defend``.
+
+    A finished directory (metrics.json present) is reused unless ``force``; an unfinished one needs
+    ``resume`` (or ``force``, which deletes it). While ``execute(run_dir)`` works, status.json says running
+    and log.txt records the log; a failure leaves status.json saying failed or interrupted, with the error.
+    """
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists() and not force:
+        log.info("found finished run %s; reusing it (use --force to run again)", run_dir)
+        return RunResult(run_dir, json.loads(metrics_path.read_text()), reused=True)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if force:
+            shutil.rmtree(run_dir)
+        elif not resume:
+            state = _read_status(run_dir)
+            raise RunStateError(
+                f"{run_dir}: holds an unfinished run ({state}); pass --resume to continue it or --force "
+                "to start over")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _attach_log(run_dir / "log.txt")
+    try:
+        write_json(run_dir / "status.json", {"state": "running", "pid": os.getpid(), "started": time.time()})
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        return execute(run_dir)
+    except BaseException as exc:
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        write_json(run_dir / "status.json", {"state": state, "error": str(exc) or exc.__class__.__name__})
+        log.debug("run %s: %s", state, exc)
+        raise
+    finally:
+        logging.getLogger("antibackdoor").removeHandler(handler)
+        handler.close()
+
+
 class Experiment:
     """Prepares, runs and records one experiment. ``run()`` is the whole job."""
 
@@ -191,16 +245,9 @@ class Experiment:
     def resolve(self) -> Resolved:
         c = self.config
         splits = self.load_data()
-        paper_model = splits.defaults.get(f"{c.defense.replace('-', '_')}_model",
-                                          splits.defaults.get("model", PAPER_MODEL))
-        model = c.model or (QUICK_MODEL if c.preset == "quick" else paper_model)
-        if model not in MODELS:
-            raise ConfigError(f"--model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
+        model = resolve_model(c.model, c.preset, c.defense, splits.defaults)
         attack = get_attack(c.attack, **self.attack_params()).describe() if c.attack != "none" else {"name": "none"}
-        defense_cls = get_defense(c.defense, c.preset)
-        fields_ = set(to_dict(defense_cls.params))
-        data_defaults = {k: v for k, v in splits.defaults.items() if k in fields_}
-        defense = get_defense(c.defense, c.preset, {**data_defaults, **c.defense_params})
+        defense = resolve_defense(c.defense, c.preset, c.defense_params, splits.defaults)
         self.defense = defense
         return Resolved(c, model, attack, defense.describe())
 
@@ -218,34 +265,8 @@ class Experiment:
     # -- the job ------------------------------------------------------------------------------
     def run(self, resume: bool = False, force: bool = False) -> RunResult:
         resolved = self.resolve()
-        run_dir = self.run_dir(resolved)
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.exists() and not force:
-            log.info("found finished run %s; reusing it (use --force to run again)", run_dir)
-            return RunResult(run_dir, json.loads(metrics_path.read_text()), reused=True)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if force:
-                shutil.rmtree(run_dir)
-            elif not resume:
-                state = _read_status(run_dir)
-                raise RunStateError(
-                    f"{run_dir}: holds an unfinished run ({state}); pass --resume to continue it or --force "
-                    "to start over")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = _attach_log(run_dir / "log.txt")
-        try:
-            write_json(run_dir / "status.json", {"state": "running", "pid": os.getpid(), "started": time.time()})
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved.as_dict(), sort_keys=False))
-            out = self._execute(resolved, run_dir, resume)
-        except BaseException as exc:
-            state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            write_json(run_dir / "status.json", {"state": state, "error": str(exc) or exc.__class__.__name__})
-            log.debug("run %s: %s", state, exc)
-            raise
-        finally:
-            logging.getLogger("antibackdoor").removeHandler(handler)
-            handler.close()
-        return out
+        return run_in_dir(self.run_dir(resolved), resolved.as_dict(), resume, force,
+                          lambda run_dir: self._execute(resolved, run_dir, resume))
 
     def _execute(self, resolved: Resolved, run_dir: Path, resume: bool) -> RunResult:
         c = self.config
@@ -293,18 +314,19 @@ class Experiment:
         metrics["defense_info"] = result.info
         metrics["time_defense_s"] = round(t_defense, 1)
         metrics["time_total_s"] = round(time.time() - t0, 1)
-        self._write_artifacts(run_dir, result, poisoned, kept)
+        self._write_artifacts(run_dir, result, poisoned, kept, resolved.model)
         write_json(run_dir / "history.json", result.history)
         write_json(run_dir / "metrics.json", metrics)
         write_json(run_dir / "status.json", {"state": "done", "finished": time.time()})
         return RunResult(run_dir, metrics, result=result, poisoned=poisoned)
 
     def _write_artifacts(self, run_dir: Path, result: DefenseResult, poisoned: PoisonedSet,
-                         kept: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+                         kept: torch.Tensor, model_name: str) -> None:
+        from .models.io import save_model
 
-        state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-        save_file(state, str(run_dir / "model.safetensors"), metadata={"model": str(self.config.model or "")})
+        data = poisoned.data
+        save_model(result.model, run_dir / "model.safetensors", architecture=model_name, classes=data.classes,
+                   channels=data.channels, image_size=data.image_size, mean=data.mean, std=data.std)
         scores = result.scores.cpu() if result.scores is not None else None
         new_labels = result.new_labels.cpu() if result.new_labels is not None else None
         tmp = run_dir / "isolation.csv.tmp"

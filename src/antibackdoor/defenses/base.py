@@ -34,6 +34,8 @@ class DefenseContext:
     seed: int = 0
     workdir: Path | None = None  # checkpoints and stage outputs; None = no checkpoints
     resume: bool = False
+    #: a small set the user vouches is clean (``defend --trusted``); None when there is none
+    trusted: ImageSet | None = None
 
     def checkpoint(self, stage: str) -> Path | None:
         return None if self.workdir is None else self.workdir / f"{stage}.ckpt"
@@ -73,6 +75,9 @@ class Defense:
     description: ClassVar[str] = ""
     Params: ClassVar[type]
     presets: ClassVar[dict[str, Any]] = {}
+    #: what the defense takes for granted about the data and the attack, in a user's words (``defend``'s
+    #: report lists them, so a practitioner can judge whether they hold for their data)
+    assumptions: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, preset: str = "quick", overrides: dict[str, Any] | None = None, params: Any = None):
         if params is None:
