@@ -146,11 +146,12 @@ def decode_images_lenient(paths: Sequence[Path], size: int, channels: int = 3,
     """Many files -> (``N x size x size x channels`` uint8, {index: error} for files that failed).
 
     Runs of files are decoded in parallel and copied into one preallocated array, so memory stays at the
-    size of that array plus a run per worker; rows of failed files are zero. ``stop_on_error`` ends early
-    at the first failure (the caller raises it).
+    size of that array plus a run per worker; rows of failed files are zero. The array is an N x H x W x C
+    view of N x C x H x W memory (``nchw_backed``), so building the ImageSet from it copies nothing.
+    ``stop_on_error`` ends early at the first failure (the caller raises it).
     """
     n = len(paths)
-    out = np.empty((n, size, size, channels), np.uint8)
+    out = nchw_backed(n, size, size, channels)
     errors: dict[int, str] = {}
     starts = list(range(0, n, CHUNK))
     progress = bar(None, desc, total=n, unit="img") if desc is not None else None
@@ -213,7 +214,41 @@ def decode_images(paths: Sequence[Path], size: int, channels: int = 3,
     return out
 
 
-def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def nchw_backed(n: int, h: int, w: int, c: int) -> np.ndarray:
+    """An N x H x W x C uint8 array whose memory is laid out N x C x H x W.
+
+    Images are decoded and cached as NHWC (the ``npz:`` format) but held as NCHW tensors; filling this view
+    and later transposing it back yields a contiguous NCHW array without a second full-size copy.
+    """
+    return np.empty((n, c, h, w), np.uint8).transpose(0, 2, 3, 1)
+
+
+def _read_images(f, key: str, chunk: int = 2048) -> np.ndarray:
+    """``f[key]`` of an open .npz as an ``nchw_backed`` array, read in chunks (no NHWC copy in memory)."""
+    from numpy.lib import format as npformat
+
+    try:
+        with f.zip.open(f"{key}.npy") as fp:
+            version = npformat.read_magic(fp)
+            read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            shape, fortran, dtype = read(fp)
+            if fortran or len(shape) != 4 or dtype != np.uint8:
+                return f[key]
+            n, h, w, c = shape
+            out = nchw_backed(n, h, w, c)
+            row = h * w * c
+            for s in range(0, n, chunk):
+                k = min(chunk, n - s)
+                buf = fp.read(k * row)
+                if len(buf) != k * row:
+                    raise ValueError(f"{key}: truncated")
+                out[s:s + k] = np.frombuffer(buf, np.uint8).reshape(k, h, w, c)
+            return out
+    except (AttributeError, KeyError):
+        return f[key]
+
+
+def channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] of NHWC uint8 images, in chunks (Tiny-ImageNet in float32: 5 GB)."""
     c = x.shape[-1]
     if len(x) == 0:
@@ -286,7 +321,7 @@ def _read_cache(path: Path, fingerprint: str) -> Arrays | None:
                 return None
             classes = [str(c) for c in f["classes"]]
             meta = {k[5:]: f[k] for k in f.files if k.startswith("meta_")}
-            return Arrays(f["x_train"], f["y_train"], f["x_test"], f["y_test"], classes,
+            return Arrays(_read_images(f, "x_train"), f["y_train"], _read_images(f, "x_test"), f["y_test"], classes,
                           tuple(float(v) for v in f["mean"]), tuple(float(v) for v in f["std"]), meta)
     except FileNotFoundError:
         return None

@@ -327,7 +327,7 @@ def write_suspicious_csv(path: Path, findings: dict, index: np.ndarray, sources:
         for rank, r in enumerate(findings["order"], start=1):
             s = int(suggested[r])
             w.writerow([rank, int(index[r]), sources[r] if sources else "", int(y[r]), classes[int(y[r])],
-                        f"{scores[r]:.6g}" if scores is not None else "", "yes" if isolated[r] else "no",
+                        f"{scores[r]:.10g}" if scores is not None else "", "yes" if isolated[r] else "no",
                         s if s >= 0 else "", classes[s] if s >= 0 else ""])
     os.replace(tmp, path)
 
