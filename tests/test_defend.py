@@ -192,7 +192,9 @@ def test_report_shows_what_a_person_needs(poisoned):
     truth = dict((r[0], r[1]) for r in page.rows["mask-table"])
     assert "TPR (poisoned isolated)" in truth and "ROC AUC of the ranking" in truth
     assert "held-out slice of the given data" in page.of("eval-table")
-    assert "Otsu" in page.of("assumptions") or any("Otsu" in t for t in page.text.get("assumptions", []))
+    assert "Otsu's threshold always cuts" in page.of("assumption-list")
+    decisions = dict((r[0], r[1]) for r in page.rows["decisions"])
+    assert float(decisions["threshold"]) > 0
     md = (run_dir / "report.md").read_text()
     assert "Backdoor suspected" in md and "![score histogram](scores_hist.png)" in md
     for name in ("scores_hist.png", "suspicious_grid.png", "isolated_per_class.png", "clean_indices.txt",
@@ -300,7 +302,7 @@ def test_poison_mask_must_fit_the_data(tmp_path, capsys):
     assert "class0/nope.png is not a sample" in capsys.readouterr().err
 
 
-def test_aibd_suggests_labels_and_tests_its_unfiltered_ranking(tmp_path):
+def test_aibd_suggests_labels_and_the_surplus_test_reads_its_score_ranking(tmp_path):
     root, files = write_folder(tmp_path / "d", per_class=40, rate=0.1, seed=1)
     mask = tmp_path / "poison.txt"
     mask.write_text("\n".join(files) + "\n")
@@ -319,16 +321,32 @@ def test_aibd_suggests_labels_and_tests_its_unfiltered_ranking(tmp_path):
     assert len(isolated) == 40 and rows[:40] == isolated  # isolated first
     # the target filter isolates within the guessed class only ...
     assert {r["class"] for r in isolated} == {"class3"}
-    # ... so the surplus test counts the unfiltered top-40 by score instead, and says so where they differ
+    # ... so the surplus test reads the ranking by score alone, not the isolation: its counts are those of the
+    # top of that ranking (here the class table's depth), whatever the filter kept
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["defense_info"]["target"] == TARGET and m["surplus"]["flagged"] == 40
-    by_score = sorted(rows, key=lambda r: (-float(r["aibd_k_amplified"]), int(r["index"])))[:40]
-    if {r["index"] for r in by_score} != {r["index"] for r in isolated}:
-        assert "unfiltered score ranking" in (run_dir / "report.md").read_text()
-    flagged_classes = [r["class"] for r in by_score]
-    assert [sum(c == row["name"] for c in flagged_classes) for row in m["surplus"]["rows"]] == \
+    assert m["defense_info"]["target"] == TARGET
+    depth = m["surplus"]["flagged"]
+    assert depth in m["surplus"]["depths"] and depth >= 30
+    by_score = sorted(rows, key=lambda r: (-float(r["aibd_k_amplified"]), int(r["index"])))[:depth]
+    assert [sum(r["class"] == row["name"] for r in by_score) for row in m["surplus"]["rows"]] == \
         [row["flagged"] for row in m["surplus"]["rows"]]
     # isolated samples that flipped carry the label AIBD trained them with
     suggested = [r for r in isolated if r["suggested_label"]]
     assert suggested and all(r["suggested_class"] != r["class"] for r in suggested)
     assert m["mask"]["auc"] >= 0.85, m["mask"]
+
+
+def test_npz_with_its_own_test_split_and_a_defense_that_isolates_nothing(tmp_path, tiny_npz):
+    out = tmp_path / "runs"
+    args = ["defend", f"npz:{tiny_npz}", "--defense", "none", "--model", "cnn-small", "--out", str(out),
+            "--ra-samples", "4", "--defense-param", "train.epochs=1", "--defense-param", "train.amp=false"]
+    assert main(args) == 0
+    run_dir = run_dir_of(out)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["eval_kind"] == "own-test" and m["eval_size"] == 60 and 0 <= m["acc"] <= 1
+    assert m["isolated"] == 0 and m["surplus"]["target"] is None
+    page = parse(run_dir / "report.html")
+    assert "Nothing isolated" in page.of("verdict") and "DATA's own test split" in page.of("eval-table")
+    rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))
+    assert len(rows) == 240 and all(r["isolated"] == "no" for r in rows) and rows[0]["file"] == ""
+    assert len(np.loadtxt(run_dir / "clean_indices.txt", comments="#")) == 240

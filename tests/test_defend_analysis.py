@@ -18,50 +18,62 @@ from antibackdoor.defend.report import verdict
 CLASSES = [f"c{i}" for i in range(10)]
 
 
-def flag(y, rates, seed=0):
-    """Flag each sample of class c with probability rates[c] (seeded)."""
+def ranked(y, means, seed=0, poison=None):
+    """Positions by a score drawn N(means[class], 1) per sample (higher = more suspicious); ``poison``: a
+    mask of samples whose score is pushed far above everything (a backdoor's samples)."""
     rng = np.random.default_rng(seed)
-    return rng.random(len(y)) < np.asarray(rates)[y]
+    score = rng.normal(np.asarray(means)[y], 1.0)
+    if poison is not None:
+        score[poison] += 6.0
+    return suspicion_order(score, True, np.zeros(len(y), bool)), score
 
 
-def test_a_target_class_stands_out_and_clean_spread_does_not():
+def test_a_target_class_at_the_top_is_found_and_clean_spread_is_not():
     y = np.repeat(np.arange(10), 500)
-    # a backdoor: class 3 flagged at 45 %, the others at 15 %
-    s = class_surplus(y, flag(y, [0.15] * 3 + [0.45] + [0.15] * 6), flag(y, [0.15] * 10), CLASSES)
-    assert s.target == 3 and s.p < 1e-6
-    # clean data the way defenses see it: classes flagged at very different rates, none an outlier
-    natural = [0.05, 0.30, 0.12, 0.22, 0.08, 0.26, 0.15, 0.35, 0.10, 0.18]
+    # clean data as defenses see it: several classes rank high (A-ABL: the vehicle classes), none alone
+    natural = [1.0, 0.9, 0.2, 0.0, 0.1, 0.0, 0.3, 0.4, 0.95, 0.85]
     for seed in range(5):
-        f = flag(y, natural, seed)
-        s = class_surplus(y, f, f, CLASSES)
+        order, score = ranked(y, natural, seed)
+        iso = score > np.quantile(score, 0.8)
+        s = class_surplus(y, order, iso, CLASSES)
         assert s.target is None, (seed, s.p)
         # the exact tail alone would cry wolf: it ignores that classes differ
-        assert min(r.p_exact for r in s.rows) < 1e-6
-    # and the verdict says so in words
-    v = verdict(s, "a-abl", int(f.sum()), len(y), "isolated samples")
-    assert v["kind"] == "clean" and "No class has a surplus" in v["title"]
+        assert min(r.p_exact for r in s.rows) < 1e-3
+        v = verdict(s, "a-abl", int(iso.sum()), len(y))
+        assert v["kind"] == "clean" and "No class has a surplus" in v["title"]
+        assert f"a-abl isolated {int(iso.sum())} of 5000 samples" in v["text"]
+    # a backdoor: 150 samples labelled 7 (3 % of the data) crowd the top, on top of the same clean spread
+    poison = np.zeros(len(y), bool)
+    poison[np.flatnonzero(y == 7)[:150]] = True
+    for seed in range(5):
+        order, score = ranked(y, natural, seed, poison)
+        s = class_surplus(y, order, score > np.quantile(score, 0.8), CLASSES)
+        assert s.target == 7 and s.p < 1e-6, (seed, s.p)
+        assert s.flagged <= 200 and s.rows[7].flagged >= 0.7 * s.flagged  # found near the top
+        assert "Backdoor suspected: class 'c7'" in verdict(s, "a-abl", 1000, 5000)["title"]
 
 
-def test_a_weak_surplus_of_a_few_samples_is_not_called():
+def test_a_few_more_samples_of_a_class_are_not_called():
     y = np.repeat(np.arange(10), 100)
-    f = np.zeros(len(y), bool)
-    for c in range(10):
-        f[np.flatnonzero(y == c)[:10 + (3 if c == 7 else 0)]] = True  # 13 vs 10: chance
-    s = class_surplus(y, f, f, CLASSES)
-    assert s.target is None and s.best == 7 and s.p > 0.05
+    order, score = ranked(y, [0.0] * 7 + [0.3] + [0.0] * 2, seed=3)  # class 7 slightly easier: chance level
+    s = class_surplus(y, order, score > np.quantile(score, 0.9), CLASSES)
+    assert s.target is None and s.p > 0.01
+    assert s.depths == [30, 40, 80, 100]  # 1 %..8 % of 1,000, at least 30, up to the 100 isolated
 
 
 def test_exact_tail_and_two_class_fallback():
     y = np.array([0] * 60 + [1] * 40)
-    f = np.zeros(100, bool)
-    f[:30] = True  # 30 of class 0 flagged, none of class 1
-    s = class_surplus(y, f, f, ["a", "b"])
+    order = np.arange(100)  # the 60 samples of class 0 rank first
+    iso = np.zeros(100, bool)
+    iso[:30] = True
+    s = class_surplus(y, order, iso, ["a", "b"])
     assert not s.dispersion and "fewer than three classes" in s.note
+    assert s.depths == [30] and s.flagged == 30
     assert np.isclose(s.rows[0].p_exact, hypergeom.sf(29, 100, 60, 30))
     assert s.target == 0 and np.isclose(s.p, 2 * s.rows[0].p_exact)
-    # nothing flagged: nothing to call
-    none = class_surplus(y, np.zeros(100, bool), np.zeros(100, bool), ["a", "b"])
-    assert none.target is None and none.p == 1.0
+    # classes interleaved down the ranking: nothing to call
+    mixed = class_surplus(y, np.argsort(np.arange(100) % 5, kind="stable"), iso, ["a", "b"])
+    assert mixed.target is None
 
 
 def test_ranking_and_auc():

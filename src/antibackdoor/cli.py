@@ -166,13 +166,11 @@ def cmd_defend(args: argparse.Namespace) -> int:
         return 0
     s = m.get("surplus", {})
     classes = [r["name"] for r in s.get("rows", [])]
-    if m.get("isolated", 0) == 0:
-        verdict = "nothing isolated"
-    elif s.get("target") is not None:
-        verdict = (f"class {classes[s['target']]!r} has a surplus of isolated samples (p = {s['p']:.2g}): "
-                   "suspected target")
+    if s.get("target") is not None:
+        verdict = (f"class {classes[s['target']]!r} is over-represented among the most suspicious samples "
+                   f"(p = {s['p']:.2g}): suspected backdoor target")
     else:
-        verdict = "no class has a surplus of isolated samples"
+        verdict = "no class has a surplus among the most suspicious samples"
     rows = [("verdict", verdict),
             ("isolated", f"{m.get('isolated')} of {m.get('train_size')} inspected "
                          f"({_fmt(m.get('isolated', 0) / max(m.get('train_size', 1), 1))})"),

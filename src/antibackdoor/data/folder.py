@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .images import GRAY_MODES, Arrays, cached_arrays, decode_images, image_header, is_image
+from .images import GRAY_MODES, Arrays, cached_arrays, decode_images, is_image, read_headers
 from .registry import register_dataset
 
 log = logging.getLogger("antibackdoor")
@@ -119,8 +119,10 @@ def auto_format(paths: list[Path]) -> tuple[int, int]:
     """(size, channels) the data suggests: its most common square size up to 64 px (else 32); grey or RGB."""
     sizes: Counter = Counter()
     grey = True
-    for p in paths:
-        wh, mode = image_header(p)
+    for header in read_headers(paths, desc="reading image headers"):  # in parallel for large folders
+        if isinstance(header, str):
+            raise DataError(header)
+        wh, mode = header
         sizes[wh] += 1
         grey = grey and mode in GRAY_MODES
     (w, h), _ = sizes.most_common(1)[0]

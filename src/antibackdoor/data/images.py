@@ -161,7 +161,7 @@ def decode_images_lenient(paths: Sequence[Path], size: int, channels: int = 3,
         from concurrent.futures import as_completed
 
         for fut in as_completed(futures):
-            s = futures[fut]
+            s = futures.pop(fut)  # drop the finished future: it holds its decoded run until released
             part, errs = fut.result()
             out[s:s + len(part)] = part
             errors.update({s + i: e for i, e in errs})
@@ -196,8 +196,9 @@ def read_headers(paths: Sequence[Path], desc: str | None = None) -> list[tuple[t
 
         futures = {ex.submit(_header_chunk, paths[s:s + CHUNK]): s for s in range(0, n, CHUNK)}
         for fut in as_completed(futures):
+            s = futures.pop(fut)
             part = fut.result()
-            results[futures[fut]:futures[fut] + len(part)] = part
+            results[s:s + len(part)] = part
             if progress is not None and hasattr(progress, "update"):
                 progress.update(len(part))
     if progress is not None and hasattr(progress, "close"):

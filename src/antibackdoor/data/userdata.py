@@ -85,6 +85,8 @@ class UserData:
     bad: list[BadFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     kind: str = "dataset"  # "folder", "npz" or "dataset"
+    #: a registered dataset's defaults (its paper model, split eps, ...), as ``run`` applies them
+    defaults: dict = field(default_factory=dict)
 
 
 # -- spec ---------------------------------------------------------------------------------------------------
@@ -480,7 +482,7 @@ def load_user_data(spec: str, *, skip_bad: bool = False, data_root: str | Path |
     splits = load_dataset(spec, data_root)
     train = splits.train
     return UserData(spec, train, splits.test, None, None, np.arange(len(train), dtype=np.int64), len(train),
-                    kind="dataset")
+                    kind="dataset", defaults=dict(splits.defaults))
 
 
 def conform(other: UserData, like: ImageSet, role: str, use_test: bool) -> ImageSet:

@@ -45,7 +45,7 @@ from ..experiment import (
 from ..metrics import accuracy, predict, robust_accuracy
 from ..models.io import save_model
 from ..models.registry import build_model
-from .analysis import class_surplus, mask_metrics, suspicion_order, top_by_score
+from .analysis import class_surplus, mask_metrics, suspicion_order
 
 log = logging.getLogger("antibackdoor")
 
@@ -139,8 +139,8 @@ class Defender:
             t = load_user_data(c.trusted, skip_bad=c.skip_bad_files, data_root=c.data_root, role="--trusted",
                                size=size, channels=channels)
             self.trusted = conform(t, like, "--trusted", use_test=False)
-        self.defense = resolve_defense(c.defense, c.preset, c.defense_params, {})
-        self.model_name = resolve_model(c.model, c.preset, c.defense, {})
+        self.defense = resolve_defense(c.defense, c.preset, c.defense_params, data.defaults)
+        self.model_name = resolve_model(c.model, c.preset, c.defense, data.defaults)
         uses_trusted = bool(getattr(self.defense, "needs_trusted", False) or getattr(self.defense, "uses_trusted",
                                                                                        False))
         if getattr(self.defense, "needs_trusted", False) and self.trusted is None:
@@ -205,7 +205,9 @@ class Defender:
         t0 = time.time()
         device = pick_device(c.device)
         rows = np.flatnonzero(~self.heldout)
-        train = data.train.subset(torch.from_numpy(rows)).to(device)
+        # no copy of the images when nothing is held out (the array is the largest thing in memory)
+        train = data.train.subset(torch.from_numpy(rows)) if self.heldout.any() else data.train
+        train = train.to(device)
         log.info("defend: %s, %d training samples (%d classes, %dx%d, %d channel(s)); evaluation on %s", c.data,
                  len(train), train.num_classes, train.image_size, train.image_size, train.channels, self.eval.label)
         for b in data.bad:
@@ -303,16 +305,15 @@ def analyse(result: DefenseResult, y: np.ndarray, classes: list[str]) -> dict:
     isolated = (~result.kept.cpu().numpy()) if result.kept is not None else np.zeros(n, bool)
     scores = result.scores.double().cpu().numpy() if result.scores is not None else None
     order = suspicion_order(scores, result.higher_is_suspicious, isolated)
-    count = int(isolated.sum())
-    if scores is not None and count:
-        flagged = top_by_score(scores, result.higher_is_suspicious, count)
-    else:
-        flagged = isolated
-    surplus = class_surplus(y, flagged, isolated, classes)
+    # the surplus test reads the ranking by score alone: a defense may restrict its isolation itself (AIBD's
+    # target filter isolates within one class), which would make any class test meaningless
+    score_order = suspicion_order(scores, result.higher_is_suspicious, np.zeros(n, bool)) if scores is not None \
+        else order
+    surplus = class_surplus(y, score_order, isolated, classes)
     new = result.new_labels.cpu().numpy() if result.new_labels is not None else None
     suggested = np.where(isolated & (new != y), new, -1) if new is not None else np.full(n, -1)
-    return {"order": order, "isolated": isolated, "scores": scores, "flagged": flagged, "surplus": surplus,
-            "suggested": suggested, "same_as_isolated": bool(np.array_equal(flagged, isolated))}
+    return {"order": order, "score_order": score_order, "isolated": isolated, "scores": scores,
+            "surplus": surplus, "suggested": suggested}
 
 
 def write_suspicious_csv(path: Path, findings: dict, index: np.ndarray, sources: list[str] | None,

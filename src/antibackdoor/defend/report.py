@@ -50,34 +50,38 @@ def fmt_p(p: float) -> str:
     return f"{p:.1e}" if p > 0 else "< 1e-300"
 
 
-def verdict(surplus, defense: str, isolated: int, inspected: int, tested: str) -> dict[str, str]:
-    """The headline: whether a class has a surplus of flagged samples, which, and how sure."""
+def verdict(surplus, defense: str, isolated: int, inspected: int) -> dict[str, str]:
+    """The headline: whether a class is over-represented at the top of the ranking, which, and how sure."""
     rows = {r.label: r for r in surplus.rows}
-    if isolated == 0:
+    classes = sum(1 for x in surplus.rows if x.samples)
+    if isolated == 0 and surplus.target is None:
         return {"kind": "none", "title": "Nothing isolated",
-                "text": f"{defense} isolated no sample of the {inspected} it inspected, so no class can have a "
-                        "surplus. This is no proof that the data is clean: see what the defense assumed."}
+                "text": f"{defense} isolated no sample of the {inspected} it inspected, and no class is "
+                        "over-represented at the top of its ranking. This is no proof that the data is clean: see "
+                        "what the defense assumed."}
     if surplus.target is not None:
         r = rows[surplus.target]
         ratio = r.flagged / r.expected if r.expected > 0 else float("inf")
         return {"kind": "target", "title": f"Backdoor suspected: class {r.name!r} has a surplus",
-                "text": f"Class {r.name!r} (label {r.label}) holds {pct(r.flagged_share)} of the {surplus.flagged} "
-                        f"{tested} but {pct(r.share)} of the data: {r.flagged} where the other classes' rate gives "
-                        f"{r.expected:.0f} ({ratio:.1f}x), more than their spread allows "
-                        f"(p = {fmt_p(r.p_adjusted)}, adjusted for {sum(1 for x in surplus.rows if x.samples)} "
-                        f"classes; evidence: {evidence_word(r.p_adjusted)}). A backdoor's target class looks like "
-                        "this. Look at that class's most suspicious samples first (suspicious.csv, the grid below)."}
-    text = (f"{defense} isolated {isolated} of {inspected} samples "
-            f"({pct(isolated / inspected)}), spread over the classes within the spread the classes show among "
+                "text": f"Class {r.name!r} (label {r.label}) holds {r.flagged} of the {surplus.flagged} most "
+                        f"suspicious samples ({pct(r.flagged_share)}) but {pct(r.share)} of the data: the other "
+                        f"classes' rate gives {r.expected:.0f} ({ratio:.1f}x), more than their spread allows "
+                        f"(p = {fmt_p(r.p_adjusted)}, adjusted for {len(surplus.depths)} depths of the ranking and "
+                        f"{classes} classes; evidence: {evidence_word(r.p_adjusted)}). A backdoor's target class "
+                        f"looks like this. {defense} isolated {isolated} of {inspected} samples "
+                        f"({pct(isolated / inspected)}). Look at the most suspicious samples first (the grid "
+                        "below, suspicious.csv)."}
+    text = (f"{defense} isolated {isolated} of {inspected} samples ({pct(isolated / inspected)}). No class is "
+            "over-represented among the most suspicious samples beyond the spread the classes show among "
             "themselves")
     if surplus.best is not None:
         r = rows[surplus.best]
-        text += (f" (the most over-represented, {r.name!r}, holds {pct(r.flagged_share)} of the {tested} against "
-                 f"{pct(r.share)} of the data; p = {fmt_p(r.p_adjusted)})")
-    text += (". The defense isolates samples from clean data too; this is what that looks like, not evidence of a "
-             "backdoor. It is no proof of clean data either: a trigger the defense's criterion does not isolate "
-             "would not show here (see what the defense assumed).")
-    return {"kind": "clean", "title": "No class has a surplus of isolated samples", "text": text}
+        text += (f" (the most over-represented, {r.name!r}, holds {r.flagged} of the top {surplus.flagged} "
+                 f"({pct(r.flagged_share)}) against {pct(r.share)} of the data; p = {fmt_p(r.p_adjusted)})")
+    text += (". A defense isolates samples from clean data too; this is what that looks like, not evidence of a "
+             "backdoor. It is no proof of clean data either: a trigger the defense's criterion does not rank "
+             "high would not show here (see what the defense assumed).")
+    return {"kind": "clean", "title": "No class has a surplus among the most suspicious samples", "text": text}
 
 
 # -- figures ------------------------------------------------------------------------------------------------
@@ -97,13 +101,13 @@ def class_figure(surplus) -> bytes:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.4), dpi=110)
     xs = np.arange(len(rows))
     colors = ["tab:red" if r.label == surplus.target else "tab:blue" for r in rows]
-    ax.bar(xs, [r.flagged for r in rows], color=colors, label="flagged")
+    ax.bar(xs, [r.flagged for r in rows], color=colors, label=f"among the {surplus.flagged} most suspicious")
     ax.scatter(xs, [r.expected for r in rows], color="black", marker="_", s=300, zorder=3,
                label="at the other classes' rate")
     ax.set_xticks(xs)
     ax.set_xticklabels([r.name[:12] for r in rows], rotation=45 if len(rows) > 6 else 0, ha="right", fontsize=8)
     ax.set_ylabel("samples")
-    ax.set_title("flagged samples per class", fontsize=10)
+    ax.set_title(f"the {surplus.flagged} most suspicious samples by class", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
@@ -154,9 +158,6 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
     surplus = findings["surplus"]
     isolated = findings["isolated"]
     n_iso, n = int(isolated.sum()), len(rows)
-    tested = ("isolated samples" if findings["same_as_isolated"] else
-              "highest-scored samples (as many as were isolated; the defense restricts its isolation itself, so "
-              "the test uses its unfiltered score ranking)")
     poison = job.poison[index] if job.poison is not None else None
 
     figures: dict[str, bytes] = {}
@@ -199,8 +200,8 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
     return {
         "title": f"antibackdoor defend: {c.data}",
         "config": c, "data": data, "defense": c.defense, "model": job.model_name, "preset": c.preset,
-        "verdict": verdict(surplus, c.defense, n_iso, n, tested),
-        "surplus": surplus, "tested": tested, "alpha": surplus.alpha,
+        "verdict": verdict(surplus, c.defense, n_iso, n),
+        "surplus": surplus, "alpha": surplus.alpha, "depths": ", ".join(map(str, surplus.depths)),
         "rows": [{**r.__dict__, "share_pct": pct(r.share), "flagged_pct": pct(r.flagged_share),
                   "ratio": f"{r.flagged / r.expected:.2f}" if r.expected > 0 else "-",
                   "p_exact_s": fmt_p(r.p_exact), "p_adj_s": fmt_p(r.p_adjusted),
