@@ -350,3 +350,25 @@ def test_npz_with_its_own_test_split_and_a_defense_that_isolates_nothing(tmp_pat
     rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))
     assert len(rows) == 240 and all(r["isolated"] == "no" for r in rows) and rows[0]["file"] == ""
     assert len(np.loadtxt(run_dir / "clean_indices.txt", comments="#")) == 240
+
+
+def test_test_and_trusted_data_are_matched_by_class_name(tmp_path):
+    root, _ = write_folder(tmp_path / "d", per_class=6, rate=0.0)
+    test = tmp_path / "test"
+    for c in ("class2", "class7"):  # a test folder with two of the classes: labels follow the names
+        (test / c).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((32, 32, 3), 40 * k, np.uint8)).save(test / c / f"{k}.png")
+    base = ["defend", f"folder:{root}", "--defense", "none", "--model", "cnn-small", "--ra-samples", "2",
+            "--defense-param", "train.epochs=1", "--defense-param", "train.amp=false"]
+    assert main([*base, "--test", f"folder:{test}", "--out", str(tmp_path / "a")]) == 0
+    m = json.loads((run_dir_of(tmp_path / "a") / "metrics.json").read_text())
+    assert m["eval_kind"] == "test" and m["eval_size"] == 6 and m["heldout"] == 0 and m["train_size"] == 60
+    assert main([*base, "--trusted", f"folder:{test}", "--out", str(tmp_path / "b")]) == 0
+    run_dir = run_dir_of(tmp_path / "b")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["eval_kind"] == "trusted" and m["eval_size"] == 6
+    assert "none does not use trusted data (they serve as the evaluation set)" in (run_dir / "report.md").read_text()
+    (test / "yak").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(test / "yak" / "0.png")
+    assert main([*base, "--test", f"folder:{test}", "--out", str(tmp_path / "c")]) == 2

@@ -391,7 +391,7 @@ def load_user_folder(arg: str, skip_bad: bool = False, role: str = "DATA", size:
     options = f"defend size={size} channels={channels} skip={skip_bad}"
     if labels_csv is not None:
         options += f" labels={labels_csv} sha={_file_digest(labels_csv)}"
-    tag = "defend" + "".join(f"-{k}{opts[k]}" for k in sorted(opts) if k != "labels") + \
+    tag = "defend" + (f"-size{size}" if size else "") + (f"-channels{channels}" if channels else "") + \
         (f"-{hashlib.sha256(str(labels_csv).encode()).hexdigest()[:8]}" if labels_csv else "") + \
         ("-skip" if skip_bad else "")
     arrays = cached_arrays(root, tag, options, build)
