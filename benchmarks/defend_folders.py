@@ -161,7 +161,7 @@ def main() -> None:
                    "p100": precision_at(rows, poisoned, 100) if poisoned else None,
                    "p500": precision_at(rows, poisoned, 500) if poisoned else None, "auc": m.get("auc"),
                    "found": found, "acc": metrics["acc"], "ra": metrics["ra"], "asr": asr, "wall": wall,
-                   "rss": rss, "run_dir": str(run_dir)}
+                   "rss": rss, "precision": metrics.get("precision"), "run_dir": str(run_dir)}
             results.append(row)
             lines.append(f"| {case} | {defense} | {row['isolated']} | {pct(row['tpr'])} | {pct(row['fpr'])} | "
                          f"{pct(row['p100'])} | {pct(row['p500'])} | "
@@ -169,6 +169,7 @@ def main() -> None:
                          f"{found} | {pct(row['acc'])} | {pct(row['ra'])} | {pct(asr)} | {wall:.0f} | {rss:.0f} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines)
+    env_note += ", precision " + "/".join(sorted({str(r["precision"]) for r in results}))
     print(f"\n{table}\n\n({env_note})")
     (work / "defend_folders.md").write_text(table + f"\n\n({env_note})\n")
     (work / "defend_folders.json").write_text(json.dumps(results, indent=2))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import antibackdoor
@@ -22,7 +23,6 @@ from antibackdoor.cli import main
 from antibackdoor.errors import DataError
 
 MINI = Path(antibackdoor.__file__).parent / "data" / "assets" / "cifar10_mini.npz"
-FP32 = {"amp": "false", "channels_last": "false"}
 TARGET = 3
 
 
@@ -58,9 +58,6 @@ def tiny_args(out: Path, naive_epochs: int) -> list[str]:
     args = ["--model", "cnn-small", "--out", str(out), "--ra-samples", "20",
             "--defense-param", f"naive.epochs={naive_epochs}", "--defense-param", "final.epochs=1",
             "--defense-param", "final.adversary.steps=1"]
-    for stage in ("naive", "final"):
-        for k, v in FP32.items():
-            args += ["--defense-param", f"{stage}.{k}={v}"]
     return args
 
 
@@ -215,6 +212,10 @@ def test_outputs_agree_and_model_loads_in_one_call(poisoned):
     model = antibackdoor.load_model(run_dir / "model.safetensors")
     assert model.classes == [f"class{i}" for i in range(10)] and model.architecture == "cnn-small"
     assert model.image_size == 32 and model.channels == 3 and not model.training
+    # the one format run writes too (save_model), plus where the model came from
+    meta = model.metadata
+    assert meta["format"] == "antibackdoor-model/1" and meta["model"] == "cnn-small" and meta["num_classes"] == "10"
+    assert (meta["defense"], meta["preset"], meta["dataset"]) == ("a-abl", "quick", f"folder:{root}")
     x = torch.from_numpy(np.stack([np.asarray(Image.open(root / r["file"])) for r in rows[:8]]))
     probs = model(x.permute(0, 3, 1, 2).float() / 255).softmax(1)
     assert probs.shape == (8, 10) and torch.allclose(probs.sum(1), torch.ones(8))
@@ -229,7 +230,7 @@ def test_load_model_refuses_what_it_cannot_trust(tmp_path, poisoned):
         antibackdoor.load_model(bad)
     from safetensors.torch import save_file
 
-    save_file({"w": torch.zeros(2)}, str(bad), metadata={"architecture": "cnn-small"})
+    save_file({"w": torch.zeros(2)}, str(bad), metadata={"model": "cnn-small"})
     with pytest.raises(DataError, match="metadata lacks"):
         antibackdoor.load_model(bad)
 
@@ -242,6 +243,21 @@ def test_same_data_reuses_the_run_and_changed_data_does_not(poisoned, capsys):
     assert main(args) == 0
     assert "reusing finished run" in capsys.readouterr().err
     assert len([p for p in out.iterdir() if p.is_dir()]) == 1
+    # the run id holds the precision auto resolved to (fp32 in the tests), as run's does: asking for fp32
+    # by name is the same run, asking for bf16 is another (checked before anything is trained)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["precision"] == "fp32" and json.loads((run_dir / "metrics.json").read_text())["precision"] == "fp32"
+    assert main([*args, "--precision", "fp32"]) == 0
+    assert "reusing finished run" in capsys.readouterr().err
+    from antibackdoor.defend import DefendConfig, Defender
+
+    fields = {"data": f"folder:{root}", "model": "cnn-small", "out": str(out)}
+    ids = {}
+    for prec in ("auto", "fp32", "bf16"):
+        job = Defender(DefendConfig(**fields, precision=prec))
+        job.prepare()
+        ids[prec] = job.run_dir(job.resolved()).name
+    assert ids["auto"] == ids["fp32"] != ids["bf16"]
 
 
 # -- clean data, bad files, flags ------------------------------------------------------------------------------
@@ -311,9 +327,6 @@ def test_aibd_suggests_labels_and_the_surplus_test_reads_its_score_ranking(tmp_p
             "--holdout", "0", "--poison-mask", str(mask), "--ra-samples", "1",
             "--defense-param", "infected.epochs=12", "--defense-param", "retrain.epochs=1",
             "--defense-param", "qs=[0.1]", "--defense-param", "pgd_cap=64"]
-    for stage in ("infected", "retrain"):
-        for k, v in FP32.items():
-            args += ["--defense-param", f"{stage}.{k}={v}"]
     assert main(args) == 0
     run_dir = run_dir_of(out)
     rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))
@@ -339,7 +352,7 @@ def test_aibd_suggests_labels_and_the_surplus_test_reads_its_score_ranking(tmp_p
 def test_npz_with_its_own_test_split_and_a_defense_that_isolates_nothing(tmp_path, tiny_npz):
     out = tmp_path / "runs"
     args = ["defend", f"npz:{tiny_npz}", "--defense", "none", "--model", "cnn-small", "--out", str(out),
-            "--ra-samples", "4", "--defense-param", "train.epochs=1", "--defense-param", "train.amp=false"]
+            "--ra-samples", "4", "--defense-param", "train.epochs=1"]
     assert main(args) == 0
     run_dir = run_dir_of(out)
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -360,7 +373,7 @@ def test_test_and_trusted_data_are_matched_by_class_name(tmp_path):
         for k in range(3):
             Image.fromarray(np.full((32, 32, 3), 40 * k, np.uint8)).save(test / c / f"{k}.png")
     base = ["defend", f"folder:{root}", "--defense", "none", "--model", "cnn-small", "--ra-samples", "2",
-            "--defense-param", "train.epochs=1", "--defense-param", "train.amp=false"]
+            "--defense-param", "train.epochs=1"]
     assert main([*base, "--test", f"folder:{test}", "--out", str(tmp_path / "a")]) == 0
     m = json.loads((run_dir_of(tmp_path / "a") / "metrics.json").read_text())
     assert m["eval_kind"] == "test" and m["eval_size"] == 6 and m["heldout"] == 0 and m["train_size"] == 60

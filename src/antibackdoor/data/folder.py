@@ -35,28 +35,35 @@ MAX_AUTO_SIZE = 64
 LAYOUT = "PATH/<class>/<images>, or PATH/train/<class>/ and PATH/test/<class>/"
 
 
-def parse_spec(arg: str) -> tuple[Path, dict]:
-    """``PATH?key=value,...`` -> (PATH, options); a ``?`` that is part of an existing path stays in it."""
+def split_spec(arg: str, options: dict[str, type], where: str) -> tuple[Path, dict]:
+    """``PATH?key=value,...`` -> (PATH, options) for the ``options`` (name -> type) a loader knows; a ``?``
+    that is part of an existing path stays in it. ``size`` and ``channels`` are checked here; errors start
+    with ``where`` (e.g. ``--dataset folder:PATH``)."""
     path, opts = arg, {}
     if "?" in arg and not Path(arg).expanduser().exists():
         path, _, text = arg.rpartition("?")
         for item in filter(None, text.split(",")):
             key, sep, value = item.partition("=")
             key = key.strip()
-            if key not in OPTIONS or not sep:
-                raise ConfigError(f"--dataset folder:{arg}: unknown option {item!r}; known: "
-                                  f"{', '.join(k + '=' for k in OPTIONS)}")
+            if key not in options or not sep:
+                raise ConfigError(f"{where}: unknown option {item!r}; known: {', '.join(k + '=' for k in options)}")
             try:
-                opts[key] = OPTIONS[key](value)
+                opts[key] = options[key](value.strip())
             except ValueError:
-                raise ConfigError(f"--dataset folder:{arg}: {key}={value!r} is not a number") from None
+                raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
     if "size" in opts and not 4 <= opts["size"] <= 512:
-        raise ConfigError(f"--dataset folder:{arg}: size must be 4..512")
+        raise ConfigError(f"{where}: size must be 4..512")
     if "channels" in opts and opts["channels"] not in (1, 3):
-        raise ConfigError(f"--dataset folder:{arg}: channels must be 1 or 3")
+        raise ConfigError(f"{where}: channels must be 1 or 3")
+    return Path(path).expanduser(), opts
+
+
+def parse_spec(arg: str) -> tuple[Path, dict]:
+    """``PATH?key=value,...`` -> (PATH, options) for ``--dataset folder:``."""
+    path, opts = split_spec(arg, OPTIONS, f"--dataset folder:{arg}")
     if "test" in opts and not 0.0 < opts["test"] < 1.0:
         raise ConfigError(f"--dataset folder:{arg}: test must lie in (0, 1)")
-    return Path(path).expanduser(), opts
+    return path, opts
 
 
 def _class_dirs(folder: Path) -> list[Path]:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from .folder import split_spec
 from .images import (
     GRAY_MODES,
     Arrays,
@@ -48,7 +49,7 @@ from .images import (
     read_headers,
     read_table,
 )
-from .imageset import ImageSet, from_numpy_nhwc
+from .imageset import ImageSet, PaperSettings, from_numpy_nhwc
 
 log = logging.getLogger("antibackdoor")
 
@@ -85,31 +86,15 @@ class UserData:
     bad: list[BadFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     kind: str = "dataset"  # "folder", "npz" or "dataset"
-    #: a registered dataset's defaults (its paper model, split eps, ...), as ``run`` applies them
-    defaults: dict = field(default_factory=dict)
+    #: what the papers used on a registered dataset (its model, data-dependent defense parameters), applied
+    #: under ``--preset paper`` only, as ``run`` applies them; folders and arrays have the generic settings
+    paper: PaperSettings = field(default_factory=PaperSettings)
 
 
 # -- spec ---------------------------------------------------------------------------------------------------
 def parse_folder_spec(arg: str, role: str = "DATA") -> tuple[Path, dict]:
     """``PATH?key=value,...`` -> (PATH, options); a ``?`` that is part of an existing path stays in it."""
-    path, opts = arg, {}
-    if "?" in arg and not Path(arg).expanduser().exists():
-        path, _, text = arg.rpartition("?")
-        for item in filter(None, text.split(",")):
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if key not in OPTIONS or not sep:
-                raise ConfigError(f"{role} folder:{arg}: unknown option {item!r}; known: "
-                                  f"{', '.join(k + '=' for k in OPTIONS)}")
-            try:
-                opts[key] = OPTIONS[key](value.strip())
-            except ValueError:
-                raise ConfigError(f"{role} folder:{arg}: {key}={value!r} is not a number") from None
-    if "size" in opts and not 4 <= opts["size"] <= 512:
-        raise ConfigError(f"{role} folder:{arg}: size must be 4..512")
-    if "channels" in opts and opts["channels"] not in (1, 3):
-        raise ConfigError(f"{role} folder:{arg}: channels must be 1 or 3")
-    return Path(path).expanduser(), opts
+    return split_spec(arg, OPTIONS, f"{role} folder:{arg}")
 
 
 # -- listing a folder ---------------------------------------------------------------------------------------
@@ -482,7 +467,7 @@ def load_user_data(spec: str, *, skip_bad: bool = False, data_root: str | Path |
     splits = load_dataset(spec, data_root)
     train = splits.train
     return UserData(spec, train, splits.test, None, None, np.arange(len(train), dtype=np.int64), len(train),
-                    kind="dataset", defaults=dict(splits.defaults))
+                    kind="dataset", paper=splits.paper)
 
 
 def conform(other: UserData, like: ImageSet, role: str, use_test: bool) -> ImageSet:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..caching import atomic_write
 from ..config import from_dict, to_dict
 from ..data.imageset import ImageSet
 from ..data.userdata import UserData, conform, load_user_data
@@ -33,7 +34,6 @@ from ..defenses.base import DEFENSES, DefenseContext, DefenseResult
 from ..errors import ConfigError, DataError
 from ..experiment import (
     PRESETS,
-    EvalConfig,
     RunResult,
     _slug,
     pick_device,
@@ -42,9 +42,11 @@ from ..experiment import (
     run_in_dir,
     write_json,
 )
-from ..metrics import accuracy, predict, robust_accuracy
+from ..metrics import EvalConfig, accuracy, predict, robust_accuracy
 from ..models.io import save_model
 from ..models.registry import build_model
+from ..precision import PRECISIONS, Precision, resolve_precision, use_precision
+from ..seeding import derive_seed
 from .analysis import class_surplus, mask_metrics, suspicion_order
 
 log = logging.getLogger("antibackdoor")
@@ -72,10 +74,15 @@ class DefendConfig:
     out: str = "runs"
     data_root: str | None = None
     device: str = "auto"
+    #: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16, as in ``run``;
+    #: config.yaml and the run id record what auto resolved to
+    precision: str = "auto"
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"--holdout {self.holdout}: must lie in [0, 1)")
         if self.export_kept is not None and self.export_kept not in EXPORT_KINDS:
@@ -85,7 +92,7 @@ class DefendConfig:
 
 
 #: options that do not change what the defense computes (excluded from the run id)
-_NOT_IN_ID = ("out", "device", "data_root", "export_kept")
+_NOT_IN_ID = ("out", "device", "data_root", "export_kept", "precision_reason")
 
 
 def resolve_detector(name: str):
@@ -139,11 +146,13 @@ class Defender:
             t = load_user_data(c.trusted, skip_bad=c.skip_bad_files, data_root=c.data_root, role="--trusted",
                                size=size, channels=channels)
             self.trusted = conform(t, like, "--trusted", use_test=False)
-        self.defense = resolve_defense(c.defense, c.preset, c.defense_params, data.defaults)
-        self.model_name = resolve_model(c.model, c.preset, c.defense, data.defaults)
-        uses_trusted = bool(getattr(self.defense, "needs_trusted", False) or getattr(self.defense, "uses_trusted",
-                                                                                       False))
-        if getattr(self.defense, "needs_trusted", False) and self.trusted is None:
+        paper = data.paper if c.preset == "paper" else None
+        self.defense = resolve_defense(c.defense, c.preset, c.defense_params, paper)
+        self.model_name = resolve_model(c.model, c.defense, paper)
+        self.device = pick_device(c.device)
+        self.precision: Precision = resolve_precision(c.precision, self.device)
+        uses_trusted = self.defense.uses_trusted or self.defense.needs_trusted
+        if self.defense.needs_trusted and self.trusted is None:
             raise ConfigError(f"--defense {c.defense}: needs trusted clean data; pass --trusted DATA")
         self.uses_trusted = uses_trusted
         n = len(like)
@@ -175,6 +184,8 @@ class Defender:
         c = self.config
         d = to_dict(c)
         d["model"] = self.model_name
+        d["precision"] = self.precision.name  # what auto resolved to: results differ by precision
+        d["precision_reason"] = self.precision.reason
         d["defense_resolved"] = self.defense.describe()
         d["data_sha"] = _sha(self.data.train.x, self.data.train.y)
         d["eval_sha"] = _sha(self.eval.data.x, self.eval.data.y) if self.eval.data is not None else None
@@ -201,9 +212,14 @@ class Defender:
 
     # -- the job ------------------------------------------------------------------------------------------------
     def _execute(self, run_dir: Path, resume: bool) -> RunResult:
+        log.info("precision: %s", self.precision.describe())
+        with use_precision(self.precision):
+            return self._execute_in(run_dir, resume)
+
+    def _execute_in(self, run_dir: Path, resume: bool) -> RunResult:
         c, data = self.config, self.data
         t0 = time.time()
-        device = pick_device(c.device)
+        device, prec = self.device, self.precision
         rows = np.flatnonzero(~self.heldout)
         # no copy of the images when nothing is held out (the array is the largest thing in memory)
         train = data.train.subset(torch.from_numpy(rows)) if self.heldout.any() else data.train
@@ -219,7 +235,7 @@ class Defender:
 
         trusted = self.trusted.to(device) if self.trusted is not None else None
         ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume,
-                             trusted=trusted)
+                             precision=prec, trusted=trusted)
         log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, self.model_name, device)
         result = self.defense.run(train, ctx)
         t_defense = time.time() - t0
@@ -229,10 +245,11 @@ class Defender:
         metrics: dict[str, Any] = {"eval_set": self.eval.label, "eval_kind": self.eval.kind}
         if self.eval.data is not None and len(self.eval.data):
             ev = self.eval.data
-            metrics["acc"] = accuracy(model, ev, device)
+            metrics["acc"] = accuracy(model, ev, device, prec)
             ra_set = ev.subset(torch.arange(min(c.eval.ra_samples, len(ev)))) if c.eval.ra_samples else ev
-            metrics["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed)
+            metrics["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed, precision=prec)
             metrics["eval_size"] = len(ev)
+            metrics["ra_attack"] = c.eval.label()
         else:
             metrics["acc"] = metrics["ra"] = None
         findings = analyse(result, train.y.cpu().numpy(), train.classes)
@@ -241,13 +258,13 @@ class Defender:
             metrics["mask"] = mask_metrics(findings["order"], findings["isolated"], poison_rows,
                                            findings["scores"], result.higher_is_suspicious)
             if self.eval.kind == "holdout":
-                metrics["mask"].update(holdout_backdoor(model, data, self.heldout, self.poison, device))
+                metrics["mask"].update(holdout_backdoor(model, data, self.heldout, self.poison, device, prec))
         metrics.update({
             "train_size": len(train), "data_size": len(data.train), "heldout": int(self.heldout.sum()),
             "isolated": int(findings["isolated"].sum()), "kept": int((~findings["isolated"]).sum()),
             "bad_files": len(data.bad), "bad": [b.__dict__ for b in data.bad],
             "surplus": findings["surplus"].as_dict(),
-            "defense_info": result.info, "model": self.model_name,
+            "defense_info": result.info, "model": self.model_name, "precision": prec.name,
             "time_defense_s": round(t_defense, 1),
         })
         self._write(run_dir, result, findings, rows, metrics)
@@ -262,9 +279,8 @@ class Defender:
         from .report import write_report
 
         data, train = self.data, self.data.train
-        save_model(result.model, run_dir / "model.safetensors", architecture=self.model_name, classes=train.classes,
-                   channels=train.channels, image_size=train.image_size, mean=train.mean, std=train.std,
-                   extra={"defense": self.config.defense, "preset": self.config.preset, "data": self.config.data})
+        save_model(result.model, run_dir / "model.safetensors", self.model_name, train, dataset=self.config.data,
+                   defense=self.config.defense, preset=self.config.preset)
         index = data.index[rows]
         sources = [data.sources[r] for r in rows] if data.sources else None
         write_suspicious_csv(run_dir / "suspicious.csv", findings, index, sources, train.y.numpy()[rows],
@@ -289,7 +305,7 @@ class Defender:
 # -- pieces -------------------------------------------------------------------------------------------------
 def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A seeded ``fraction`` of each class (rounded; a class keeps at least one training sample)."""
-    rng = np.random.default_rng([seed, 104729])
+    rng = np.random.default_rng(derive_seed(seed, "holdout"))
     mask = np.zeros(len(y), bool)
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
@@ -319,24 +335,24 @@ def analyse(result: DefenseResult, y: np.ndarray, classes: list[str]) -> dict:
 def write_suspicious_csv(path: Path, findings: dict, index: np.ndarray, sources: list[str] | None,
                          y: np.ndarray, classes: list[str], score_name: str) -> None:
     """Every inspected sample, most suspicious first."""
-    tmp = path.with_name(path.name + ".tmp")
     scores, isolated, suggested = findings["scores"], findings["isolated"], findings["suggested"]
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["rank", "index", "file", "label", "class", score_name, "isolated", "suggested_label",
-                    "suggested_class"])
-        for rank, r in enumerate(findings["order"], start=1):
-            s = int(suggested[r])
-            w.writerow([rank, int(index[r]), sources[r] if sources else "", int(y[r]), classes[int(y[r])],
-                        f"{scores[r]:.10g}" if scores is not None else "", "yes" if isolated[r] else "no",
-                        s if s >= 0 else "", classes[s] if s >= 0 else ""])
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rank", "index", "file", "label", "class", score_name, "isolated", "suggested_label",
+                        "suggested_class"])
+            for rank, r in enumerate(findings["order"], start=1):
+                s = int(suggested[r])
+                w.writerow([rank, int(index[r]), sources[r] if sources else "", int(y[r]), classes[int(y[r])],
+                            f"{scores[r]:.10g}" if scores is not None else "", "yes" if isolated[r] else "no",
+                            s if s >= 0 else "", classes[s] if s >= 0 else ""])
+
+    atomic_write(path, write)
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def load_poison_mask(path_text: str, data: UserData) -> np.ndarray:
@@ -379,14 +395,15 @@ def load_poison_mask(path_text: str, data: UserData) -> np.ndarray:
 
 
 @torch.no_grad()
-def holdout_backdoor(model, data: UserData, heldout: np.ndarray, poison: np.ndarray, device) -> dict:
+def holdout_backdoor(model, data: UserData, heldout: np.ndarray, poison: np.ndarray, device,
+                     precision: Precision | None = None) -> dict:
     """With the truth: accuracy on the clean held-out samples, and how many poisoned held-out samples the
     model still gives their (poisoned) label, a trigger-success estimate that needs no knowledge of the
     trigger for dirty-label poison."""
     rows = np.flatnonzero(heldout)
     p = poison[data.index[rows]]
     held = data.train.subset(torch.from_numpy(rows))
-    pred = predict(model, held, device).numpy()
+    pred = predict(model, held, device, precision=precision).numpy()
     y = held.y.numpy()
     out = {"heldout_poisoned": int(p.sum())}
     out["heldout_clean_acc"] = float((pred[~p] == y[~p]).mean()) if (~p).any() else float("nan")
@@ -409,10 +426,14 @@ def export_kept(run_dir: Path, data: UserData, kind: str) -> Path:
         out = run_dir / "kept.npz"
         x = train.x[torch.from_numpy(rows)].permute(0, 2, 3, 1).numpy()
         empty = np.zeros((0, *x.shape[1:]), np.uint8)
-        tmp = run_dir / "kept.tmp.npz"
-        np.savez(tmp, x_train=x, y_train=train.y[torch.from_numpy(rows)].numpy(), x_test=empty,
-                 y_test=np.zeros(0, np.int64), index=kept, classes=np.array(train.classes, dtype=str))
-        os.replace(tmp, out)
+        y = train.y[torch.from_numpy(rows)].numpy()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "xb") as f:
+                np.savez(f, x_train=x, y_train=y, x_test=empty, y_test=np.zeros(0, np.int64), index=kept,
+                         classes=np.array(train.classes, dtype=str))
+
+        atomic_write(out, write)
         return out
     from PIL import Image
 

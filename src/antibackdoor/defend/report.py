@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..caching import atomic_write
+
 if TYPE_CHECKING:
     from ..defenses.base import DefenseResult
     from .job import Defender
@@ -200,6 +202,7 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
     return {
         "title": f"antibackdoor defend: {c.data}",
         "config": c, "data": data, "defense": c.defense, "model": job.model_name, "preset": c.preset,
+        "precision": job.precision.describe(),
         "verdict": verdict(surplus, c.defense, n_iso, n),
         "surplus": surplus, "alpha": surplus.alpha, "depths": ", ".join(map(str, surplus.depths)),
         "rows": [{**r.__dict__, "share_pct": pct(r.share), "flagged_pct": pct(r.flagged_share),
@@ -272,9 +275,7 @@ def write_report(run_dir: Path, job: Defender, result: DefenseResult, findings: 
     md = md_env.get_template("defend_report.md.j2").render(**ctx)
     paths = run_dir / "report.html", run_dir / "report.md"
     for path, text in zip(paths, (html, md), strict=True):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     return paths
 
 
