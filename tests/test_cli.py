@@ -82,6 +82,16 @@ def test_weights_describe_themselves(default_model_run):
     assert torch.equal(model[0].mean.flatten(), torch.tensor(json.loads(meta["mean"]), dtype=torch.float32))
 
 
+def test_run_model_loads_with_the_one_reader(default_model_run):
+    """run writes its model with the same writer as defend, so load_model rebuilds it from the file alone."""
+    import antibackdoor
+
+    model = antibackdoor.load_model(default_model_run / "model.safetensors")
+    assert model.architecture == "cnn" and model.classes == ["0", "1", "2", "3"] and not model.training
+    assert (model.channels, model.image_size) == (3, 16) and model.metadata["format"] == "antibackdoor-model/1"
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+
+
 def test_table_names_the_configured_ra_attack(default_model_run, capsys):
     """The RA row names the attack of the run's eval section (it always said PGD-10 8/255)."""
     from antibackdoor.cli import print_table

@@ -9,6 +9,8 @@ The Python API in a nutshell::
     defense = ab.get_defense("a-abl", preset="quick")
     result = defense.run(poisoned.data, ab.DefenseContext(ab.model_factory("cnn", splits.train)))
     print(ab.evaluate(result.model, splits.test, attack, target=0))
+
+    model = ab.load_model("runs/<run>/model.safetensors")   # any run's or defend's model, one call
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .errors import AntibackdoorError
 from .experiment import ExperimentConfig, run_experiment
 from .metrics import accuracy, attack_success_rate, robust_accuracy, split_metrics
 from .models import MODELS, build_model
+from .models.io import load_model, save_model
 
 __version__ = "0.1.0"
 
@@ -51,5 +54,5 @@ __all__ = [
     "ATTACKS", "Attack", "AntibackdoorError", "DATASETS", "DEFENSES", "DatasetSplits", "Defense",
     "DefenseContext", "DefenseResult", "ExperimentConfig", "ImageSet", "MODELS", "PoisonedSet", "accuracy",
     "attack_success_rate", "build_model", "evaluate", "get_attack", "get_defense", "load_dataset",
-    "model_factory", "robust_accuracy", "run_experiment", "seeded", "split_metrics",
+    "load_model", "model_factory", "robust_accuracy", "run_experiment", "save_model", "seeded", "split_metrics",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 
 #: the format version of each kind of cached file; bump one when the code producing it changes
 CACHE_VERSIONS = {
-    "dataset": 1,  # data/images.py: decoding (resampling, colour conversion)
+    "dataset": 2,  # data/images.py: decoding (resampling, colour conversion; 2: 16-bit images scaled, not clipped)
     "attack": 2,  # attacks/cache.py: networks an attack trains (2: AdamW weight decay, derive_seed)
 }
 CACHE_PREFIX = "antibackdoor-cache-"

@@ -1,4 +1,4 @@
-"""Command line: ``antibackdoor run | doctor | datasets | models | attacks | defenses``.
+"""Command line: ``antibackdoor run | defend | doctor | datasets | models | attacks | defenses``.
 
 Errors caused by input (files, options, data) end with one line ``antibackdoor: error: ...`` and exit 2.
 """
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
     r.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
 
+    _add_defend(sub)
+
     d = sub.add_parser("doctor", help="torch, devices, CPU features, the precision auto picks, measured speed")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.add_argument("--quick", action="store_true", help="tiny measurements (seconds; numbers only indicative)")
@@ -112,6 +114,119 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "datasets":
             s.add_argument("--data-root", help="data root to check")
     return p
+
+
+def _add_defend(sub) -> None:
+    from .defenses import DEFENSES
+    from .experiment import PRESETS, QUICK_MODEL
+    from .models import MODELS
+    from .precision import PRECISIONS
+
+    d = sub.add_parser(
+        "defend", help="run a defense on your own, untrusted data: a clean model, a ranked list of suspicious "
+                       "samples and a report",
+        description="Train with a defense on DATA as given (no attack applied) and write model.safetensors, "
+                    "suspicious.csv, clean_indices.txt, report.md and report.html into a run directory.")
+    d.add_argument("data", metavar="DATA",
+                   help="folder:PATH (one sub-folder per class, any images Pillow reads; options after '?': "
+                        "labels=FILE for a CSV with columns file,label; size=N; channels=1|3), npz:PATH "
+                        "(x_train, y_train[, x_test, y_test, classes]) or a dataset name (cifar10-mini, ...)")
+    d.add_argument("--defense", help=_names(DEFENSES, "a-abl"))
+    d.add_argument("--detector", help="a detector composed with a treatment (none available in this version)")
+    d.add_argument("--preset", choices=list(PRESETS), help="quick (default): small CPU setting; paper: the papers' "
+                                                           "setting")
+    d.add_argument("--model", help=f"{_names(MODELS)} (default: {QUICK_MODEL} in quick, the dataset's paper model "
+                                   "in paper; resnet18 for folders and npz files)")
+    d.add_argument("--trusted", metavar="DATA", help="a small set you know is clean, for defenses that use one "
+                                                     "(else it is the evaluation set when --test is absent)")
+    d.add_argument("--test", metavar="DATA", help="images to measure the returned model on (default: DATA's own "
+                                                  "test split, else a held-out slice of DATA)")
+    d.add_argument("--holdout", type=float,
+                   help="fraction of each class held out for evaluation when there is no test data (default 0.1; "
+                        "0: no evaluation, every sample inspected)")
+    d.add_argument("--poison-mask", metavar="FILE",
+                   help="evaluation only, never shown to the defense: .npy boolean mask over DATA's indices (or "
+                        "integer indices), or a text file of indices or folder-relative file paths")
+    d.add_argument("--skip-bad-files", action="store_true",
+                   help="skip unreadable or non-image files, missing CSV files and empty class folders (listed "
+                        "in the report) instead of stopping at the first")
+    d.add_argument("--export-kept", choices=["folder", "npz"],
+                   help="also write the kept samples as kept/<class>/... or kept.npz in the run directory")
+    d.add_argument("--seed", type=int, help="random seed (default 0)")
+    d.add_argument("--out", help="parent folder of run directories (default runs)")
+    d.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    d.add_argument("--precision", choices=list(PRECISIONS),
+                   help="auto (default): bf16 where the hardware runs it natively, else fp32 "
+                        "(see antibackdoor doctor); fp16 only when asked, with a gradient scaler")
+    d.add_argument("--data-root", help="where named datasets are looked for")
+    d.add_argument("--ra-samples", type=int, help="measure robust accuracy on the first N evaluation images")
+    d.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense parameter, dotted for nested ones, e.g. naive.epochs=40 (repeatable)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    d.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
+    d.add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
+
+
+DEFEND_FLAGS = ("defense", "detector", "preset", "model", "trusted", "test", "holdout", "poison_mask",
+                "export_kept", "seed", "out", "device", "precision", "data_root")
+
+
+def defend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {"data": args.data}
+    for flag in DEFEND_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = value
+    if args.skip_bad_files:
+        data["skip_bad_files"] = True
+    if args.ra_samples is not None:
+        data["eval"] = {"ra_samples": args.ra_samples}
+    params = _nest(args.defense_param, "--defense-param")
+    if params:
+        data["defense_params"] = params
+    return data
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    from .defend import make_defend_config, run_defend
+
+    result = run_defend(make_defend_config(defend_config_from_args(args)), resume=args.resume, force=args.force)
+    m = result.metrics
+    if result.reused:
+        print(f"reusing finished run (same data and config): {result.run_dir}  (--force runs it again)",
+              file=sys.stderr)
+    if args.json:
+        import json
+
+        print(json.dumps(m, indent=2, default=str))
+        return 0
+    s = m.get("surplus", {})
+    classes = [r["name"] for r in s.get("rows", [])]
+    if s.get("target") is not None:
+        verdict = (f"class {classes[s['target']]!r} is over-represented among the most suspicious samples "
+                   f"(p = {s['p']:.2g}): suspected backdoor target")
+    else:
+        verdict = "no class has a surplus among the most suspicious samples"
+    rows = [("verdict", verdict),
+            ("isolated", f"{m.get('isolated')} of {m.get('train_size')} inspected "
+                         f"({_fmt(m.get('isolated', 0) / max(m.get('train_size', 1), 1))})"),
+            ("accuracy (ACC)", _fmt(m.get("acc"))), ("robust accuracy (RA)", _fmt(m.get("ra"))),
+            ("measured on", m.get("eval_set", "-"))]
+    if m.get("bad_files"):
+        rows.append(("skipped files", f"{m['bad_files']} (listed in the report)"))
+    if m.get("mask"):
+        k = m["mask"]
+        rows += [("isolation TPR / FPR", f"{_fmt(k['tpr'])} / {_fmt(k['fpr'])}"),
+                 ("ROC AUC of the ranking", f"{k['auc']:.3f}")]
+    if m.get("exported"):
+        rows.append(("kept samples written to", m["exported"]))
+    rows.append(("time", f"{m.get('time_total_s', 0):.0f} s"))
+    width = max(len(r[0]) for r in rows)
+    print()
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+    print(f"\nreport: {result.run_dir / 'report.html'}\nranked samples: {result.run_dir / 'suspicious.csv'}")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -291,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "defend":
+            return cmd_defend(args)
         if args.command == "doctor":
             return cmd_doctor(args)
         return cmd_list(args)

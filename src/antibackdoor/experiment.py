@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ import yaml
 from .attacks.base import ATTACKS, Attack, PoisonedSet, get_attack
 from .caching import atomic_write
 from .config import deep_update, from_dict, to_dict
-from .data.imageset import DatasetSplits, ImageSet
+from .data.imageset import DatasetSplits, ImageSet, PaperSettings
 from .data.registry import load_dataset
 from .defenses.base import Defense, DefenseContext, DefenseResult, get_defense
 from .errors import ConfigError, RunStateError
 from .metrics import EvalConfig, accuracy, attack_success_rate, robust_accuracy, split_metrics
+from .models.io import save_model
 from .models.registry import MODELS, build_model
 from .precision import PRECISIONS, Precision, resolve_precision, use_precision
 
@@ -168,6 +170,58 @@ def no_poison(train: ImageSet, target: int) -> PoisonedSet:
     return PoisonedSet(train, torch.zeros(len(train), dtype=torch.bool), train.y.clone(), target, "none")
 
 
+def resolve_model(model: str | None, defense: str, paper: PaperSettings | None) -> str:
+    """The model name a run uses: the one asked for, else the dataset's paper model under ``--preset paper``
+    (``paper`` given), else the CPU model."""
+    name = model or (paper.model_for(defense) if paper is not None else QUICK_MODEL)
+    if name not in MODELS:
+        raise ConfigError(f"--model: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return name
+
+
+def resolve_defense(name: str, preset: str, overrides: dict[str, Any], paper: PaperSettings | None) -> Defense:
+    """The defense with its preset, the dataset's paper settings for it (``paper`` given: ``--preset paper``
+    only), then the user's overrides."""
+    data_params = paper.defense_params.get(name, {}) if paper is not None else {}
+    return get_defense(name, preset, deep_update(data_params, overrides))
+
+
+def run_in_dir(run_dir: Path, config: dict[str, Any], resume: bool, force: bool,
+               execute: Callable[[Path], RunResult]) -> RunResult:
+    """The run-directory protocol shared by ``run`` and ``defend``.
+
+    A finished directory (metrics.json present) is reused unless ``force``; an unfinished one needs
+    ``resume`` (or ``force``, which deletes it). While ``execute(run_dir)`` works, status.json says running
+    and log.txt records the log; a failure leaves status.json saying failed or interrupted, with the error.
+    """
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists() and not force:
+        log.info("found finished run %s; reusing it (use --force to run again)", run_dir)
+        return RunResult(run_dir, json.loads(metrics_path.read_text()), reused=True)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if force:
+            shutil.rmtree(run_dir)
+        elif not resume:
+            state = _read_status(run_dir)
+            raise RunStateError(
+                f"{run_dir}: holds an unfinished run ({state}); pass --resume to continue it or --force "
+                "to start over")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _attach_log(run_dir / "log.txt")
+    try:
+        write_json(run_dir / "status.json", {"state": "running", "pid": os.getpid(), "started": time.time()})
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        return execute(run_dir)
+    except BaseException as exc:
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        write_json(run_dir / "status.json", {"state": state, "error": str(exc) or exc.__class__.__name__})
+        log.debug("run %s: %s", state, exc)
+        raise
+    finally:
+        logging.getLogger("antibackdoor").removeHandler(handler)
+        handler.close()
+
+
 class Experiment:
     """Prepares, runs and records one experiment. ``run()`` is the whole job."""
 
@@ -194,14 +248,11 @@ class Experiment:
         c = self.config
         splits = self.load_data()
         paper = splits.paper if c.preset == "paper" else None
-        model = c.model or (paper.model_for(c.defense) if paper is not None else QUICK_MODEL)
-        if model not in MODELS:
-            raise ConfigError(f"--model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
+        model = resolve_model(c.model, c.defense, paper)
         attack = get_attack(c.attack, c.preset, c.attack_params) if c.attack != "none" else None
         if attack is not None:
             attack.check(splits.train, c.poison_rate, c.target)
-        data_params = paper.defense_params.get(c.defense, {}) if paper is not None else {}
-        defense = get_defense(c.defense, c.preset, deep_update(data_params, c.defense_params))
+        defense = resolve_defense(c.defense, c.preset, c.defense_params, paper)
         device = pick_device(c.device)
         return Resolved(c, model, attack, defense, device, resolve_precision(c.precision, device))
 
@@ -213,34 +264,8 @@ class Experiment:
     # -- the job ------------------------------------------------------------------------------
     def run(self, resume: bool = False, force: bool = False) -> RunResult:
         resolved = self.resolve()
-        run_dir = self.run_dir(resolved)
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.exists() and not force:
-            log.info("found finished run %s; reusing it (use --force to run again)", run_dir)
-            return RunResult(run_dir, json.loads(metrics_path.read_text()), reused=True)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if force:
-                shutil.rmtree(run_dir)
-            elif not resume:
-                state = _read_status(run_dir)
-                raise RunStateError(
-                    f"{run_dir}: holds an unfinished run ({state}); pass --resume to continue it or --force "
-                    "to start over")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = _attach_log(run_dir / "log.txt")
-        try:
-            write_json(run_dir / "status.json", {"state": "running", "pid": os.getpid(), "started": time.time()})
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved.as_dict(), sort_keys=False))
-            out = self._execute(resolved, run_dir, resume)
-        except BaseException as exc:
-            state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            write_json(run_dir / "status.json", {"state": state, "error": str(exc) or exc.__class__.__name__})
-            log.debug("run %s: %s", state, exc)
-            raise
-        finally:
-            logging.getLogger("antibackdoor").removeHandler(handler)
-            handler.close()
-        return out
+        return run_in_dir(self.run_dir(resolved), resolved.as_dict(), resume, force,
+                          lambda run_dir: self._execute(resolved, run_dir, resume))
 
     def _execute(self, resolved: Resolved, run_dir: Path, resume: bool) -> RunResult:
         t0 = time.time()
@@ -306,11 +331,7 @@ class Experiment:
 
     def _write_artifacts(self, run_dir: Path, resolved: Resolved, result: DefenseResult, poisoned: PoisonedSet,
                          kept: torch.Tensor, like: ImageSet) -> None:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-        meta = model_metadata(resolved.model, like, self.config.dataset)
-        atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata=meta))
+        save_model(result.model, run_dir / "model.safetensors", resolved.model, like, dataset=self.config.dataset)
         write_isolation_csv(run_dir / "isolation.csv", result, poisoned, kept)
         if result.scores is not None:
             from .plots import score_histogram
@@ -319,16 +340,6 @@ class Experiment:
                             xlabel=result.score_name or "score", threshold=result.info.get("threshold"),
                             title=f"{self.config.attack} / {self.config.defense}")
         resolved.defense.write_plots(result, poisoned.poison_mask, run_dir, true_labels=poisoned.true_labels.cpu())
-
-
-def model_metadata(model: str, like: ImageSet, dataset: str) -> dict[str, str]:
-    """What ``model.safetensors`` records besides the weights, so that they describe themselves: the resolved
-    model name and everything ``build_model`` needs (classes, channels, image size, normalisation)."""
-    return {
-        "format": "antibackdoor-model/1", "model": model, "num_classes": str(like.num_classes),
-        "channels": str(like.channels), "image_size": str(like.image_size), "mean": json.dumps(list(like.mean)),
-        "std": json.dumps(list(like.std)), "classes": json.dumps(list(like.classes)), "dataset": dataset,
-    }
 
 
 def write_isolation_csv(path: Path, result: DefenseResult, poisoned: PoisonedSet, kept: torch.Tensor) -> None:

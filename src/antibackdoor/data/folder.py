@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .images import GRAY_MODES, Arrays, cached_arrays, decode_images, image_header, is_image
+from .images import GRAY_MODES, Arrays, cached_arrays, decode_images, is_image, read_headers
 from .registry import register_dataset
 
 log = logging.getLogger("antibackdoor")
@@ -35,28 +35,35 @@ MAX_AUTO_SIZE = 64
 LAYOUT = "PATH/<class>/<images>, or PATH/train/<class>/ and PATH/test/<class>/"
 
 
-def parse_spec(arg: str) -> tuple[Path, dict]:
-    """``PATH?key=value,...`` -> (PATH, options); a ``?`` that is part of an existing path stays in it."""
+def split_spec(arg: str, options: dict[str, type], where: str) -> tuple[Path, dict]:
+    """``PATH?key=value,...`` -> (PATH, options) for the ``options`` (name -> type) a loader knows; a ``?``
+    that is part of an existing path stays in it. ``size`` and ``channels`` are checked here; errors start
+    with ``where`` (e.g. ``--dataset folder:PATH``)."""
     path, opts = arg, {}
     if "?" in arg and not Path(arg).expanduser().exists():
         path, _, text = arg.rpartition("?")
         for item in filter(None, text.split(",")):
             key, sep, value = item.partition("=")
             key = key.strip()
-            if key not in OPTIONS or not sep:
-                raise ConfigError(f"--dataset folder:{arg}: unknown option {item!r}; known: "
-                                  f"{', '.join(k + '=' for k in OPTIONS)}")
+            if key not in options or not sep:
+                raise ConfigError(f"{where}: unknown option {item!r}; known: {', '.join(k + '=' for k in options)}")
             try:
-                opts[key] = OPTIONS[key](value)
+                opts[key] = options[key](value.strip())
             except ValueError:
-                raise ConfigError(f"--dataset folder:{arg}: {key}={value!r} is not a number") from None
+                raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
     if "size" in opts and not 4 <= opts["size"] <= 512:
-        raise ConfigError(f"--dataset folder:{arg}: size must be 4..512")
+        raise ConfigError(f"{where}: size must be 4..512")
     if "channels" in opts and opts["channels"] not in (1, 3):
-        raise ConfigError(f"--dataset folder:{arg}: channels must be 1 or 3")
+        raise ConfigError(f"{where}: channels must be 1 or 3")
+    return Path(path).expanduser(), opts
+
+
+def parse_spec(arg: str) -> tuple[Path, dict]:
+    """``PATH?key=value,...`` -> (PATH, options) for ``--dataset folder:``."""
+    path, opts = split_spec(arg, OPTIONS, f"--dataset folder:{arg}")
     if "test" in opts and not 0.0 < opts["test"] < 1.0:
         raise ConfigError(f"--dataset folder:{arg}: test must lie in (0, 1)")
-    return Path(path).expanduser(), opts
+    return path, opts
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -119,8 +126,10 @@ def auto_format(paths: list[Path]) -> tuple[int, int]:
     """(size, channels) the data suggests: its most common square size up to 64 px (else 32); grey or RGB."""
     sizes: Counter = Counter()
     grey = True
-    for p in paths:
-        wh, mode = image_header(p)
+    for header in read_headers(paths, desc="reading image headers"):  # in parallel for large folders
+        if isinstance(header, str):
+            raise DataError(header)
+        wh, mode = header
         sizes[wh] += 1
         grey = grey and mode in GRAY_MODES
     (w, h), _ = sizes.most_common(1)[0]

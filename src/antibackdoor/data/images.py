@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +49,40 @@ def image_header(path: Path) -> tuple[tuple[int, int], str]:
         raise DataError(f"{path}: cannot read image ({exc})") from None
 
 
+def _to_8bit(im):
+    """Pillow image -> an 8-bit mode ("L", "LA", "RGB", "RGBA", "P", ...), scaling high bit depths.
+
+    Pillow's own conversion of a 16-bit grey image ("I;16") to "L" clips every value above 255 to white;
+    the full range is mapped to 0..255 here instead (16-bit: / 257; 32-bit "I" read as 16-bit; float "F"
+    read as 0..1 when it fits there, else as 0..255).
+    """
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and np.nanmax(a) <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8), "L")
+    return im
+
+
 def decode_image(path: Path, size: int, channels: int = 3, box: Box | None = None) -> np.ndarray:
     """One file -> ``size x size x channels`` uint8; ``box`` (left, top, right, bottom) crops first.
 
     Resampling is Pillow's bilinear filter, which widens its support when shrinking (anti-aliased, like
-    torchvision's ``Resize``); grey images become RGB and colour images grey as ``channels`` asks.
+    torchvision's ``Resize``); grey images become RGB and colour images grey as ``channels`` asks; 16-bit
+    and float images are scaled to 8 bits (``_to_8bit``); an alpha channel is dropped.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # Pillow asks for this detour for palette images with transparency
+            im = _to_8bit(im).convert("L" if channels == 1 else "RGB")
             if box is not None:
                 left, top = max(0, box[0]), max(0, box[1])
                 right, bottom = min(im.width, box[2]), min(im.height, box[3])
@@ -73,16 +97,155 @@ def decode_image(path: Path, size: int, channels: int = 3, box: Box | None = Non
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def decode_images(paths: Sequence[Path], size: int, channels: int = 3,
-                  boxes: Sequence[Box | None] | None = None, desc: str | None = None) -> np.ndarray:
-    """Many files -> one ``N x size x size x channels`` uint8 array, filled in place (no list of arrays)."""
-    out = np.empty((len(paths), size, size, channels), np.uint8)
-    for i in bar(range(len(paths)), desc):
-        out[i] = decode_image(paths[i], size, channels, None if boxes is None else boxes[i])
+def decode_workers() -> int:
+    """Decoding processes: ``$ANTIBACKDOOR_DECODE_WORKERS``, else the CPU count (at most 8)."""
+    env = os.environ.get("ANTIBACKDOOR_DECODE_WORKERS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+#: below this many files one process decodes (starting workers costs more than it saves)
+PARALLEL_MIN = 2000
+CHUNK = 256
+
+
+def _decode_chunk(paths: Sequence[Path], size: int, channels: int, boxes, stop_on_error: bool):
+    """Decode a run of files; failures become messages (index within the run, text) instead of raising."""
+    out = np.zeros((len(paths), size, size, channels), np.uint8)
+    errors: list[tuple[int, str]] = []
+    for i, p in enumerate(paths):
+        try:
+            out[i] = decode_image(p, size, channels, None if boxes is None else boxes[i])
+        except DataError as exc:
+            errors.append((i, str(exc)))
+            if stop_on_error:
+                break
+    return out, errors
+
+
+def _pool(n: int):
+    """A process pool (fork: workers share the parent's loaded modules, start in milliseconds) or, where
+    fork is unavailable, a thread pool (Pillow releases the GIL while decoding and resizing)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    workers = decode_workers()
+    if workers > 1 and n >= PARALLEL_MIN and sys.platform.startswith("linux"):
+        return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    return ThreadPoolExecutor(workers)
+
+
+def decode_images_lenient(paths: Sequence[Path], size: int, channels: int = 3,
+                          boxes: Sequence[Box | None] | None = None, desc: str | None = None,
+                          stop_on_error: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """Many files -> (``N x size x size x channels`` uint8, {index: error} for files that failed).
+
+    Runs of files are decoded in parallel and copied into one preallocated array, so memory stays at the
+    size of that array plus a run per worker; rows of failed files are zero. The array is an N x H x W x C
+    view of N x C x H x W memory (``nchw_backed``), so building the ImageSet from it copies nothing.
+    ``stop_on_error`` ends early at the first failure (the caller raises it).
+    """
+    n = len(paths)
+    out = nchw_backed(n, size, size, channels)
+    errors: dict[int, str] = {}
+    starts = list(range(0, n, CHUNK))
+    progress = bar(None, desc, total=n, unit="img") if desc is not None else None
+    with _pool(n) as ex:
+        futures = {ex.submit(_decode_chunk, paths[s:s + CHUNK], size, channels,
+                             None if boxes is None else boxes[s:s + CHUNK], stop_on_error): s for s in starts}
+        from concurrent.futures import as_completed
+
+        for fut in as_completed(futures):
+            s = futures.pop(fut)  # drop the finished future: it holds its decoded run until released
+            part, errs = fut.result()
+            out[s:s + len(part)] = part
+            errors.update({s + i: e for i, e in errs})
+            if progress is not None and hasattr(progress, "update"):
+                progress.update(len(part))
+            if errs and stop_on_error:
+                for f in futures:
+                    f.cancel()
+                break
+    if progress is not None and hasattr(progress, "close"):
+        progress.close()
+    return out, errors
+
+
+def _header_chunk(paths: Sequence[Path]) -> list[tuple[tuple[int, int], str] | str]:
+    out: list[tuple[tuple[int, int], str] | str] = []
+    for p in paths:
+        try:
+            out.append(image_header(p))
+        except DataError as exc:
+            out.append(str(exc))
     return out
 
 
-def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def read_headers(paths: Sequence[Path], desc: str | None = None) -> list[tuple[tuple[int, int], str] | str]:
+    """Each file's ((width, height), mode) from its header, or an error message (in parallel, in order)."""
+    n = len(paths)
+    results: list = [None] * n
+    progress = bar(None, desc, total=n, unit="img") if desc is not None else None
+    with _pool(n) as ex:
+        from concurrent.futures import as_completed
+
+        futures = {ex.submit(_header_chunk, paths[s:s + CHUNK]): s for s in range(0, n, CHUNK)}
+        for fut in as_completed(futures):
+            s = futures.pop(fut)
+            part = fut.result()
+            results[s:s + len(part)] = part
+            if progress is not None and hasattr(progress, "update"):
+                progress.update(len(part))
+    if progress is not None and hasattr(progress, "close"):
+        progress.close()
+    return results
+
+
+def decode_images(paths: Sequence[Path], size: int, channels: int = 3,
+                  boxes: Sequence[Box | None] | None = None, desc: str | None = None) -> np.ndarray:
+    """Many files -> one ``N x size x size x channels`` uint8 array (in parallel); a bad file raises."""
+    out, errors = decode_images_lenient(paths, size, channels, boxes, desc, stop_on_error=True)
+    if errors:
+        raise DataError(errors[min(errors)])
+    return out
+
+
+def nchw_backed(n: int, h: int, w: int, c: int) -> np.ndarray:
+    """An N x H x W x C uint8 array whose memory is laid out N x C x H x W.
+
+    Images are decoded and cached as NHWC (the ``npz:`` format) but held as NCHW tensors; filling this view
+    and later transposing it back yields a contiguous NCHW array without a second full-size copy.
+    """
+    return np.empty((n, c, h, w), np.uint8).transpose(0, 2, 3, 1)
+
+
+def _read_images(f, key: str, chunk: int = 2048) -> np.ndarray:
+    """``f[key]`` of an open .npz as an ``nchw_backed`` array, read in chunks (no NHWC copy in memory)."""
+    from numpy.lib import format as npformat
+
+    try:
+        with f.zip.open(f"{key}.npy") as fp:
+            version = npformat.read_magic(fp)
+            read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            shape, fortran, dtype = read(fp)
+            if fortran or len(shape) != 4 or dtype != np.uint8:
+                return f[key]
+            n, h, w, c = shape
+            out = nchw_backed(n, h, w, c)
+            row = h * w * c
+            for s in range(0, n, chunk):
+                k = min(chunk, n - s)
+                buf = fp.read(k * row)
+                if len(buf) != k * row:
+                    raise ValueError(f"{key}: truncated")
+                out[s:s + k] = np.frombuffer(buf, np.uint8).reshape(k, h, w, c)
+            return out
+    except (AttributeError, KeyError):
+        return f[key]
+
+
+def channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] of NHWC uint8 images, in chunks (Tiny-ImageNet in float32: 5 GB)."""
     c = x.shape[-1]
     if len(x) == 0:
@@ -110,6 +273,8 @@ class Arrays:
     classes: list[str]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    #: extra arrays a loader keeps with the cache (e.g. the source file of every image), stored as meta_<key>
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
 
     def splits(self, name: str, paper: PaperSettings | None = None) -> DatasetSplits:
         if self.mean is None or self.std is None:
@@ -153,8 +318,9 @@ def _read_cache(path: Path, fingerprint: str) -> Arrays | None:
                 log.info("%s: stale (the data changed); decoding again", path)
                 return None
             classes = [str(c) for c in f["classes"]]
-            return Arrays(f["x_train"], f["y_train"], f["x_test"], f["y_test"], classes,
-                          tuple(float(v) for v in f["mean"]), tuple(float(v) for v in f["std"]))
+            meta = {k[5:]: f[k] for k in f.files if k.startswith("meta_")}
+            return Arrays(_read_images(f, "x_train"), f["y_train"], _read_images(f, "x_test"), f["y_test"], classes,
+                          tuple(float(v) for v in f["mean"]), tuple(float(v) for v in f["std"]), meta)
     except FileNotFoundError:
         return None
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -168,7 +334,8 @@ def _write_cache(path: Path, arrays: Arrays, fingerprint: str) -> None:
         with open(tmp, "xb") as out:
             np.savez(out, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test,
                      y_test=arrays.y_test, classes=np.array(arrays.classes, dtype=str),
-                     mean=np.array(arrays.mean), std=np.array(arrays.std), fingerprint=np.array(fingerprint))
+                     mean=np.array(arrays.mean), std=np.array(arrays.std), fingerprint=np.array(fingerprint),
+                     **{f"meta_{k}": v for k, v in arrays.meta.items()})
 
     try:
         atomic_write(path, write)

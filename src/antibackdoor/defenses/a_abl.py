@@ -41,6 +41,17 @@ class AABL(Defense):
     name = "a-abl"
     description = "A-ABL: naive training, iFGSM+SCE Otsu split, PGD adversarial training on the vulnerable subset"
     Params = AABLParams
+    assumptions = (
+        "Nothing is known about the trigger, the target class or the poison rate, and no clean data is needed.",
+        "A model trained normally on all the data learns the backdoor as a strong feature: poisoned samples keep "
+        "their label under a small iFGSM perturbation (split_eps), so their adversarial loss is low and they fall "
+        "below Otsu's threshold. Patch-like triggers behave so; blended, warping or other stealthy triggers "
+        "usually do not and stay in the kept set.",
+        "Adversarial training (PGD, eps 8/255) on the kept set suppresses the triggers left in it; a trigger that "
+        "changes images by more than that budget is not suppressed by it.",
+        "Otsu's threshold always cuts the score distribution somewhere, so clean samples are isolated too (on "
+        "clean data typically 10-25 %): isolation alone is no evidence of poison; a class with a surplus is.",
+    )
     presets = {
         "paper": AABLParams(),
         # The split only works once the naive model has learned the backdoor firmly: crop without flip (a flip

@@ -200,6 +200,18 @@ class AIBD(Defense):
     name = "aibd"
     description = "AIBD: isolate by PGD flip counts, relabel adversarially, progressive top-q"
     Params = AIBDParams
+    assumptions = (
+        "Nothing is known about the trigger and no clean data is needed; accuracy is judged on a held-out slice "
+        "(holdout) of the untrusted training data itself.",
+        "Poisoned samples sit deep inside their (target) class: an unbounded PGD attack needs many more steps to "
+        "move them off their label than clean samples, and their input gradient is small (Eq. 4).",
+        "At most the largest isolation rate in qs (20 %) of the data is poisoned; the largest q whose held-out "
+        "accuracy stays within the tolerance of the infected model's is kept.",
+        "An isolated sample's adversarial label (the class its adversarial example goes to) is its true class; "
+        "it is retrained with that label.",
+        "With the target filter (on in the quick preset): a single target class (all-to-one attack), guessed as "
+        "the most common label among the top 1 % by flip count; only samples of that class are isolated.",
+    )
     presets = {
         # Official code: ResNet-18, SGD 0.1 x0.1 at 25/50 of 65 epochs, no augmentation; fine-tuning of the
         # infected model per q with SGD 0.1/0.01/0.001 (5 epochs each), collapse check after epoch 6 at

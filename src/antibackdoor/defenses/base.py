@@ -38,6 +38,8 @@ class DefenseContext:
     resume: bool = False
     #: the precision every stage computes in (None: the active one, see ``precision.py``)
     precision: Precision | None = None
+    #: a small set the user vouches is clean (``defend --trusted``); None when there is none
+    trusted: ImageSet | None = None
 
     def compute_precision(self) -> Precision:
         """The resolved precision of this defense's training and scoring."""
@@ -88,6 +90,13 @@ class Defense:
     description: ClassVar[str] = ""
     Params: ClassVar[type]
     presets: ClassVar[dict[str, Any]] = {}
+    #: what the defense takes for granted about the data and the attack, in a user's words (``defend``'s
+    #: report lists them, so a practitioner can judge whether they hold for their data)
+    assumptions: ClassVar[tuple[str, ...]] = ()
+    #: whether ``run`` reads ``DefenseContext.trusted`` (``uses_trusted``) or refuses to run without it
+    #: (``needs_trusted``); ``defend`` evaluates on trusted data only when the defense does not use it
+    uses_trusted: ClassVar[bool] = False
+    needs_trusted: ClassVar[bool] = False
 
     def __init__(self, preset: str = "quick", overrides: dict[str, Any] | None = None, params: Any = None):
         if params is None:
