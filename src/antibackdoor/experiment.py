@@ -27,7 +27,9 @@ from .attacks.base import ATTACKS, PoisonedSet, get_attack
 from .config import from_dict, to_dict
 from .data.imageset import DatasetSplits, ImageSet
 from .data.registry import load_dataset
+from .data.trusted import reserve_trusted, trusted_counts
 from .defenses.base import DefenseContext, DefenseResult, get_defense
+from .defenses.stages import seeded_generator
 from .errors import ConfigError, RunStateError
 from .metrics import accuracy, attack_success_rate, robust_accuracy, split_metrics
 from .models.registry import MODELS, build_model
@@ -201,6 +203,9 @@ class Experiment:
         fields_ = set(to_dict(defense_cls.params))
         data_defaults = {k: v for k, v in splits.defaults.items() if k in fields_}
         defense = get_defense(c.defense, c.preset, {**data_defaults, **c.defense_params})
+        fraction = defense.trusted_fraction()
+        if fraction is not None:  # a bad fraction fails here, before a run directory exists
+            trusted_counts(splits.train, fraction, f"defense_params.trusted_fraction ({c.defense})")
         self.defense = defense
         return Resolved(c, model, attack, defense.describe())
 
@@ -257,6 +262,15 @@ class Experiment:
         gen = torch.Generator().manual_seed(c.seed)
         log.info("data: %s (%d train, %d test, %d classes)", c.dataset, len(train_set), len(test_set),
                  train_set.num_classes)
+        trusted, trusted_mask = None, None
+        fraction = self.defense.trusted_fraction()
+        if fraction is not None:
+            # drawn from the clean data before poisoning and removed from it: the defense's known-clean slice
+            trusted_mask = reserve_trusted(train_set, fraction, seeded_generator(c.seed, "trusted"),
+                                           f"defense_params.trusted_fraction ({c.defense})")
+            trusted, train_set = train_set.subset(trusted_mask), train_set.subset(~trusted_mask)
+            log.info("trusted slice: %d clean samples (%.3g of the training data) reserved before poisoning",
+                     len(trusted), fraction)
         if c.attack == "none":
             attack = None
             poisoned = no_poison(train_set, c.target)
@@ -270,7 +284,8 @@ class Experiment:
             return build_model(resolved.model, train_set.num_classes, train_set.channels, train_set.image_size,
                                train_set.mean, train_set.std)
 
-        ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume)
+        ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume,
+                             trusted=trusted)
         log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, resolved.model, device)
         result = self.defense.run(poisoned.data, ctx)
         t_defense = time.time() - t0
@@ -290,6 +305,10 @@ class Experiment:
         metrics.update(split_metrics(kept, poisoned.poison_mask))
         metrics["poisoned"] = poisoned.num_poison
         metrics["train_size"] = len(train_set)
+        if trusted_mask is not None:
+            metrics["trusted_size"] = int(trusted_mask.sum())
+            write_json(run_dir / "trusted.json", {"fraction": fraction, "size": int(trusted_mask.sum()),
+                                                  "index": trusted_mask.nonzero().flatten().tolist()})
         metrics["defense_info"] = result.info
         metrics["time_defense_s"] = round(t_defense, 1)
         metrics["time_total_s"] = round(time.time() - t0, 1)

@@ -7,6 +7,8 @@ Hyper-parameters live in a frozen dataclass per defense, with one instance per p
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,9 @@ class DefenseContext:
     seed: int = 0
     workdir: Path | None = None  # checkpoints and stage outputs; None = no checkpoints
     resume: bool = False
+    #: a small slice of clean training data the defender trusts, for defenses that declare ``needs_trusted``
+    #: (the runner reserves it before poisoning, so it holds no poison and is not part of the training data)
+    trusted: ImageSet | None = None
 
     def checkpoint(self, stage: str) -> Path | None:
         return None if self.workdir is None else self.workdir / f"{stage}.ckpt"
@@ -73,6 +78,9 @@ class Defense:
     description: ClassVar[str] = ""
     Params: ClassVar[type]
     presets: ClassVar[dict[str, Any]] = {}
+    #: True: the defense needs a trusted clean slice (``DefenseContext.trusted``) whose size is the fraction
+    #: of the training data in its ``trusted_fraction`` parameter
+    needs_trusted: ClassVar[bool] = False
 
     def __init__(self, preset: str = "quick", overrides: dict[str, Any] | None = None, params: Any = None):
         if params is None:
@@ -81,9 +89,41 @@ class Defense:
                                   f"{', '.join(self.presets)}")
             params = merge(self.presets[preset], overrides or {}, f"defense_params ({self.name})")
         self.params = params
+        self.validate_params()
+
+    def validate_params(self) -> None:
+        """Reject out-of-range values at construction, with an error naming the key: every TrainConfig field
+        is checked, then the Params' own ``validate(where)`` if it has one."""
+        from ..training import TrainConfig
+
+        if not dataclasses.is_dataclass(self.params):
+            return
+        for f in dataclasses.fields(self.params):
+            value = getattr(self.params, f.name)
+            if isinstance(value, TrainConfig):
+                value.validate(f"{self.name}.{f.name}")
+        check = getattr(self.params, "validate", None)
+        if check is not None and "where" in inspect.signature(check).parameters:
+            check(where=self.name)
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
+
+    def trusted_fraction(self) -> float | None:
+        """The share of the training data to reserve as trusted clean data (None: the defense needs none)."""
+        if not self.needs_trusted:
+            return None
+        fraction = float(self.params.trusted_fraction)
+        if not 0 < fraction < 1:
+            raise ConfigError(f"{self.name}.trusted_fraction: {fraction} must be in (0, 1)")
+        return fraction
+
+    def require_trusted(self, ctx: DefenseContext) -> ImageSet:
+        """The trusted slice, or a clear error when the caller did not provide one."""
+        if ctx.trusted is None or len(ctx.trusted) == 0:
+            raise ConfigError(f"defense {self.name}: needs a trusted slice of clean training data "
+                              "(DefenseContext.trusted); run_experiment reserves one, direct callers must pass it")
+        return ctx.trusted
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:

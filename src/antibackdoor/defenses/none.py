@@ -9,6 +9,12 @@ from ..training import TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .stages import train_stage
 
+# Plain training recipes, also the backdoored models that post-training defenses (NAD, D-BR) start from.
+# quick: the same training as A-ABL's quick naive stage, so `none` shows what stage 1 learns
+QUICK_PLAIN = TrainConfig(epochs=40, optimizer="adam", lr=1e-3, crop=4, flip=False)
+PAPER_PLAIN = TrainConfig(epochs=100, optimizer="sgd", lr=0.1, schedule="step", milestones=(50, 75, 90), crop=4,
+                          flip=True)
+
 
 @dataclass(frozen=True)
 class NoDefenseParams:
@@ -20,12 +26,7 @@ class NoDefense(Defense):
     name = "none"
     description = "standard training on all data (no defense)"
     Params = NoDefenseParams
-    presets = {
-        # quick: the same training as A-ABL's quick naive stage, so `none` shows what stage 1 learns
-        "quick": NoDefenseParams(TrainConfig(epochs=40, optimizer="adam", lr=1e-3, crop=4, flip=False)),
-        "paper": NoDefenseParams(TrainConfig(epochs=100, optimizer="sgd", lr=0.1, schedule="step",
-                                             milestones=(50, 75, 90), crop=4, flip=True)),
-    }
+    presets = {"quick": NoDefenseParams(QUICK_PLAIN), "paper": NoDefenseParams(PAPER_PLAIN)}
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         model, hist = train_stage(ctx, data, self.params.train, "train")
