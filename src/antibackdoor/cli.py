@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root",
                    help="where datasets are looked for (default $ANTIBACKDOOR_DATA or ~/.cache/antibackdoor)")
     r.add_argument("--attack", help="badnets (default), blend, ... or none for clean data")
-    r.add_argument("--defense", help="a-abl (default), none, adv-train, aibd")
+    r.add_argument("--defense", help="a-abl (default), none, adv-train, aibd, abl, nad, cbd, d-br, d-st")
     r.add_argument("--model", help="model name (default: cnn in quick, resnet18 in paper)")
     r.add_argument("--poison-rate", type=float, help="fraction of poisoned training samples (default 0.1)")
     r.add_argument("--target", type=int, help="target class (default 0)")

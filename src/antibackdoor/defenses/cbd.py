@@ -110,10 +110,13 @@ class CBD(Defense):
     Params = CBDParams
     presets = {
         "paper": CBDParams(),
-        # CPU budget: the small CNN with Adam (as every quick stage); f_B gets 5 epochs like the official
-        # code; f_C the 40 epochs of `none`'s quick recipe; crop without flip (a flip moves a corner trigger).
+        # CPU budget: the small CNN with Adam (as every quick stage); f_C the 40 epochs of `none`'s quick
+        # recipe; crop without flip (a flip moves a corner trigger). f_B gets the official 5 epochs, in
+        # batches of 32: on the 10x smaller data set, batches of 128 give it ~200 steps, after which it fits
+        # the BadNets poison only loosely (median loss 0.10 vs 0.98 for clean samples); with 32 (~800 steps)
+        # 0.02 vs 0.78, so that L_B / (L_B + L_C) is small for the poison, as the method needs.
         "quick": CBDParams(
-            backdoored=TrainConfig(epochs=5, optimizer="adam", lr=1e-3, crop=4, flip=False),
+            backdoored=TrainConfig(epochs=5, optimizer="adam", lr=1e-3, batch_size=32, crop=4, flip=False),
             clean=TrainConfig(epochs=40, optimizer="adam", lr=1e-3, crop=4, flip=False),
         ),
     }

@@ -98,7 +98,7 @@ class DBR(Defense):
         log.info("D-BR 1/3: sample distinguishment")
         sep = separate(ctx, data, p.separation)
         log.info("D-BR 2/3: backdoored model on all %d samples", len(data))
-        model, hist_b = backdoored_model(ctx, data, p.backdoored, seed_offset=1)
+        model, hist_b = backdoored_model(ctx, data, p.backdoored)  # same init and seed as `none`
         log.info("D-BR 3/3: %d rounds of unlearning D_p (%d) / relearning D_c (%d)", p.rounds.epochs,
                  int(sep.poisoned.sum()), int(sep.clean.sum()))
         hist_r = remove_backdoor(model, data, sep.poisoned, sep.clean, p.rounds, derive_seed(ctx.seed, "d-br"),
