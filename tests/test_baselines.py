@@ -20,12 +20,11 @@ from antibackdoor.defenses.separation import (
     intra_class_loss,
     quantile_split,
 )
-from antibackdoor.defenses.stages import per_sample_losses, rank_fraction, sample_features, unlearn
+from antibackdoor.defenses.stages import rank_fraction, sample_features, sample_losses, unlearn
 from antibackdoor.errors import ConfigError
 from antibackdoor.models import build_model
+from antibackdoor.precision import PLAIN, resolve_precision
 from antibackdoor.training import StepOutput, TrainConfig, train
-
-FP32 = dict(amp=False, channels_last=False)
 
 
 @pytest.fixture(autouse=True)
@@ -79,28 +78,31 @@ def test_lowest_loss_isolation_takes_the_ratio_with_ties_in_index_order():
     assert rank_fraction(torch.arange(10.0), 0.2, lowest=False)[[8, 9]].all()
 
 
-def test_per_sample_losses_are_eval_mode_cross_entropy_in_any_batch_size():
+def ctx_for(classes=4, size=16):
+    return ab.DefenseContext(lambda: build_model("cnn-small", classes, 3, size), precision=resolve_precision("fp32"))
+
+
+def test_abl_scores_are_eval_mode_cross_entropy_without_augmentation():
     data = tiny_set()
     model = build_model("cnn-small", 4, 3, 16).train()
-    a = per_sample_losses(model, data, batch_size=7)
+    a = sample_losses(model, data, ctx_for())
     assert model.training  # the mode is restored
     model.eval()
     with torch.no_grad():
         ref = torch.stack([F.cross_entropy(model(data.x[i:i + 1].float() / 255), data.y[i:i + 1])
                            for i in range(len(data))])
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(per_sample_losses(model, data, batch_size=40), a)
 
 
 def test_unlearning_is_gradient_ascent():
     data = tiny_set()
     torch.manual_seed(0)
     model = build_model("cnn-small", 4, 3, 16)
-    before = per_sample_losses(model, data).mean()
-    ctx = ab.DefenseContext(lambda: build_model("cnn-small", 4, 3, 16))
-    cfg = TrainConfig(epochs=2, optimizer="sgd", lr=0.01, batch_size=8, crop=0, flip=False, **FP32)
+    ctx = ctx_for()
+    before = sample_losses(model, data, ctx).mean()
+    cfg = TrainConfig(epochs=2, optimizer="sgd", lr=0.01, batch_size=8, crop=0, flip=False)
     unlearn(ctx, model, data, cfg, "unlearn")
-    assert per_sample_losses(model, data).mean() > before + 0.05
+    assert sample_losses(model, data, ctx).mean() > before + 0.05
 
 
 # -- NAD ---------------------------------------------------------------------------------------------------
@@ -141,7 +143,8 @@ def test_nad_loss_is_cross_entropy_plus_beta_weighted_attention_distances():
 def ab_batch(data):
     from antibackdoor.training import Batch
 
-    return Batch(data.x.float() / 255, data.y, torch.arange(len(data)), None, 0, torch.Generator().manual_seed(0))
+    return Batch(data.x.float() / 255, data.y, torch.arange(len(data)), None, 0, torch.Generator().manual_seed(0),
+                 PLAIN)
 
 
 # -- CBD ---------------------------------------------------------------------------------------------------
@@ -255,8 +258,7 @@ def test_frozen_features_train_only_the_head_and_keep_batchnorm_statistics():
     model = build_model("cnn-small", 4, 3, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     frozen = FrozenFeatures(model)
-    train(frozen, tiny_set(), TrainConfig(epochs=1, optimizer="adam", lr=1e-2, batch_size=8, crop=0, flip=False,
-                                          **FP32))
+    train(frozen, tiny_set(), TrainConfig(epochs=1, optimizer="adam", lr=1e-2, batch_size=8, crop=0, flip=False))
     after = frozen.release().state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert len(changed) == 2 and all(k.endswith(("head.weight", "head.bias")) for k in changed), changed
@@ -276,7 +278,7 @@ def test_custom_loss_parts_are_averaged_into_the_history_and_optimizer_carries_o
         ce = F.cross_entropy(logits, batch.y)
         return StepOutput(ce, logits, {"const": torch.tensor(2.0), "ce_part": ce})
 
-    cfg = TrainConfig(epochs=2, optimizer="sgd", lr=0.01, batch_size=8, crop=0, flip=False, **FP32)
+    cfg = TrainConfig(epochs=2, optimizer="sgd", lr=0.01, batch_size=8, crop=0, flip=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     hist = train(model, data, cfg, loss_fn=loss_fn, optimizer=opt)
     assert calls == [8] * 8
@@ -285,6 +287,29 @@ def test_custom_loss_parts_are_averaged_into_the_history_and_optimizer_carries_o
     assert opt.state  # the given optimizer did the steps
     no_logits = train(model, data, cfg, loss_fn=lambda m, b: StepOutput(m(b.x).pow(2).mean()))
     assert "train_acc" not in no_logits[0]
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_custom_loss_runs_in_the_loops_precision(name):
+    """The hook gets the loop's precision, runs under its autocast (low-precision logits) and its batches are
+    in the prepared model's layout; fp16 steps go through the gradient scaler."""
+    data = tiny_set(16)
+    torch.manual_seed(0)
+    model = build_model("cnn-small", 4, 3, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def loss_fn(m, batch):
+        logits = m(batch.x)
+        seen.append((batch.precision.name, logits.dtype, batch.x.is_contiguous(memory_format=torch.channels_last)))
+        return StepOutput(F.cross_entropy(logits.float(), batch.y), logits)
+
+    cfg = TrainConfig(epochs=1, optimizer="sgd", lr=0.01, batch_size=8, crop=0, flip=False)
+    hist = train(model, data, cfg, loss_fn=loss_fn, precision=name)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    assert seen == [(name, dtype, True)] * 2
+    assert torch.isfinite(torch.tensor(hist[0]["loss"])) and "train_acc" in hist[0]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_warmup_scales_the_first_epochs():

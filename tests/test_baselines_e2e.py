@@ -11,7 +11,7 @@ import pytest
 from antibackdoor.cli import main
 from antibackdoor.experiment import run_experiment
 
-FAST = {"epochs": 1, "batch_size": 64, "amp": False, "channels_last": False}
+FAST = {"epochs": 1, "batch_size": 64}
 SEP = {"warmup": FAST, "intra": FAST}
 PARAMS = {
     "abl": {"isolation": FAST, "finetune": FAST, "unlearn": {**FAST, "batch_size": 2}},
@@ -60,6 +60,7 @@ def test_nad_gets_a_trusted_slice_and_logs_attention_losses(tmp_path, tiny_npz):
     m, d = r.metrics, r.run_dir
     trusted = json.loads((d / "trusted.json").read_text())
     assert trusted["size"] == m["trusted_size"] == 12 == len(set(trusted["index"]))  # 5 % of 60 per class
+    assert sorted(i % 4 for i in trusted["index"]) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # stratified (y = i % 4)
     assert m["train_size"] == 228 and len(rows(d)) == 228
     assert m["poisoned"] == round(0.1 * 228)
     student = json.loads((d / "history.json").read_text())["student"]

@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..training import Batch, StepOutput, TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .stages import per_sample_losses, rank_fraction, train_stage, unlearn
+from .stages import rank_fraction, sample_losses, train_stage, unlearn
 
 log = logging.getLogger("antibackdoor")
 
@@ -60,9 +61,10 @@ def bounded_loss(per_sample: torch.Tensor, bound: str = "lga", level: float = 0.
     return out.mean()
 
 
-def isolation_scores(model: nn.Module, data: ImageSet, device: torch.device | str = "cpu") -> torch.Tensor:
-    """ABL's score: each sample's cross-entropy under the isolation model (low = suspicious)."""
-    return per_sample_losses(model, data, device)
+def isolation_scores(model: nn.Module, data: ImageSet, ctx: DefenseContext) -> torch.Tensor:
+    """ABL's score: each sample's cross-entropy under the isolation model (eval mode, no augmentation, whole
+    batches, in the context's precision; low = suspicious)."""
+    return sample_losses(model, data, ctx)
 
 
 def isolate_lowest(scores: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -74,11 +76,11 @@ def isolate_lowest(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 class ABLParams:
     isolation: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=20, optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=128, crop=0, flip=False))
-    bound: str = "lga"  # "lga" (paper) or "flooding" (official code's default)
-    gamma: float = 0.5  # the LGA floor
-    flooding: float = 0.5  # the flooding level b
-    per_sample: bool = False  # bound each sample's loss (paper, BackdoorBox) instead of the batch mean (official)
-    isolation_ratio: float = 0.01
+    bound: str = param("lga", doc="lga: sign(L-gamma)*L (paper); flooding: |L-b|+b (official default)")
+    gamma: float = param(0.5, doc="the LGA floor gamma")
+    flooding: float = param(0.5, doc="the flooding level b")
+    per_sample: bool = param(False, doc="bound each loss (paper) instead of the batch mean (official code)")
+    isolation_ratio: float = param(0.01, doc="share of the samples isolated (lowest isolation loss)")
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=60, optimizer="sgd", lr=0.1, schedule="step", milestones=(40,), weight_decay=1e-4,
         batch_size=128, crop=4, flip=True))
@@ -131,7 +133,7 @@ class ABL(Defense):
         log.info("ABL 1/4: isolation training with the %s bound (level %g, %s) on all %d samples", p.bound,
                  p.level, "per sample" if p.per_sample else "batch mean", len(data))
         model, history = train_stage(ctx, data, p.isolation, "isolation", loss_fn=self.isolation_loss)
-        scores = isolation_scores(model, data, ctx.device)
+        scores = isolation_scores(model, data, ctx)
         isolated = isolate_lowest(scores, p.isolation_ratio)
         return model, scores, isolated, history
 

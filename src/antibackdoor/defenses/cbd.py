@@ -35,12 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..caching import atomic_write
+from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.features import capture, classifier_head
+from ..seeding import seeded_rng
 from ..training import Batch, StepOutput, TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .stages import derive_seed, per_sample_losses, train_stage
+from .stages import sample_losses, train_stage
 
 log = logging.getLogger("antibackdoor")
 
@@ -86,11 +89,11 @@ class CBDParams:
     clean: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=100, optimizer="sgd", lr=0.1, schedule="step", milestones=(20, 70), weight_decay=1e-4,
         batch_size=64, crop=4, flip=True))
-    mi: bool = True  # the mutual-information term (paper); the official code ships it off
-    mi_weight: float = 0.01
-    mi_lr: float = 0.2  # discriminator Adam learning rate
-    mi_lr_step: int = 20  # x0.1 every this many epochs (0: constant)
-    mi_dropout: float = 0.2
+    mi: bool = param(True, doc="the mutual-information term (paper); the official code ships it off")
+    mi_weight: float = param(0.01, doc="weight of the mutual-information term")
+    mi_lr: float = param(0.2, doc="discriminator Adam learning rate")
+    mi_lr_step: int = param(20, doc="discriminator lr x0.1 every this many epochs (0: constant)")
+    mi_dropout: float = param(0.2, doc="discriminator dropout")
 
     def validate(self, where: str = "cbd") -> None:
         if self.mi_weight < 0:
@@ -120,10 +123,6 @@ class CBD(Defense):
             clean=TrainConfig(epochs=40, optimizer="adam", lr=1e-3, crop=4, flip=False),
         ),
     }
-
-    def __init__(self, preset: str = "quick", overrides=None, params=None):
-        super().__init__(preset, overrides, params)
-        self.last_weights: torch.Tensor | None = None
 
     def weighted_loss(self, backdoored: nn.Module, disc: MIDiscriminator | None,
                       disc_opt: torch.optim.Optimizer | None):
@@ -173,8 +172,7 @@ class CBD(Defense):
         disc = disc_opt = None
         if p.mi:
             dim = classifier_head(model).in_features
-            with torch.random.fork_rng(devices=[]):  # the discriminator's initial weights, reproducibly
-                torch.manual_seed(derive_seed(ctx.seed, "cbd-discriminator"))
+            with seeded_rng(ctx.seed, "cbd", "discriminator"):  # its initial weights, reproducibly
                 disc = MIDiscriminator(classifier_head(backdoored).in_features, dim, p.mi_dropout).to(ctx.device)
             disc_opt = torch.optim.Adam(disc.parameters(), lr=p.mi_lr)
         state = self._disc_state_path(ctx)
@@ -185,15 +183,13 @@ class CBD(Defense):
 
         def save_disc(epoch: int, _model: nn.Module) -> None:
             if disc is not None and state is not None:
-                state.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"disc": disc.state_dict(), "opt": disc_opt.state_dict()}, state)
+                payload = {"disc": disc.state_dict(), "opt": disc_opt.state_dict()}
+                atomic_write(state, lambda tmp: torch.save(payload, tmp))
 
         log.info("CBD 2/2: f_C with loss weights L_B/(L_B+L_C)%s", " and the MI penalty" if p.mi else "")
         _, hist_c = train_stage(ctx, data, p.clean, "clean", model=model, seed_offset=1,
                                 loss_fn=self.weighted_loss(backdoored, disc, disc_opt), on_epoch_end=save_disc)
-        weights = cbd_weights(per_sample_losses(backdoored, data, ctx.device),
-                              per_sample_losses(model, data, ctx.device))
-        self.last_weights = weights
+        weights = cbd_weights(sample_losses(backdoored, data, ctx), sample_losses(model, data, ctx))
         info = {"mi": p.mi, "weight_median": float(weights.median()), "weight_mean": float(weights.mean())}
         return DefenseResult(model, scores=weights, score_name="cbd_weight", higher_is_suspicious=False, info=info,
                              history={"backdoored": hist_b, "clean": hist_c})
@@ -206,31 +202,7 @@ class CBD(Defense):
                     true_labels: torch.Tensor | None = None) -> list[Path]:
         if result.scores is None:
             return []
-        return [plot_weights(result.scores, poison_mask, run_dir / "cbd_weights.png")]
+        from ..plots import plot_cbd_weights
 
+        return [plot_cbd_weights(result.scores, poison_mask, run_dir / "cbd_weights.png")]
 
-def plot_weights(weights: torch.Tensor, poison_mask: torch.Tensor, path: Path) -> Path:
-    """Histogram of CBD's final sample weights, clean vs poisoned samples, with their medians."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    w = weights.double().cpu().numpy()
-    p = poison_mask.bool().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    bins = np.linspace(0, max(1.0, float(w.max())), 51)
-    ax.hist(w[~p], bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({int((~p).sum())})", density=True)
-    ax.axvline(float(np.median(w[~p])), color="tab:blue", linestyle="--")
-    if p.any():
-        ax.hist(w[p], bins=bins, alpha=0.7, color="tab:red", label=f"poisoned ({int(p.sum())})", density=True)
-        ax.axvline(float(np.median(w[p])), color="tab:red", linestyle="--")
-    ax.set_xlabel("CBD weight L_B / (L_B + L_C) after training (dashed: medians)")
-    ax.set_ylabel("density")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

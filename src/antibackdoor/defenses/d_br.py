@@ -25,13 +25,16 @@ from pathlib import Path
 
 import torch
 
+from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..precision import Precision
+from ..seeding import derive_seed
 from ..training import TrainConfig, make_optimizer, train
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .none import QUICK_PLAIN
-from .separation import SeparationParams, separate, write_separation
-from .stages import backdoored_model, derive_seed, rank_fraction
+from .separation import QUICK_SEPARATION, SeparationParams, separate, write_separation
+from .stages import backdoored_model
 
 log = logging.getLogger("antibackdoor")
 
@@ -44,7 +47,7 @@ class DBRParams:
         batch_size=128, crop=4, flip=True))
     rounds: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=20, optimizer="sgd", lr=1e-4, weight_decay=5e-4, batch_size=128, crop=4, flip=True))
-    unlearn_weight: float = 1.0  # loss weight -unlearn_weight on D_p
+    unlearn_weight: float = param(1.0, doc="loss weight -unlearn_weight on D_p when unlearning")
 
     def validate(self, where: str = "d-br") -> None:
         self.separation.validate(f"{where}.separation")
@@ -53,8 +56,10 @@ class DBRParams:
 
 
 def remove_backdoor(model: torch.nn.Module, data: ImageSet, poisoned: torch.Tensor, clean: torch.Tensor,
-                    cfg: TrainConfig, seed: int, device: torch.device, unlearn_weight: float = 1.0) -> list[dict]:
-    """D-BR's BR module in place: per round, one unlearning pass on D_p, then one relearning pass on D_c."""
+                    cfg: TrainConfig, seed: int, device: torch.device, unlearn_weight: float = 1.0,
+                    precision: Precision | None = None) -> list[dict]:
+    """D-BR's BR module in place: per round, one unlearning pass on D_p, then one relearning pass on D_c
+    (in ``precision``; None: the active one)."""
     opt = make_optimizer(model, cfg)
     unlearn_set, relearn_set = data.subset(poisoned), data.subset(clean)
     ascent = -unlearn_weight * torch.ones(len(unlearn_set))
@@ -62,9 +67,9 @@ def remove_backdoor(model: torch.nn.Module, data: ImageSet, poisoned: torch.Tens
     for r in range(cfg.epochs):
         one = replace(cfg, epochs=1, lr=cfg.lr_at(r), schedule="none", warmup_epochs=0)
         h_u = train(model, unlearn_set, one, seed=derive_seed(seed, "unlearn", r), device=device,
-                    desc=f"unlearn {r + 1}", sample_weight=ascent, optimizer=opt)
+                    desc=f"unlearn {r + 1}", sample_weight=ascent, optimizer=opt, precision=precision)
         h_r = train(model, relearn_set, one, seed=derive_seed(seed, "relearn", r), device=device,
-                    desc=f"relearn {r + 1}", optimizer=opt)
+                    desc=f"relearn {r + 1}", optimizer=opt, precision=precision)
         history.append({"round": r + 1, "lr": one.lr, "unlearn_loss": h_u[0]["loss"],
                         "unlearn_acc": h_u[0]["train_acc"], "relearn_loss": h_r[0]["loss"],
                         "relearn_acc": h_r[0]["train_acc"]})
@@ -84,9 +89,7 @@ class DBR(Defense):
         # batches of 32, so the ~260 samples of D_p give 8 ascent steps per round as ~2,500 do at 128 in the
         # paper's setting; crop without flip, like every quick stage.
         "quick": DBRParams(
-            separation=SeparationParams(
-                warmup=TrainConfig(epochs=2, optimizer="adam", lr=1e-3, crop=0, flip=False),
-                intra=TrainConfig(epochs=10, optimizer="adam", lr=1e-4, crop=0, flip=False)),
+            separation=QUICK_SEPARATION,
             backdoored=QUICK_PLAIN,
             rounds=TrainConfig(epochs=20, optimizer="sgd", lr=1e-4, weight_decay=5e-4, batch_size=32, crop=4,
                                flip=False),
@@ -102,14 +105,12 @@ class DBR(Defense):
         log.info("D-BR 3/3: %d rounds of unlearning D_p (%d) / relearning D_c (%d)", p.rounds.epochs,
                  int(sep.poisoned.sum()), int(sep.clean.sum()))
         hist_r = remove_backdoor(model, data, sep.poisoned, sep.clean, p.rounds, derive_seed(ctx.seed, "d-br"),
-                                 ctx.device, p.unlearn_weight)
+                                 ctx.device, p.unlearn_weight, ctx.compute_precision())
         history = {**sep.history, "backdoored": hist_b, "removal": hist_r}
         return DefenseResult(model, kept=~sep.poisoned, scores=sep.scores, score_name="fct",
-                             higher_is_suspicious=True, info=sep.info(), history=history)
+                             higher_is_suspicious=True, info=sep.info(), history=history,
+                             sample_stats={"sd_part": sep.part()})
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:
-        if result.scores is None or result.kept is None:
-            return []
-        clean = rank_fraction(result.scores, self.params.separation.clean_ratio, lowest=True)  # as separate() did
-        return write_separation(result.info, result.scores, clean, ~result.kept, poison_mask, run_dir)
+        return write_separation(result, poison_mask, run_dir)

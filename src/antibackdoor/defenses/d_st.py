@@ -33,13 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.features import capture, classifier_head
+from ..precision import Precision
+from ..seeding import seeded_rng
 from ..training import Batch, StepOutput, TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .separation import SeparationParams, separate, write_separation
-from .stages import derive_seed, rank_fraction, train_stage
+from .separation import QUICK_SEPARATION, SeparationParams, separate, write_separation
+from .stages import train_stage
 
 log = logging.getLogger("antibackdoor")
 
@@ -89,14 +92,16 @@ def simclr_augmentation(channels: int, size: int, crop_scale: float = 0.2) -> nn
     return nn.Sequential(*ops)
 
 
-def augmented(aug: nn.Module, x: torch.Tensor, generator: torch.Generator, views: int = 1) -> list[torch.Tensor]:
+def augmented(aug: nn.Module, x: torch.Tensor, generator: torch.Generator, precision: Precision,
+              views: int = 1) -> list[torch.Tensor]:
     """``views`` augmented copies of the batch, seeded from the loop's generator (kornia draws from the global
-    RNG, so it runs in a forked RNG state: resumable and without side effects), in fp32."""
+    RNG, so it runs in a forked RNG state: resumable and without side effects), computed in fp32 and handed
+    back in ``precision``'s memory layout."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     devices = [x.device.index or 0] if x.is_cuda else []
     with torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
         torch.manual_seed(seed)
-        return [aug(x.float()).clamp_(0, 1).contiguous(memory_format=torch.channels_last) for _ in range(views)]
+        return [precision.batch(aug(x.float()).clamp_(0, 1)) for _ in range(views)]
 
 
 class ContrastiveNet(nn.Module):
@@ -146,12 +151,12 @@ class DSTParams:
     contrastive: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=200, optimizer="sgd", lr=0.5, schedule="cosine", warmup_epochs=10, weight_decay=1e-4,
         batch_size=512, crop=0, flip=False))
-    temperature: float = 0.1
-    proj_dim: int = 128
-    crop_scale: float = 0.2  # smallest crop area of the random resized crop
+    temperature: float = param(0.1, doc="contrastive temperature")
+    proj_dim: int = param(128, doc="projection head output dimension")
+    crop_scale: float = param(0.2, doc="smallest crop area of the random resized crop")
     head: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=10, optimizer="sgd", lr=5.0, weight_decay=0.0, batch_size=512, crop=0, flip=False))
-    poison_weight: float = 0.001  # lambda of CE(D_c) - lambda * CE(D_p)
+    poison_weight: float = param(0.001, doc="lambda of the head loss CE(D_c) - lambda * CE(D_p)")
 
     def validate(self, where: str = "d-st") -> None:
         self.separation.validate(f"{where}.separation")
@@ -181,9 +186,7 @@ class DST(Defense):
         # linear layer 10 epochs of Adam in batches of 64, ~200 steps on the ~1,300 samples of D_c and D_p
         # as the official 10 epochs in batches of 512 take on 12,500.
         "quick": DSTParams(
-            separation=SeparationParams(
-                warmup=TrainConfig(epochs=2, optimizer="adam", lr=1e-3, crop=0, flip=False),
-                intra=TrainConfig(epochs=10, optimizer="adam", lr=1e-4, crop=0, flip=False)),
+            separation=QUICK_SEPARATION,
             contrastive=TrainConfig(epochs=50, optimizer="adam", lr=1e-3, schedule="cosine", batch_size=256,
                                     crop=0, flip=False),
             head=TrainConfig(epochs=10, optimizer="adam", lr=1e-2, batch_size=64, crop=0, flip=False),
@@ -194,7 +197,7 @@ class DST(Defense):
         p = self.params
 
         def loss_fn(net: nn.Module, batch: Batch) -> StepOutput:
-            v1, v2 = augmented(aug, batch.x, batch.generator, views=2)
+            v1, v2 = augmented(aug, batch.x, batch.generator, batch.precision, views=2)
             z = net(torch.cat([v1, v2]))
             z1, z2 = z.split(len(batch.y))
             loss = sensitivity_contrastive_loss(z1, z2, batch.y, labelled[batch.index], p.temperature)
@@ -206,7 +209,7 @@ class DST(Defense):
         p = self.params
 
         def loss_fn(model: nn.Module, batch: Batch) -> StepOutput:
-            (x,) = augmented(aug, batch.x, batch.generator)
+            (x,) = augmented(aug, batch.x, batch.generator, batch.precision)
             logits = model(x)
             c, q = clean[batch.index], poisoned[batch.index]
             return StepOutput(mixed_head_loss(logits.float(), batch.y, c, q, p.poison_weight), logits)
@@ -220,8 +223,7 @@ class DST(Defense):
         aug = simclr_augmentation(data.channels, data.image_size, p.crop_scale)
         log.info("D-ST 2/3: sensitivity-aware contrastive learning from scratch (%d epochs)", p.contrastive.epochs)
         model = ctx.fresh_model(1)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(ctx.seed, "d-st-projection"))
+        with seeded_rng(ctx.seed, "d-st", "projection"):
             net = ContrastiveNet(model, p.proj_dim).to(ctx.device)
         labelled = sep.clean.to(ctx.device)
         _, hist_c = train_stage(ctx, data, p.contrastive, "contrastive", model=net, seed_offset=1,
@@ -236,11 +238,9 @@ class DST(Defense):
         model = frozen.release().eval()
         history = {**sep.history, "contrastive": hist_c, "head": hist_h}
         return DefenseResult(model, kept=~sep.poisoned, scores=sep.scores, score_name="fct",
-                             higher_is_suspicious=True, info=sep.info(), history=history)
+                             higher_is_suspicious=True, info=sep.info(), history=history,
+                             sample_stats={"sd_part": sep.part()})
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:
-        if result.scores is None or result.kept is None:
-            return []
-        clean = rank_fraction(result.scores, self.params.separation.clean_ratio, lowest=True)
-        return write_separation(result.info, result.scores, clean, ~result.kept, poison_mask, run_dir)
+        return write_separation(result, poison_mask, run_dir)

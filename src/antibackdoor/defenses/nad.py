@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.features import capture, stage_modules
@@ -61,15 +62,15 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, power: float = 
 @dataclass(frozen=True)
 class NADParams:
     backdoored: TrainConfig = field(default_factory=lambda: PAPER_PLAIN)
-    trusted_fraction: float = 0.05  # share of the (clean) training data reserved as the trusted set
+    trusted_fraction: float = param(0.05, doc="share of the clean training data reserved as the trusted set")
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=10, optimizer="sgd", lr=0.1, schedule="step", milestones=(2,), weight_decay=1e-4, batch_size=64,
         crop=4, flip=True))
     student: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=20, optimizer="sgd", lr=0.1, schedule="step", milestones=(2,), weight_decay=1e-4, batch_size=64,
         crop=4, flip=True))
-    betas: tuple[float, ...] = (500.0, 1000.0, 1000.0)  # per stage, for the model's last len(betas) stages
-    power: float = 2.0
+    betas: tuple[float, ...] = param((500.0, 1000.0, 1000.0), doc="attention weight per last stage (0s: fine-tune)")
+    power: float = param(2.0, doc="attention map exponent p: channel mean of |F|^p")
 
     def validate(self, where: str = "nad") -> None:
         if not self.betas or any(b < 0 for b in self.betas):

@@ -25,7 +25,6 @@ in D_c and D_p, ties by index) rather than "<= the score at that rank", which ad
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..caching import atomic_write
+from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.features import capture
+from ..precision import Precision
+from ..seeding import generator
 from ..training import Batch, StepOutput, TrainConfig
-from .base import DefenseContext
-from .stages import rank_fraction, sample_features, seeded_generator, train_stage
+from .base import DefenseContext, DefenseResult
+from .stages import rank_fraction, sample_features, train_stage
 
 log = logging.getLogger("antibackdoor")
 
@@ -49,10 +52,10 @@ class SeparationParams:
         epochs=2, optimizer="sgd", lr=0.01, weight_decay=5e-4, batch_size=128, crop=0, flip=False))
     intra: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=10, optimizer="sgd", lr=0.01, weight_decay=5e-4, batch_size=128, crop=0, flip=False))
-    rotate: float = 180.0  # degrees, uniform in [-rotate, rotate]
-    translate: float = 0.2  # fraction of the image size, per axis
-    clean_ratio: float = 0.20  # alpha_c: share of samples in D_c
-    poison_ratio: float = 0.05  # alpha_p: share of samples in D_p
+    rotate: float = param(180.0, doc="FCT rotation in degrees, uniform in [-rotate, rotate]")
+    translate: float = param(0.2, doc="FCT shift: fraction of the image size, per axis")
+    clean_ratio: float = param(0.20, doc="alpha_c: share of the samples in D_c (lowest FCT)")
+    poison_ratio: float = param(0.05, doc="alpha_p: share of the samples in D_p (highest FCT)")
 
     def validate(self, where: str = "separation") -> None:
         self.warmup.validate(f"{where}.warmup")
@@ -68,6 +71,15 @@ class SeparationParams:
             raise ConfigError(f"{where}.rotate: {self.rotate} must be in [0, 180] degrees")
         if not 0 <= self.translate < 1:
             raise ConfigError(f"{where}.translate: {self.translate} must be in [0, 1)")
+
+
+#: D-BR's and D-ST's quick separation: the small CNN with Adam, 2 + 10 epochs as in the paper, no augmentation
+QUICK_SEPARATION = SeparationParams(
+    warmup=TrainConfig(epochs=2, optimizer="adam", lr=1e-3, crop=0, flip=False),
+    intra=TrainConfig(epochs=10, optimizer="adam", lr=1e-4, crop=0, flip=False))
+
+#: the codes of the three parts in ``DefenseResult.sample_stats["sd_part"]``
+PARTS = {"clean": 0, "uncertain": 1, "poisoned": 2}
 
 
 # -- the pieces ----------------------------------------------------------------------------------------------
@@ -116,15 +128,15 @@ def apply_transforms(x: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor) 
 
 
 def fct_scores(model: nn.Module, data: ImageSet, draw: FCTDraw, device: torch.device | str = "cpu",
-               batch_size: int = 512) -> torch.Tensor:
+               batch_size: int = 512, precision: Precision | str | None = None) -> torch.Tensor:
     """FCT of every sample: mean squared change of its penultimate features under its transformation
-    (eval mode, whole batches). High = sensitive = suspicious."""
-    plain = sample_features(model, data, device, batch_size=batch_size)
+    (eval mode, whole batches, in ``precision``; None: the active one). High = sensitive = suspicious."""
+    plain = sample_features(model, data, device, batch_size=batch_size, precision=precision)
 
     def tau(xb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return apply_transforms(xb, draw.angle[index], draw.shift[index])
 
-    moved = sample_features(model, data, device, transform=tau, batch_size=batch_size)
+    moved = sample_features(model, data, device, transform=tau, batch_size=batch_size, precision=precision)
     return (plain - moved).pow(2).mean(dim=1)
 
 
@@ -153,6 +165,13 @@ class Separation:
     def uncertain(self) -> torch.Tensor:
         return ~(self.clean | self.poisoned)
 
+    def part(self) -> torch.Tensor:
+        """Each sample's part as a code of ``PARTS`` (0 = D_c, 1 = uncertain, 2 = D_p), for sample_stats."""
+        code = torch.full(self.scores.shape, PARTS["uncertain"], dtype=torch.int64)
+        code[self.clean] = PARTS["clean"]
+        code[self.poisoned] = PARTS["poisoned"]
+        return code
+
     def info(self) -> dict:
         return {"threshold": self.gamma_poison, "gamma_clean": self.gamma_clean, "gamma_poison": self.gamma_poison,
                 "clean": int(self.clean.sum()), "uncertain": int(self.uncertain.sum()),
@@ -178,8 +197,8 @@ def separate(ctx: DefenseContext, data: ImageSet, p: SeparationParams, prefix: s
     model, hist_w = train_stage(ctx, data, p.warmup, f"{prefix}_warmup", seed_offset=11)
     _, hist_i = train_stage(ctx, data, p.intra, f"{prefix}_intra", model=model, seed_offset=12,
                             loss_fn=intra_loss_fn(data.num_classes))
-    draw = draw_transforms(len(data), data.image_size, p.rotate, p.translate, seeded_generator(ctx.seed, "fct"))
-    scores = fct_scores(model, data, draw, ctx.device)
+    draw = draw_transforms(len(data), data.image_size, p.rotate, p.translate, generator(ctx.seed, "fct"))
+    scores = fct_scores(model, data, draw, ctx.device, precision=ctx.compute_precision())
     if not torch.isfinite(scores).all():
         raise ConfigError("separation: the FCT scores are not finite (the fine-tuned model diverged); lower "
                           "separation.intra.lr")
@@ -189,42 +208,26 @@ def separate(ctx: DefenseContext, data: ImageSet, p: SeparationParams, prefix: s
     return Separation(scores, clean, poisoned, g_c, g_p, {f"{prefix}_warmup": hist_w, f"{prefix}_intra": hist_i})
 
 
-def write_separation(result_info: dict, scores: torch.Tensor, clean: torch.Tensor, poisoned: torch.Tensor,
-                     poison_mask: torch.Tensor, run_dir: Path) -> list[Path]:
-    """separation.json (how much true poison each part holds) and fct_scores.png (both thresholds)."""
+def write_separation(result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path) -> list[Path]:
+    """separation.json (how much true poison each part holds) and fct_scores.png (both thresholds), drawn
+    from a D-BR/D-ST result: its FCT scores, ``sample_stats["sd_part"]`` and the thresholds in ``info``."""
+    if result.scores is None or "sd_part" not in result.sample_stats:
+        return []
+    result_info, scores, code = result.info, result.scores, result.sample_stats["sd_part"].cpu()
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from ..plots import score_histogram
 
     truth = poison_mask.bool().cpu()
-    parts = {"clean": clean.cpu(), "uncertain": ~(clean | poisoned).cpu(), "poisoned": poisoned.cpu()}
+    parts = {name: code == value for name, value in PARTS.items()}
     summary = {name: {"samples": int(m.sum()), "true_poison": int((m & truth).sum())} for name, m in parts.items()}
     summary["gamma_clean"] = result_info.get("gamma_clean")
     summary["gamma_poison"] = result_info.get("gamma_poison")
     path_json = run_dir / "separation.json"
-    path_json.write_text(json.dumps(summary, indent=2))
-    s = scores.double().cpu().numpy()
-    t = truth.numpy()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    lo, hi = float(s.min()), float(s.max())
-    bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
-    ax.hist(s[~t], bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({int((~t).sum())})")
-    if t.any():
-        ax.hist(s[t], bins=bins, alpha=0.7, color="tab:red", label=f"poisoned ({int(t.sum())})")
-    for key, style in (("gamma_clean", ":"), ("gamma_poison", "--")):
-        value = result_info.get(key)
-        if value is not None and math.isfinite(value):
-            ax.axvline(value, color="black", linestyle=style, label=f"{key} {value:.3g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("FCT (feature change under rotation + shift)")
-    ax.set_ylabel("samples")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path_png = run_dir / "fct_scores.png"
-    fig.savefig(path_png)
-    plt.close(fig)
+    text = json.dumps(summary, indent=2)
+    atomic_write(path_json, lambda tmp: tmp.write_text(text))
+    lines = [(key, float(result_info[key]), style) for key, style in (("gamma_clean", ":"), ("gamma_poison", "--"))
+             if result_info.get(key) is not None]
+    path_png = score_histogram(scores, truth, run_dir / "fct_scores.png",
+                               xlabel="FCT (feature change under rotation + shift)", lines=lines)
     return [path_json, path_png]

@@ -1,5 +1,5 @@
-"""Stages that defenses compose: train a model, score samples adversarially, split by a threshold, per-sample
-losses and features, unlearning.
+"""Stages that defenses compose: train a model (with a custom loss where needed), score samples adversarially,
+per-sample losses and features, rank and threshold scores, unlearn.
 
 Each is a plain function so that a defense's ``run`` reads like its paper's algorithm, and so that a detector
 can call one piece (e.g. per-sample losses) without running a whole defense.
@@ -7,7 +7,6 @@ can call one piece (e.g. per-sample losses) without running a whole defense.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import numpy as np
@@ -18,45 +17,41 @@ from ..adversarial.pgd import PGDConfig, PGDStats, eval_mode, pgd_statistics
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.features import capture
+from ..precision import Precision, as_precision
+from ..seeding import derive_seed
 from ..training import LossFn, TrainConfig, train
 from .base import DefenseContext
 
 log = logging.getLogger("antibackdoor")
 
 
-def derive_seed(seed: int, *tags: object) -> int:
-    """A 63-bit seed for one named random stream of a run (e.g. ``derive_seed(seed, "fct")``), independent of
-    every other stream."""
-    blob = repr((int(seed), *tags)).encode()
-    return int(hashlib.sha256(blob).hexdigest()[:16], 16) & (2**63 - 1)
-
-
-def seeded_generator(seed: int, *tags: object) -> torch.Generator:
-    """A CPU generator for the stream ``derive_seed(seed, *tags)``."""
-    return torch.Generator().manual_seed(derive_seed(seed, *tags))
-
-
 def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str,
-                sample_weight: torch.Tensor | None = None, seed_offset: int = 0,
+                sample_weight: torch.Tensor | None = None, seed_offset: int | str = 0,
                 on_epoch_end=None, model: nn.Module | None = None,
                 loss_fn: LossFn | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``."""
+    """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``.
+
+    ``seed_offset`` names the stage's random streams: its initial weights (``ctx.fresh_model(seed_offset)``)
+    and its batch order and augmentation (``derive_seed(ctx.seed, "train", seed_offset)``). ``loss_fn``
+    replaces the cross-entropy (``training.train``).
+    """
     model = model if model is not None else ctx.fresh_model(seed_offset)
-    history = train(model, data, cfg, seed=ctx.seed * 31 + seed_offset, device=ctx.device,
+    history = train(model, data, cfg, seed=derive_seed(ctx.seed, "train", seed_offset), device=ctx.device,
                     checkpoint=ctx.checkpoint(stage), resume=ctx.resume, desc=stage,
-                    sample_weight=sample_weight, on_epoch_end=on_epoch_end, loss_fn=loss_fn)
+                    sample_weight=sample_weight, on_epoch_end=on_epoch_end, precision=ctx.compute_precision(),
+                    loss_fn=loss_fn)
     return model, history
 
 
 def backdoored_model(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str = "backdoored",
-                     seed_offset: int = 0) -> tuple[nn.Module, list[dict]]:
+                     seed_offset: int | str = 0) -> tuple[nn.Module, list[dict]]:
     """A model trained with plain cross-entropy on all the (possibly poisoned) data: what post-training
-    defenses (NAD, D-BR) purify and what CBD uses to capture the backdoor."""
+    defenses (NAD, D-BR) purify. With seed offset 0 it starts and trains like the ``none`` defense."""
     return train_stage(ctx, data, cfg, stage, seed_offset=seed_offset)
 
 
 def unlearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, cfg: TrainConfig, stage: str,
-            seed_offset: int = 0) -> list[dict]:
+            seed_offset: int | str = 0) -> list[dict]:
     """Gradient ascent on the cross-entropy of ``data`` (every sample weighted -1), in place: ABL's
     backdoor unlearning on its isolated samples."""
     weight = -torch.ones(len(data))
@@ -64,29 +59,36 @@ def unlearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, cfg: TrainCon
     return history
 
 
-@torch.no_grad()
-def per_sample_losses(model: nn.Module, data: ImageSet, device: torch.device | str = "cpu",
-                      batch_size: int = 1024) -> torch.Tensor:
-    """Cross-entropy of every sample under ``model`` in eval mode, without augmentation, in whole batches
-    (float32, on the CPU)."""
-    parts = []
-    with eval_mode(model):
-        for s in range(0, len(data), batch_size):
-            xb = data.x[s:s + batch_size].to(device).float().div_(255.0)
-            yb = data.y[s:s + batch_size].to(device)
-            parts.append(nn.functional.cross_entropy(model(xb).float(), yb, reduction="none").cpu())
-    return torch.cat(parts) if parts else torch.empty(0)
+def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: DefenseContext,
+                       desc: str | None = "scoring") -> PGDStats:
+    """Attack every sample with ``cfg`` (eval mode, whole batches) and return per-sample statistics.
+
+    The model runs in the context's precision (bf16 autocast where the hardware has it natively); the
+    per-sample losses are fp32 either way.
+    """
+    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc,
+                          precision=ctx.compute_precision())
+
+
+def sample_losses(model: nn.Module, data: ImageSet, ctx: DefenseContext, loss: str = "ce") -> torch.Tensor:
+    """Per-sample loss (``ce`` or ``sce``) of ``model`` on the clean images, w.r.t. the given labels (eval mode,
+    whole batches): the PGD engine with zero steps."""
+    cfg = PGDConfig(eps=0.0, step=0.0, steps=0, random_start=False, loss=loss)
+    return adversarial_scores(model, data, cfg, ctx, desc=None).loss
 
 
 @torch.no_grad()
 def sample_features(model: nn.Module, data: ImageSet, device: torch.device | str = "cpu", layer: str | None = None,
-                    transform=None, batch_size: int = 512) -> torch.Tensor:
+                    transform=None, batch_size: int = 512,
+                    precision: Precision | str | None = None) -> torch.Tensor:
     """Features of every sample in eval mode, in whole batches (float32, N x D, on the CPU).
 
     ``layer``: None for the penultimate features (the input of the final linear layer), or the name of one
     of the model's stages (``models.features.stage_modules``), flattened. ``transform(images, index)``, if
     given, maps each float batch in [0, 1] (with the samples' positions) to the images actually fed in.
+    ``precision`` (None: the active one) sets the autocast dtype and layout, as in the training loop.
     """
+    prec = as_precision(precision, device)
     parts = []
     stages = [layer] if layer is not None else False
     with eval_mode(model), capture(model, stages=stages, penultimate=layer is None) as feats:
@@ -94,7 +96,8 @@ def sample_features(model: nn.Module, data: ImageSet, device: torch.device | str
             xb = data.x[s:s + batch_size].to(device).float().div_(255.0)
             if transform is not None:
                 xb = transform(xb, torch.arange(s, s + xb.shape[0]))
-            model(xb)
+            with prec.autocast():
+                model(prec.batch(xb))
             out = feats.penultimate if layer is None else feats.stages[layer]
             parts.append(out.float().flatten(1).cpu())
     return torch.cat(parts) if parts else torch.empty(0)
@@ -110,18 +113,6 @@ def rank_fraction(scores: torch.Tensor, fraction: float, lowest: bool = True) ->
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order[:count]] = True
     return mask
-
-
-def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: DefenseContext,
-                       desc: str = "scoring") -> PGDStats:
-    """Attack every sample with ``cfg`` (eval mode, whole batches) and return per-sample statistics.
-
-    On a GPU the attack runs under bf16 autocast with channels_last batches (the losses stay fp32); on the
-    CPU in plain fp32, where the scores are those the tests compare with the batch-of-one reference.
-    """
-    gpu = ctx.device.type == "cuda"
-    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc, amp=gpu,
-                          channels_last=gpu)
 
 
 def otsu_threshold(scores: torch.Tensor) -> float:
