@@ -28,12 +28,14 @@ from .caching import atomic_write
 from .config import deep_update, from_dict, to_dict
 from .data.imageset import DatasetSplits, ImageSet, PaperSettings
 from .data.registry import load_dataset
+from .data.trusted import reserve_trusted
 from .defenses.base import Defense, DefenseContext, DefenseResult, get_defense
 from .errors import ConfigError, RunStateError
 from .metrics import EvalConfig, accuracy, attack_success_rate, robust_accuracy, split_metrics
 from .models.io import save_model
 from .models.registry import MODELS, build_model
 from .precision import PRECISIONS, Precision, resolve_precision, use_precision
+from .seeding import generator
 
 log = logging.getLogger("antibackdoor")
 
@@ -249,12 +251,21 @@ class Experiment:
         splits = self.load_data()
         paper = splits.paper if c.preset == "paper" else None
         model = resolve_model(c.model, c.defense, paper)
+        defense = resolve_defense(c.defense, c.preset, c.defense_params, paper)
+        train = splits.train
+        if defense.trusted_fraction() is not None:  # a fraction that leaves a class empty fails here
+            train = train.subset(~self.trusted_mask(defense, train))
         attack = get_attack(c.attack, c.preset, c.attack_params) if c.attack != "none" else None
         if attack is not None:
-            attack.check(splits.train, c.poison_rate, c.target)
-        defense = resolve_defense(c.defense, c.preset, c.defense_params, paper)
+            attack.check(train, c.poison_rate, c.target)  # on the data the attack will poison
         device = pick_device(c.device)
         return Resolved(c, model, attack, defense, device, resolve_precision(c.precision, device))
+
+    def trusted_mask(self, defense: Defense, train: ImageSet) -> torch.Tensor:
+        """The trusted slice a defense that declares ``needs_trusted`` gets: class-stratified, drawn from the
+        stream ``(seed, "trusted")`` (so ``resolve`` and the run draw the same slice)."""
+        return reserve_trusted(train, defense.trusted_fraction(), generator(self.config.seed, "trusted"),
+                               f"--defense-param trusted_fraction ({self.config.defense})")
 
     def run_dir(self, resolved: Resolved) -> Path:
         c = self.config
@@ -285,6 +296,14 @@ class Experiment:
         gen = torch.Generator().manual_seed(c.seed)
         log.info("data: %s (%d train, %d test, %d classes)", c.dataset, len(train_set), len(test_set),
                  train_set.num_classes)
+        trusted, trusted_mask = None, None
+        fraction = defense.trusted_fraction()
+        if fraction is not None:
+            # drawn from the clean data before poisoning and removed from it: the defense's known-clean slice
+            trusted_mask = self.trusted_mask(defense, train_set)
+            trusted, train_set = train_set.subset(trusted_mask), train_set.subset(~trusted_mask)
+            log.info("trusted slice: %d clean samples (%.3g of the training data) reserved before poisoning",
+                     len(trusted), fraction)
         if attack is None:
             poisoned = no_poison(train_set, c.target)
         else:
@@ -298,7 +317,7 @@ class Experiment:
                                train_set.mean, train_set.std)
 
         ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume,
-                             precision=prec)
+                             precision=prec, trusted=trusted)
         log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, resolved.model, device)
         result = defense.run(poisoned.data, ctx)
         t_defense = time.time() - t0
@@ -319,6 +338,10 @@ class Experiment:
         metrics.update(split_metrics(kept, poisoned.poison_mask))
         metrics["poisoned"] = poisoned.num_poison
         metrics["train_size"] = len(train_set)
+        if trusted_mask is not None:
+            metrics["trusted_size"] = int(trusted_mask.sum())
+            write_json(run_dir / "trusted.json", {"fraction": fraction, "size": int(trusted_mask.sum()),
+                                                  "index": trusted_mask.nonzero().flatten().tolist()})
         metrics["precision"] = prec.name
         metrics["defense_info"] = result.info
         metrics["time_defense_s"] = round(t_defense, 1)

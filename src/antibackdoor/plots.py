@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -12,9 +14,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _finish(fig, path: Path) -> Path:
+    """Lay out, save and close a figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def score_histogram(scores: torch.Tensor, poison_mask: torch.Tensor | None, path: Path, xlabel: str,
-                    threshold: float | None = None, title: str = "") -> Path:
-    """Histogram of per-sample scores, clean vs poisoned, with the split threshold (A-ABL Fig. 4/9).
+                    threshold: float | None = None, title: str = "",
+                    lines: Sequence[tuple[str, float, str]] = ()) -> Path:
+    """Histogram of per-sample scores, clean vs poisoned, with the split threshold (A-ABL Fig. 4/9) or other
+    vertical ``lines`` (label, value, line style), e.g. D-BR/D-ST's two FCT thresholds.
 
     Without a poison mask (a user's own data: the truth is unknown) all samples form one histogram."""
     s = scores.double().cpu().numpy()
@@ -27,16 +40,15 @@ def score_histogram(scores: torch.Tensor, poison_mask: torch.Tensor | None, path
         ax.hist(s[p], bins=bins, alpha=0.7, label=f"poisoned ({p.sum()})", color="tab:red")
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+    for label, value, style in lines:
+        if math.isfinite(value):
+            ax.axvline(value, color="black", linestyle=style, label=f"{label} {value:.3g}")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("samples")
     ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=8 if lines else None)
+    return _finish(fig, path)
 
 
 def plot_k_distribution(scores: torch.Tensor, poison_mask: torch.Tensor, path: Path,
@@ -79,8 +91,21 @@ def plot_k_distribution(scores: torch.Tensor, poison_mask: torch.Tensor, path: P
         ax.set_ylim(0, 1)
         ax.set_ylabel("share of poisoned samples")
         ax.set_title("adversarial label of poisoned samples", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
+
+
+def plot_cbd_weights(weights: torch.Tensor, poison_mask: torch.Tensor, path: Path) -> Path:
+    """CBD's final sample weights L_B / (L_B + L_C), clean vs poisoned samples (densities), with their medians."""
+    w = weights.double().cpu().numpy()
+    p = poison_mask.bool().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    bins = np.linspace(0, max(1.0, float(w.max())), 51)
+    ax.hist(w[~p], bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({int((~p).sum())})", density=True)
+    ax.axvline(float(np.median(w[~p])), color="tab:blue", linestyle="--")
+    if p.any():
+        ax.hist(w[p], bins=bins, alpha=0.7, color="tab:red", label=f"poisoned ({int(p.sum())})", density=True)
+        ax.axvline(float(np.median(w[p])), color="tab:red", linestyle="--")
+    ax.set_xlabel("CBD weight L_B / (L_B + L_C) after training (dashed: medians)")
+    ax.set_ylabel("density")
+    ax.legend()
+    return _finish(fig, path)

@@ -5,6 +5,11 @@ exact resume.
 Randomness (shuffling, augmentation, PGD random starts) comes from a generator seeded by
 ``derive_seed(seed, "epoch", epoch)``, so an epoch replayed after a resume draws the same numbers as it would
 have without the interruption.
+
+Defenses whose objective is not a (weighted) cross-entropy — attention distillation, re-weighted losses with
+an adversarial estimator, contrastive losses — pass ``loss_fn``: it gets the model and the prepared batch
+(with the loop's precision) and returns the loss, so they reuse this loop (schedules, precision, checkpoints,
+resume) instead of writing their own.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +51,7 @@ class TrainConfig:
     schedule: str = "none"  # "none", "step" (x lr_gamma at milestones) or "cosine"
     milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
+    warmup_epochs: int = 0  # linear warm-up: epoch e < warmup_epochs runs at (e+1)/(warmup_epochs+1) of the lr
     crop: int = 4  # random-crop padding in pixels (0 = off)
     flip: bool = True
     adversary: PGDConfig | None = None  # PGD adversarial training when set
@@ -59,13 +65,48 @@ class TrainConfig:
             raise ConfigError(f"{where}: epochs >= 0, batch_size >= 1 and lr > 0 are required")
         if not self.weight_decay >= 0:
             raise ConfigError(f"{where}.weight_decay: {self.weight_decay} must be >= 0")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"{where}.warmup_epochs: {self.warmup_epochs} must be >= 0")
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "step":
-            return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones)
-        if self.schedule == "cosine":
-            return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / max(1, self.epochs)))
-        return self.lr
+            lr = self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones)
+        elif self.schedule == "cosine":
+            lr = 0.5 * self.lr * (1 + math.cos(math.pi * epoch / max(1, self.epochs)))
+        else:
+            lr = self.lr
+        if epoch < self.warmup_epochs:
+            lr *= (epoch + 1) / (self.warmup_epochs + 1)
+        return lr
+
+
+@dataclass
+class Batch:
+    """One prepared training batch, as the loop hands it to a custom loss (``train(loss_fn=...)``)."""
+
+    x: torch.Tensor  # augmented images in [0, 1] (adversarial when cfg.adversary is set), in prec's layout
+    y: torch.Tensor
+    index: torch.Tensor  # positions of the samples in the training data
+    weight: torch.Tensor | None  # their sample_weight, if any
+    epoch: int
+    #: the epoch's generator: a loss that needs randomness draws it here, so a resumed epoch replays it
+    generator: torch.Generator
+    #: the loop's precision: the loss runs under its autocast already; images the loss makes itself (extra
+    #: views) go through ``precision.batch`` to match the model's memory layout
+    precision: Precision
+
+
+@dataclass
+class StepOutput:
+    """What a custom loss returns for one batch."""
+
+    loss: torch.Tensor  # the scalar the optimizer minimises
+    logits: torch.Tensor | None = None  # the model's outputs, for train_acc (omitted from the history if None)
+    #: scalar terms (detached or not) averaged over the epoch into the history, e.g. {"at_loss": ...}
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+LossFn = Callable[[nn.Module, Batch], StepOutput]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -96,7 +137,8 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
           device: torch.device | str = "cpu", checkpoint: Path | None = None, resume: bool = False,
           desc: str = "train", sample_weight: torch.Tensor | None = None,
           on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None,
-          precision: Precision | str | None = None) -> list[dict]:
+          precision: Precision | str | None = None, loss_fn: LossFn | None = None,
+          optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
     """Train ``model`` in place on ``data`` and return one dict of statistics per epoch.
 
     ``precision`` (a Precision or auto/fp32/bf16/fp16; None: the active one, see ``precision.py``) sets the
@@ -105,12 +147,17 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
     ``sample_weight`` (N floats) scales each sample's loss; negative weights give gradient ascent
     (unlearning). ``on_epoch_end(epoch, model)`` may return extra numbers for the history, and returning
     ``{"stop": True}`` ends training early (used to abandon a collapsing run).
+
+    ``loss_fn(model, batch)`` replaces the (weighted) cross-entropy: it runs the forward pass itself (under
+    the loop's autocast) and returns a StepOutput; its ``parts`` are averaged into the history. ``optimizer``
+    continues an existing optimizer (its momentum carries over between calls that alternate between data
+    sets); by default a new one is made from ``cfg``.
     """
     cfg.validate(desc)
     device = torch.device(device)
     prec = as_precision(precision, device)
     prec.prepare(model.to(device))
-    opt = make_optimizer(model, cfg)
+    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     scaler = prec.scaler()
     history: list[dict] = []
     start = 0
@@ -137,6 +184,8 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
         order = torch.randperm(n, generator=gen).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
+        counted = 0
+        part_sums: dict[str, torch.Tensor] = {}
         for s in range(0, n, cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
             if idx.numel() < 2 and n >= 2:  # BatchNorm needs two samples
@@ -146,18 +195,32 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
             if cfg.adversary is not None:
                 xb = adversarial_examples(model, xb, yb, cfg.adversary, generator=gen, precision=prec)
                 model.train()
-            with prec.autocast():
-                logits = model(xb)
-            per = F.cross_entropy(logits.float(), yb, reduction="none")
-            loss = (per * w_all[idx]).mean() if w_all is not None else per.mean()
+            if loss_fn is None:
+                with prec.autocast():
+                    logits = model(xb)
+                per = F.cross_entropy(logits.float(), yb, reduction="none")
+                loss = (per * w_all[idx]).mean() if w_all is not None else per.mean()
+                batch_loss = per.detach().sum()
+            else:
+                batch = Batch(xb, yb, idx, w_all[idx] if w_all is not None else None, epoch, gen, prec)
+                with prec.autocast():
+                    out = loss_fn(model, batch)
+                loss, logits = out.loss.float(), out.logits
+                batch_loss = loss.detach() * len(idx)
+                for key, value in out.parts.items():
+                    part_sums[key] = part_sums.get(key, 0.0) + value.detach().float() * len(idx)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            loss_sum += per.detach().sum()
-            correct += (logits.argmax(1) == yb).sum()
-        stats = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": float(loss_sum) / max(n, 1),
-                 "train_acc": float(correct) / max(n, 1)}
+            loss_sum += batch_loss
+            if logits is not None:
+                correct += (logits.argmax(1) == yb).sum()
+                counted += len(idx)
+        stats = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": float(loss_sum) / max(n, 1)}
+        if counted or loss_fn is None:  # a custom loss that returns no logits has no train_acc
+            stats["train_acc"] = float(correct) / max(n, 1)
+        stats.update({key: float(value) / max(n, 1) for key, value in part_sums.items()})
         if not math.isfinite(stats["loss"]):
             raise TrainingDivergedError(
                 f"{desc}: the loss became {stats['loss']} in epoch {epoch + 1}; lower the learning rate "
@@ -169,7 +232,7 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
             stats.update(extra)
         history.append(stats)
         if hasattr(epochs, "set_postfix"):
-            epochs.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
+            epochs.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats.get('train_acc', math.nan):.3f}")
         log.debug("%s epoch %d: %s", desc, epoch + 1, {k: round(v, 4) for k, v in stats.items()})
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": model.state_dict(),

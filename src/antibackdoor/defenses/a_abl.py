@@ -18,12 +18,11 @@ from ..data.imageset import ImageSet
 from ..training import TrainConfig
 from .adv_train import PAPER_AT, QUICK_AT
 from .base import Defense, DefenseContext, DefenseResult, register_defense
+from .none import QUICK_PLAIN
 from .stages import adversarial_scores, otsu_threshold, train_stage
 
 log = logging.getLogger("antibackdoor")
 
-#: the quick preset's stage 1 (and the quick ``none`` defense, so that ``none`` shows what stage 1 learns)
-QUICK_NAIVE = TrainConfig(epochs=25, optimizer="adam", lr=2e-3, crop=4, flip=False, schedule="cosine")
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class AABL(Defense):
         # moves a corner patch to the other corner) and a schedule that ends at a low loss. 25 epochs of Adam
         # at 2e-3 with a cosine decay isolate as much poison as 40 at a constant 1e-3 in 60 % of the time
         # (mini CIFAR-10, BadNets, targets 0 and 3: docs/a-abl.md; benchmarks/probe_quick_speed.py).
-        "quick": AABLParams(naive=QUICK_NAIVE, final=QUICK_AT),
+        "quick": AABLParams(naive=QUICK_PLAIN, final=QUICK_AT),
     }
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:

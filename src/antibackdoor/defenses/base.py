@@ -7,6 +7,7 @@ Hyper-parameters live in a frozen dataclass per defense, with one instance per p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ class DefenseContext:
     resume: bool = False
     #: the precision every stage computes in (None: the active one, see ``precision.py``)
     precision: Precision | None = None
-    #: a small set the user vouches is clean (``defend --trusted``); None when there is none
+    #: a small set of clean data the defender trusts: the slice ``run`` reserves before poisoning for defenses
+    #: that declare ``needs_trusted`` (it holds no poison and is not part of the training data), or the set
+    #: the user vouches for (``defend --trusted``); None when there is none
     trusted: ImageSet | None = None
 
     def compute_precision(self) -> Precision:
@@ -93,8 +96,9 @@ class Defense:
     #: what the defense takes for granted about the data and the attack, in a user's words (``defend``'s
     #: report lists them, so a practitioner can judge whether they hold for their data)
     assumptions: ClassVar[tuple[str, ...]] = ()
-    #: whether ``run`` reads ``DefenseContext.trusted`` (``uses_trusted``) or refuses to run without it
-    #: (``needs_trusted``); ``defend`` evaluates on trusted data only when the defense does not use it
+    #: whether the defense reads ``DefenseContext.trusted`` (``uses_trusted``) or refuses to run without it
+    #: (``needs_trusted``: ``run`` reserves a slice of the training data whose size is the fraction in its
+    #: ``trusted_fraction`` parameter); ``defend`` evaluates on trusted data only when the defense does not use it
     uses_trusted: ClassVar[bool] = False
     needs_trusted: ClassVar[bool] = False
 
@@ -104,13 +108,41 @@ class Defense:
                 raise ConfigError(f"--preset: {preset!r} unknown for defense {self.name}; known: "
                                   f"{', '.join(self.presets)}")
             params = merge(self.presets[preset], overrides or {}, f"defense_params ({self.name})")
-        validate = getattr(params, "validate", None)
+        self.params = params
+        self.validate_params()
+
+    def validate_params(self) -> None:
+        """Reject out-of-range values at construction, before a run directory exists, with an error naming
+        the key: every TrainConfig field is checked, then the Params' own ``validate()`` if it has one."""
+        from ..training import TrainConfig
+
+        if dataclasses.is_dataclass(self.params):
+            for f in dataclasses.fields(self.params):
+                value = getattr(self.params, f.name)
+                if isinstance(value, TrainConfig):
+                    value.validate(f"{self.name}.{f.name}")
+        validate = getattr(self.params, "validate", None)
         if validate is not None:
             validate()
-        self.params = params
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
+
+    def trusted_fraction(self) -> float | None:
+        """The share of the training data to reserve as trusted clean data (None: the defense needs none)."""
+        if not self.needs_trusted:
+            return None
+        fraction = float(self.params.trusted_fraction)
+        if not 0 < fraction < 1:
+            raise ConfigError(f"{self.name}.trusted_fraction: {fraction} must be in (0, 1)")
+        return fraction
+
+    def require_trusted(self, ctx: DefenseContext) -> ImageSet:
+        """The trusted slice, or a clear error when the caller did not provide one."""
+        if ctx.trusted is None or len(ctx.trusted) == 0:
+            raise ConfigError(f"defense {self.name}: needs a trusted slice of clean training data "
+                              "(DefenseContext.trusted); run_experiment reserves one, direct callers must pass it")
+        return ctx.trusted
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:

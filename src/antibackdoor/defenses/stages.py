@@ -1,6 +1,8 @@
-"""Stages that defenses compose: train a model, score samples adversarially, split by a threshold.
+"""Stages that defenses compose: train a model (with a custom loss where needed), score samples adversarially,
+per-sample losses and features, rank and threshold scores, unlearn.
 
-Each is a plain function so that a defense's ``run`` reads like its paper's algorithm.
+Each is a plain function so that a defense's ``run`` reads like its paper's algorithm, and so that a detector
+can call one piece (e.g. per-sample losses) without running a whole defense.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adversarial.pgd import PGDConfig, PGDStats, pgd_statistics
+from ..adversarial.pgd import PGDConfig, PGDStats, eval_mode, pgd_statistics
 from ..data.imageset import ImageSet
+from ..errors import ConfigError
+from ..models.features import capture
+from ..precision import Precision, as_precision
 from ..seeding import derive_seed
-from ..training import TrainConfig, train
+from ..training import LossFn, TrainConfig, train
 from .base import DefenseContext
 
 log = logging.getLogger("antibackdoor")
@@ -22,17 +27,36 @@ log = logging.getLogger("antibackdoor")
 
 def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str,
                 sample_weight: torch.Tensor | None = None, seed_offset: int | str = 0,
-                on_epoch_end=None, model: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
+                on_epoch_end=None, model: nn.Module | None = None,
+                loss_fn: LossFn | None = None) -> tuple[nn.Module, list[dict]]:
     """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``.
 
     ``seed_offset`` names the stage's random streams: its initial weights (``ctx.fresh_model(seed_offset)``)
-    and its batch order and augmentation (``derive_seed(ctx.seed, "train", seed_offset)``).
+    and its batch order and augmentation (``derive_seed(ctx.seed, "train", seed_offset)``). ``loss_fn``
+    replaces the cross-entropy (``training.train``).
     """
     model = model if model is not None else ctx.fresh_model(seed_offset)
     history = train(model, data, cfg, seed=derive_seed(ctx.seed, "train", seed_offset), device=ctx.device,
                     checkpoint=ctx.checkpoint(stage), resume=ctx.resume, desc=stage,
-                    sample_weight=sample_weight, on_epoch_end=on_epoch_end, precision=ctx.compute_precision())
+                    sample_weight=sample_weight, on_epoch_end=on_epoch_end, precision=ctx.compute_precision(),
+                    loss_fn=loss_fn)
     return model, history
+
+
+def backdoored_model(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str = "backdoored",
+                     seed_offset: int | str = 0) -> tuple[nn.Module, list[dict]]:
+    """A model trained with plain cross-entropy on all the (possibly poisoned) data: what post-training
+    defenses (NAD, D-BR) purify. With seed offset 0 it starts and trains like the ``none`` defense."""
+    return train_stage(ctx, data, cfg, stage, seed_offset=seed_offset)
+
+
+def unlearn(ctx: DefenseContext, model: nn.Module, data: ImageSet, cfg: TrainConfig, stage: str,
+            seed_offset: int | str = 0) -> list[dict]:
+    """Gradient ascent on the cross-entropy of ``data`` (every sample weighted -1), in place: ABL's
+    backdoor unlearning on its isolated samples."""
+    weight = -torch.ones(len(data))
+    _, history = train_stage(ctx, data, cfg, stage, sample_weight=weight, seed_offset=seed_offset, model=model)
+    return history
 
 
 def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: DefenseContext,
@@ -51,6 +75,44 @@ def sample_losses(model: nn.Module, data: ImageSet, ctx: DefenseContext, loss: s
     whole batches): the PGD engine with zero steps."""
     cfg = PGDConfig(eps=0.0, step=0.0, steps=0, random_start=False, loss=loss)
     return adversarial_scores(model, data, cfg, ctx, desc=None).loss
+
+
+@torch.no_grad()
+def sample_features(model: nn.Module, data: ImageSet, device: torch.device | str = "cpu", layer: str | None = None,
+                    transform=None, batch_size: int = 512,
+                    precision: Precision | str | None = None) -> torch.Tensor:
+    """Features of every sample in eval mode, in whole batches (float32, N x D, on the CPU).
+
+    ``layer``: None for the penultimate features (the input of the final linear layer), or the name of one
+    of the model's stages (``models.features.stage_modules``), flattened. ``transform(images, index)``, if
+    given, maps each float batch in [0, 1] (with the samples' positions) to the images actually fed in.
+    ``precision`` (None: the active one) sets the autocast dtype and layout, as in the training loop.
+    """
+    prec = as_precision(precision, device)
+    parts = []
+    stages = [layer] if layer is not None else False
+    with eval_mode(model), capture(model, stages=stages, penultimate=layer is None) as feats:
+        for s in range(0, len(data), batch_size):
+            xb = data.x[s:s + batch_size].to(device).float().div_(255.0)
+            if transform is not None:
+                xb = transform(xb, torch.arange(s, s + xb.shape[0]))
+            with prec.autocast():
+                model(prec.batch(xb))
+            out = feats.penultimate if layer is None else feats.stages[layer]
+            parts.append(out.float().flatten(1).cpu())
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def rank_fraction(scores: torch.Tensor, fraction: float, lowest: bool = True) -> torch.Tensor:
+    """Mask of the int(fraction * N) lowest (or highest) scores, at least one; ties keep index order."""
+    n = len(scores)
+    if not 0 < fraction < 1:
+        raise ConfigError(f"fraction {fraction}: must be in (0, 1)")
+    count = min(n, max(1, int(fraction * n + 1e-9)))
+    order = torch.sort(scores.double().cpu(), descending=not lowest, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
 
 
 def otsu_threshold(scores: torch.Tensor) -> float:
