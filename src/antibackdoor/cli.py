@@ -1,4 +1,4 @@
-"""Command line: ``antibackdoor run | datasets | models | attacks | defenses``.
+"""Command line: ``antibackdoor run | datasets | models | attacks | defenses | detectors``.
 
 Errors caused by input (files, options, data) end with one line ``antibackdoor: error: ...`` and exit 2.
 """
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in [("datasets", "list datasets, where each is looked for and whether it is present"),
                        ("models", "list models with parameter counts"), ("attacks", "list attacks"),
-                       ("defenses", "list defenses")]:
+                       ("defenses", "list defenses"), ("detectors", "list isolation detectors")]:
         s = sub.add_parser(name, help=text)
         if name == "datasets":
             s.add_argument("--data-root", help="data root to check")
@@ -181,6 +181,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         for name, cls in sorted(DEFENSES.items()):
             print(f"  {name:<10} {cls.description}")
+    elif args.command == "detectors":
+        from .detectors import DETECTORS
+
+        for name, cls in sorted(DETECTORS.items()):
+            model = "model" if cls.needs_model else "     "
+            print(f"  {name:<22} {model}  {cls.description}")
     return 0
 
 

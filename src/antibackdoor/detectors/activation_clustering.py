@@ -1,0 +1,101 @@
+"""Activation clustering (Chen et al., 2018): poisoned samples of a class form their own cluster in the
+penultimate activations of a model trained on the poisoned data.
+
+Per class (always the whole class at once, never a mini-batch): the penultimate activations of the suspect
+model are reduced to 10 dimensions (FastICA as in the paper, or PCA), split by k-means with k = 2, and the
+smaller cluster is flagged when it holds less than ``max_share`` (35 %) of the class ("relative size"). The
+continuous score is a sample's distance to the centre of its class's larger cluster in the reduced space,
+divided by the median distance of that cluster's own members, so that scores of different classes compare.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..models.features import penultimate_features
+from ..training import TrainConfig
+from .base import PAPER_SUSPECT, QUICK_SUSPECT, Detector, IsolationRule, register_detector
+
+
+@dataclass(frozen=True)
+class ACParams:
+    model: TrainConfig = field(default_factory=lambda: QUICK_SUSPECT)
+    reduce: str = "ica"  # "ica" (FastICA, the paper) or "pca"
+    dims: int = 10
+    max_share: float = 0.35  # the smaller cluster is poisoned if it holds less than this share of its class
+    rule: IsolationRule = field(default_factory=IsolationRule)
+
+    def validate(self) -> None:
+        if self.reduce not in ("ica", "pca"):
+            raise ConfigError(f"activation-clustering.reduce: {self.reduce!r} is not 'ica' or 'pca'")
+        if self.dims < 1 or not 0 < self.max_share <= 0.5:
+            raise ConfigError("activation-clustering: dims >= 1 and max_share in (0, 0.5] are required")
+
+
+def reduce_dims(x: np.ndarray, dims: int, method: str, seed: int) -> tuple[np.ndarray, bool]:
+    """``x`` (n x D) reduced to at most ``dims`` dimensions with scikit-learn's FastICA or PCA, and whether
+    FastICA converged (its unconverged result is still a valid projection; the caller records the fact)."""
+    from sklearn.decomposition import PCA, FastICA
+    from sklearn.exceptions import ConvergenceWarning
+
+    k = max(1, min(dims, x.shape[0] - 1, x.shape[1]))
+    if method == "pca":
+        return PCA(n_components=k, random_state=seed).fit_transform(x), True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        z = FastICA(n_components=k, whiten="unit-variance", random_state=seed, max_iter=1000,
+                    tol=1e-3).fit_transform(x)
+    return z, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def cluster_class(x: np.ndarray, dims: int, method: str, max_share: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One class: (flagged mask, distance score, facts) from reduction + 2-means + the relative-size rule."""
+    from sklearn.cluster import KMeans
+
+    n = x.shape[0]
+    if n < 3:
+        return np.zeros(n, dtype=bool), np.zeros(n), {"size": n, "small_share": 0.0, "flagged": False}
+    z, converged = reduce_dims(x, dims, method, seed)
+    km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(z)
+    sizes = np.bincount(km.labels_, minlength=2)
+    large = int(np.argmax(sizes))
+    share = float(sizes.min()) / n
+    flagged_cluster = share < max_share
+    flagged = (km.labels_ != large) & flagged_cluster
+    dist = np.linalg.norm(z - km.cluster_centers_[large], axis=1)
+    scale = float(np.median(dist[km.labels_ == large]))
+    score = dist / scale if scale > 0 else dist
+    return flagged, score, {"size": n, "small_share": round(share, 4), "flagged": bool(flagged_cluster),
+                            "converged": converged}
+
+
+@register_detector
+class ActivationClustering(Detector):
+    name = "activation-clustering"
+    description = "Chen et al.: per-class FastICA to 10 dims + 2-means on penultimate activations; small cluster"
+    Params = ACParams
+    presets = {"quick": ACParams(), "paper": ACParams(model=PAPER_SUSPECT)}
+    higher_is_suspicious = True
+    score_name = "ac_distance"
+
+    def _score(self, data, ctx, model):
+        p = self.params
+        feats = penultimate_features(model, data.x, ctx.device).double().numpy()
+        y = data.y.cpu().numpy()
+        scores = np.zeros(len(y))
+        native = np.zeros(len(y), dtype=bool)
+        classes = {}
+        for c in range(data.num_classes):
+            idx = np.flatnonzero(y == c)
+            if idx.size == 0:
+                continue
+            flagged, score, facts = cluster_class(feats[idx], p.dims, p.reduce, p.max_share, ctx.seed)
+            native[idx], scores[idx] = flagged, score
+            classes[c] = facts
+        return torch.from_numpy(scores), torch.from_numpy(native), {"classes": classes}

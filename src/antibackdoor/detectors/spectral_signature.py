@@ -1,0 +1,70 @@
+"""Spectral signatures (Tran, Li & Madry, NeurIPS 2018): poisoned samples of a class leave a trace along
+the top singular vector of the class's centred representations.
+
+Per class: R = the penultimate features of the class minus their mean, v = R's top right singular vector,
+score_i = <R_i, v>^2. The paper's rule removes the 1.5 * eps * n_c highest scores of every class, eps being
+the defender's bound on the poisoned fraction (``poison_rate``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..models.features import penultimate_features
+from ..training import TrainConfig
+from .base import PAPER_SUSPECT, QUICK_SUSPECT, Detector, IsolationRule, register_detector
+
+
+@dataclass(frozen=True)
+class SpectralParams:
+    model: TrainConfig = field(default_factory=lambda: QUICK_SUSPECT)
+    poison_rate: float = 0.1  # eps, the bound on the poisoned fraction the rule assumes
+    removal_factor: float = 1.5
+    rule: IsolationRule = field(default_factory=IsolationRule)
+
+    def validate(self) -> None:
+        if not 0 < self.poison_rate < 1 or self.removal_factor <= 0:
+            raise ConfigError("spectral-signature: poison_rate in (0, 1) and removal_factor > 0 are required")
+
+
+def spectral_scores(features: torch.Tensor) -> torch.Tensor:
+    """Squared projections of the centred rows of ``features`` (n x D) on their top right singular vector."""
+    r = features.double()
+    r = r - r.mean(0, keepdim=True)
+    if r.shape[0] < 2:
+        return torch.zeros(r.shape[0], dtype=torch.float64)
+    _, _, vh = torch.linalg.svd(r, full_matrices=False)
+    return (r @ vh[0]) ** 2
+
+
+@register_detector
+class SpectralSignature(Detector):
+    name = "spectral-signature"
+    description = "Tran et al.: per class, squared projection on the top singular vector; drop 1.5 eps n_c"
+    Params = SpectralParams
+    presets = {"quick": SpectralParams(), "paper": SpectralParams(model=PAPER_SUSPECT)}
+    higher_is_suspicious = True
+    score_name = "spectral_score"
+
+    def _score(self, data, ctx, model):
+        p = self.params
+        feats = penultimate_features(model, data.x, ctx.device)
+        y = data.y.cpu()
+        scores = torch.zeros(len(y), dtype=torch.float64)
+        native = torch.zeros(len(y), dtype=torch.bool)
+        removed = {}
+        for c in range(data.num_classes):
+            idx = (y == c).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            s = spectral_scores(feats[idx])
+            scores[idx] = s
+            count = min(idx.numel(), math.ceil(p.removal_factor * p.poison_rate * idx.numel()))
+            top = torch.sort(s, descending=True, stable=True).indices[:count]
+            native[idx[top]] = True
+            removed[c] = count
+        return scores, native, {"removed_per_class": removed}
