@@ -1,0 +1,302 @@
+"""DBD (Huang et al., ICLR 2022): backdoor defense by decoupling the training process.
+
+1. Self-supervised SimCLR on the images without labels (kornia views: resized crop 0.2-1, flip, colour jitter,
+   greyscale, blur): the backbone learns features in which poisoned samples lie near their true class rather
+   than in a cluster of their own, because no label ties the trigger to the target.
+2. Warm-up of the linear head with the SCE loss on the frozen backbone. The backbone runs in eval mode here:
+   the public code trains the head with the whole model in train mode, so BatchNorm running statistics drift
+   although the backbone is meant to be frozen.
+3. Rounds of: score every sample by the SCE loss of the current model, keep the labels of the lowest
+   ``epsilon`` (50 %) and drop the others', then fine-tune the whole model with MixMatch on the labelled and
+   unlabelled sets (Adam 0.002; T 0.5, alpha 0.75, lambda_u 15 ramped up linearly over the rounds).
+
+Paper preset: the authors' configs (ResNet-18; SimCLR SGD 0.4, momentum 0.9, weight decay 1e-4, batch 512,
+temperature 0.5; 10 warm-up epochs; 190 rounds of 1,024 MixMatch iterations of batch 64). SimCLR epochs: their
+SimCLR config trains 1,000 epochs on a 1,000-epoch cosine schedule, but their fine-tuning config loads the
+checkpoint of epoch 100 — so the backbone DBD used saw 100 epochs at an almost undecayed learning rate. We train
+100 epochs and anneal the cosine schedule over those 100 (a finished schedule, at the epoch count they used).
+MixMatch's interleaving of labelled and unlabelled batches (a multi-GPU BatchNorm device) is replaced by one
+forward pass over the whole mixed batch, which gives BatchNorm the same statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adversarial.losses import symmetric_cross_entropy
+from ..adversarial.pgd import eval_mode
+from ..data.augment import augment
+from ..data.imageset import ImageSet
+from ..errors import ConfigError, RunStateError
+from ..models.features import capture, classifier_head
+from ..selfsup import ProjectionHead, guess_labels, mixmatch_loss, mixup, nt_xent
+from ..training import TrainConfig, autocast_ctx, epoch_generator, load_checkpoint, save_checkpoint
+from .base import Defense, DefenseContext, DefenseResult, register_defense
+
+log = logging.getLogger("antibackdoor")
+
+PAPER_SIMCLR = TrainConfig(epochs=100, batch_size=512, optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=1e-4,
+                           schedule="cosine", crop=0, flip=False)
+PAPER_WARMUP = TrainConfig(epochs=10, batch_size=128, optimizer="adam", lr=0.002, crop=4, flip=True)
+PAPER_FINETUNE = TrainConfig(epochs=190, batch_size=64, optimizer="adam", lr=0.002, crop=4, flip=True)
+
+
+@dataclass(frozen=True)
+class DBDParams:
+    simclr: TrainConfig = field(default_factory=lambda: PAPER_SIMCLR)
+    temperature: float = 0.5  # SimCLR
+    proj_dim: int = 128
+    blur_kernel: int = 3
+    warmup: TrainConfig = field(default_factory=lambda: PAPER_WARMUP)  # linear head, frozen backbone
+    finetune: TrainConfig = field(default_factory=lambda: PAPER_FINETUNE)  # epochs = rounds
+    iterations: int = 1024  # MixMatch iterations per round
+    epsilon: float = 0.5  # labelled share (lowest SCE loss)
+    mix_temperature: float = 0.5
+    mix_alpha: float = 0.75
+    lambda_u: float = 15.0
+    rampup: int = 190  # rounds over which lambda_u rises linearly to its value
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+
+    def validate(self) -> None:
+        if not 0 < self.epsilon < 1:
+            raise ConfigError(f"dbd.epsilon: {self.epsilon} must lie in (0, 1)")
+        if self.iterations < 1 or self.proj_dim < 1 or self.blur_kernel % 2 == 0:
+            raise ConfigError("dbd: iterations >= 1, proj_dim >= 1 and an odd blur_kernel are required")
+
+
+def _backbone_params(model: nn.Module) -> list[nn.Parameter]:
+    head = {id(q) for q in classifier_head(model).parameters()}
+    return [q for q in model.parameters() if id(q) not in head]
+
+
+def _to_device_format(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+def _restore(path, resume: bool) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    if not resume:
+        raise RunStateError(f"{path}: a checkpoint exists; pass --resume to continue or --force to restart")
+    return load_checkpoint(path)
+
+
+def simclr_pretrain(model: nn.Module, data: ImageSet, p: DBDParams, ctx: DefenseContext) -> list[dict]:
+    """Stage 1: SimCLR on the backbone of ``model`` (all layers but the classifier head), in place."""
+    from ..data.strong_augment import SimCLRViews
+    from ..progress import bar
+
+    cfg, dev = p.simclr, ctx.device
+    head = classifier_head(model)
+    proj = ProjectionHead(head.in_features, p.proj_dim).to(dev)
+    model.to(dev)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = _backbone_params(model) + list(proj.parameters())
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    views = SimCLRViews(data.image_size, p.blur_kernel)
+    path = ctx.checkpoint("simclr")
+    history: list[dict] = []
+    start = 0
+    state = _restore(path, ctx.resume)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        proj.load_state_dict(state["proj"])
+        opt.load_state_dict(state["optimizer"])
+        history, start = list(state["history"]), int(state["epoch"])
+    n = len(data)
+    for epoch in bar(range(start, cfg.epochs), desc="dbd simclr", total=cfg.epochs, initial=start, unit="ep"):
+        gen = epoch_generator(ctx.seed * 31 + 101, epoch)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # kornia draws from the global RNG
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(epoch)
+        model.train()
+        proj.train()
+        order = torch.randperm(n, generator=gen).to(data.device)
+        total, batches = 0.0, 0
+        for s in range(0, n, cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            if idx.numel() < 2:
+                continue
+            x = data.x[idx].to(dev).float().div_(255.0)
+            pair = _to_device_format(torch.cat([views(x), views(x)]), cfg)
+            with autocast_ctx(dev, cfg.amp), capture(model, stages=False) as feats:
+                model(pair)
+            z = proj(feats.penultimate.float())
+            loss = nt_xent(z[:idx.numel()], z[idx.numel():], p.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss)
+            batches += 1
+        history.append({"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": total / max(batches, 1)})
+        log.debug("dbd simclr epoch %d: loss %.4f", epoch + 1, history[-1]["loss"])
+        if path is not None:
+            save_checkpoint(path, {"epoch": epoch + 1, "model": model.state_dict(), "proj": proj.state_dict(),
+                                   "optimizer": opt.state_dict(), "history": history})
+    return history
+
+
+def warmup_head(model: nn.Module, opt: torch.optim.Optimizer, data: ImageSet, p: DBDParams,
+                ctx: DefenseContext) -> list[dict]:
+    """Stage 2: train only the (re-initialised) classifier head with SCE on frozen features (eval mode)."""
+    cfg, dev = p.warmup, ctx.device
+    head = classifier_head(model)
+    head.reset_parameters()
+    history = []
+    n = len(data)
+    for epoch in range(cfg.epochs):
+        gen = epoch_generator(ctx.seed * 31 + 202, epoch)
+        order = torch.randperm(n, generator=gen).to(data.device)
+        total = correct = 0.0
+        for s in range(0, n, cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            x = augment(data.x[idx].to(dev), cfg.crop, cfg.flip, gen).float().div_(255.0)
+            y = data.y[idx].to(dev)
+            with torch.no_grad(), eval_mode(model), autocast_ctx(dev, cfg.amp), capture(model, stages=False) as f:
+                model(_to_device_format(x, cfg))
+            logits = head(f.penultimate.float())
+            per = symmetric_cross_entropy(logits, y, p.sce_alpha, p.sce_beta)
+            opt.zero_grad(set_to_none=True)
+            per.mean().backward()
+            opt.step()
+            total += float(per.detach().sum())
+            correct += float((logits.argmax(1) == y).sum())
+        history.append({"epoch": epoch + 1, "loss": total / n, "train_acc": correct / n})
+    return history
+
+
+@torch.no_grad()
+def sce_scores(model: nn.Module, data: ImageSet, p: DBDParams, device, batch_size: int = 1024) -> torch.Tensor:
+    """Per-sample SCE loss of the current model (eval mode, no augmentation): DBD's credibility score."""
+    out = []
+    with eval_mode(model):
+        for s in range(0, len(data), batch_size):
+            logits = model(data.x[s:s + batch_size].to(device).float().div_(255.0))
+            out.append(symmetric_cross_entropy(logits, data.y[s:s + batch_size].to(device), p.sce_alpha,
+                                               p.sce_beta).double().cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+
+def lowest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mask of the ``fraction`` of samples with the lowest scores (ties by index)."""
+    count = int(len(scores) * fraction)
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[torch.sort(scores, stable=True).indices[:count]] = True
+    return mask
+
+
+def mixmatch_round(model: nn.Module, opt: torch.optim.Optimizer, data: ImageSet, labelled: torch.Tensor,
+                   p: DBDParams, round_idx: int, ctx: DefenseContext) -> dict:
+    """Stage 3, one round: ``p.iterations`` MixMatch steps on the whole model."""
+    cfg, dev = p.finetune, ctx.device
+    gen = epoch_generator(ctx.seed * 31 + 303, round_idx)
+    lab = labelled.nonzero().squeeze(1)
+    unl = (~labelled).nonzero().squeeze(1)
+    b = cfg.batch_size
+    k = data.num_classes
+    model.train()
+    sums = {"loss": 0.0, "lx": 0.0, "lu": 0.0}
+    lam_u = 0.0
+    for it in range(p.iterations):
+        li = lab[torch.randint(len(lab), (b,), generator=gen)].to(data.device)
+        ui = unl[torch.randint(len(unl), (b,), generator=gen)].to(data.device)
+        xl = augment(data.x[li].to(dev), cfg.crop, cfg.flip, gen).float().div_(255.0)
+        tl = F.one_hot(data.y[li].to(dev), k).float()
+        xu = [augment(data.x[ui].to(dev), cfg.crop, cfg.flip, gen).float().div_(255.0) for _ in range(2)]
+        with autocast_ctx(dev, cfg.amp):
+            tu = guess_labels(model, [_to_device_format(v, cfg) for v in xu], p.mix_temperature)
+        mixed, targets, _ = mixup(torch.cat([xl, *xu]), torch.cat([tl, tu, tu]), p.mix_alpha, gen)
+        with autocast_ctx(dev, cfg.amp):
+            logits = model(_to_device_format(mixed, cfg))
+        lx, lu = mixmatch_loss(logits[:b], targets[:b], logits[b:], targets[b:])
+        lam_u = p.lambda_u * min(max((round_idx + it / p.iterations) / max(p.rampup, 1), 0.0), 1.0)
+        loss = lx + lam_u * lu
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums["loss"] += float(loss)
+        sums["lx"] += float(lx)
+        sums["lu"] += float(lu)
+    return {k_: v / p.iterations for k_, v in sums.items()} | {"lambda_u": lam_u}
+
+
+@register_defense
+class DBD(Defense):
+    name = "dbd"
+    description = "DBD: SimCLR backbone, SCE warm-up of the head, rounds of SCE split + MixMatch fine-tuning"
+    Params = DBDParams
+    presets = {
+        "paper": DBDParams(),
+        # CPU budget (<= 8 min on 2 cores with the quick CNN on the mini CIFAR-10): 30 SimCLR epochs of batch
+        # 256 at lr 0.3, 10 warm-up epochs, 8 rounds of 60 MixMatch iterations of batch 64.
+        "quick": DBDParams(
+            simclr=TrainConfig(epochs=30, batch_size=256, optimizer="sgd", lr=0.3, momentum=0.9,
+                               weight_decay=1e-4, schedule="cosine", crop=0, flip=False),
+            finetune=TrainConfig(epochs=8, batch_size=64, optimizer="adam", lr=0.002, crop=4, flip=True),
+            iterations=60, rampup=8),
+    }
+
+    def __init__(self, preset: str = "quick", overrides=None, params=None):
+        super().__init__(preset, overrides, params)
+        self.params.validate()
+        #: the labelled mask of every round (for benchmarks: the poison share of the labelled set per round)
+        self.round_labelled: list[torch.Tensor] = []
+        #: the SCE scores after the warm-up (DBD's isolation score, as in AIBD's Table 2)
+        self.warmup_scores: torch.Tensor | None = None
+
+    def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        p = self.params
+        model = ctx.fresh_model()
+        log.info("DBD stage 1/3: SimCLR on %d unlabelled images (%d epochs)", len(data), p.simclr.epochs)
+        history = {"simclr": simclr_pretrain(model, data, p, ctx)}
+        opt = torch.optim.Adam(model.parameters(), lr=p.finetune.lr)
+        path = ctx.checkpoint("dbd_finetune")
+        state = _restore(path, ctx.resume)
+        rounds: list[dict] = []
+        if state is None:
+            log.info("DBD stage 2/3: SCE warm-up of the linear head on the frozen backbone (%d epochs)",
+                     p.warmup.epochs)
+            history["warmup"] = warmup_head(model, opt, data, p, ctx)
+            self.warmup_scores = sce_scores(model, data, p, ctx.device)
+            start = 0
+            self._save(path, model, opt, 0, history, rounds)
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            history, rounds, start = dict(state["history"]), list(state["rounds"]), int(state["round"])
+            self.warmup_scores = state["warmup_scores"]
+            self.round_labelled = [m for m in state["round_labelled"]]
+        log.info("DBD stage 3/3: %d rounds of SCE split (lowest %.0f%% labelled) + %d MixMatch iterations",
+                 p.finetune.epochs, 100 * p.epsilon, p.iterations)
+        scores = self.warmup_scores if start == 0 else sce_scores(model, data, p, ctx.device)
+        labelled = lowest(scores, p.epsilon)
+        for r in range(start, p.finetune.epochs):
+            scores = sce_scores(model, data, p, ctx.device)
+            labelled = lowest(scores, p.epsilon)
+            self.round_labelled.append(labelled)
+            stats = mixmatch_round(model, opt, data, labelled, p, r, ctx)
+            rounds.append({"round": r + 1, "labelled": int(labelled.sum()), **stats})
+            log.debug("dbd round %d: %s", r + 1, rounds[-1])
+            self._save(path, model, opt, r + 1, history, rounds)
+        history["rounds"] = rounds
+        model.eval()
+        info = {"labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum()), "rounds": len(rounds),
+                "simclr_final_loss": history["simclr"][-1]["loss"] if history["simclr"] else None,
+                "warmup_train_acc": history.get("warmup", [{}])[-1].get("train_acc")}
+        # the kept set is the labelled set of the last round; the unlabelled rest is what DBD isolated
+        return DefenseResult(model, kept=labelled, scores=scores, score_name="dbd_sce", higher_is_suspicious=True,
+                             info=info, history=history)
+
+    def _save(self, path, model, opt, round_idx, history, rounds) -> None:
+        if path is None:
+            return
+        save_checkpoint(path, {"round": round_idx, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "history": history, "rounds": rounds, "warmup_scores": self.warmup_scores,
+                               "round_labelled": self.round_labelled})
