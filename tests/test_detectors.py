@@ -296,7 +296,8 @@ def test_isolate_then_train_end_to_end(tmp_path, tiny_npz):
     r = ab.run_experiment(cfg)
     m = r.metrics
     assert m["defense_info"]["detector"] == "spectral-signature" and m["isolated"] > 0
-    assert (r.run_dir / "isolation.csv").is_file()
+    assert (r.run_dir / "isolation.csv").is_file() and (r.run_dir / "roc.png").is_file()
+    assert 0 <= m["auc"] <= 1
     resolved = (r.run_dir / "config.yaml").read_text()
     assert "detector_resolved" in resolved and "removal_factor" in resolved
     assert json.loads((r.run_dir / "metrics.json").read_text())["defense_info"]["rule"] == "native"

@@ -288,6 +288,11 @@ class Experiment:
         metrics["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed)
         kept = result.kept if result.kept is not None else torch.ones(len(train_set), dtype=torch.bool)
         metrics.update(split_metrics(kept, poisoned.poison_mask))
+        if result.scores is not None and poisoned.num_poison:
+            from .detectors.evaluate import roc_auc
+
+            suspicion = result.scores.double() * (1 if result.higher_is_suspicious else -1)
+            metrics["auc"] = roc_auc(suspicion, poisoned.poison_mask)  # how well the scores rank the poison
         metrics["poisoned"] = poisoned.num_poison
         metrics["train_size"] = len(train_set)
         metrics["defense_info"] = result.info

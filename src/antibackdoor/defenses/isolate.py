@@ -103,6 +103,17 @@ class IsolateThenTrain(Defense):
         d["detector_resolved"] = self.detector.describe()
         return d
 
+    def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir, true_labels=None) -> list:
+        """The detector's ROC curve (the runner passes the ground truth, which the defense never sees)."""
+        from ..detectors.evaluate import plot_roc, roc_auc, roc_curve_points
+
+        if result.scores is None or not poison_mask.any() or poison_mask.all():
+            return []
+        suspicion = result.scores.double() * (1 if result.higher_is_suspicious else -1)
+        fpr, tpr = roc_curve_points(suspicion, poison_mask)
+        return [plot_roc({self.params.detector: (fpr, tpr, roc_auc(suspicion, poison_mask))}, run_dir / "roc.png",
+                         title=f"{self.params.detector}: ROC of the isolation scores")]
+
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         p = self.params
         log.info("isolate-then-train: detector %s", p.detector)
