@@ -4,8 +4,9 @@ penultimate activations of a model trained on the poisoned data.
 Per class (always the whole class at once, never a mini-batch): the penultimate activations of the suspect
 model are reduced to 10 dimensions (FastICA as in the paper, or PCA), split by k-means with k = 2, and the
 smaller cluster is flagged when it holds less than ``max_share`` (35 %) of the class ("relative size"). The
-continuous score is a sample's distance to the centre of its class's larger cluster in the reduced space,
-divided by the median distance of that cluster's own members, so that scores of different classes compare.
+continuous score is a sample's distance from its class's larger cluster, measured along the axis between the
+two cluster centres in units of their gap (0 = at the larger centre, 1 = at the smaller), so that scores of
+different classes compare.
 """
 
 from __future__ import annotations
@@ -68,9 +69,13 @@ def cluster_class(x: np.ndarray, dims: int, method: str, max_share: float,
     share = float(sizes.min()) / n
     flagged_cluster = share < max_share
     flagged = (km.labels_ != large) & flagged_cluster
-    dist = np.linalg.norm(z - km.cluster_centers_[large], axis=1)
-    scale = float(np.median(dist[km.labels_ == large]))
-    score = dist / scale if scale > 0 else dist
+    # position along the axis from the larger cluster's centre (0) to the smaller's (1): the distance from
+    # the larger cluster in units of the gap between the two, comparable across classes (a plain Euclidean
+    # distance is not: after FastICA's unit-variance whitening every noise dimension weighs as much as the
+    # one that separates the clusters)
+    axis = km.cluster_centers_[1 - large] - km.cluster_centers_[large]
+    gap = float(axis @ axis)
+    score = (z - km.cluster_centers_[large]) @ axis / gap if gap > 0 else np.zeros(n)
     return flagged, score, {"size": n, "small_share": round(share, 4), "flagged": bool(flagged_cluster),
                             "converged": converged}
 
