@@ -99,7 +99,10 @@ def simclr_pretrain(model: nn.Module, data: ImageSet, p: DBDParams, ctx: Defense
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     params = _backbone_params(model) + list(proj.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    else:  # plain momentum SGD, as SimCLR and DBD (not the Nesterov variant of training.py)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     views = SimCLRViews(data.image_size, p.blur_kernel)
     path = ctx.checkpoint("simclr")
     history: list[dict] = []
