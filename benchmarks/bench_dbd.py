@@ -26,6 +26,26 @@ def pct(v) -> str:
     return "-" if v is None or v != v else f"{100 * v:.1f}"
 
 
+def warmup_split(run_dir: Path, epsilon: float) -> str:
+    """TPR / FPR (AUC) of the split after the warm-up (the detector dbd-sce), from the run's checkpoint and the
+    ground truth in isolation.csv."""
+    import csv
+
+    from antibackdoor.detectors.evaluate import roc_auc
+    from antibackdoor.metrics import split_metrics
+
+    ckpt = run_dir / "checkpoints" / "dbd_finetune.ckpt"
+    if not ckpt.exists():
+        return "-"
+    scores = torch.load(ckpt, map_location="cpu", weights_only=True)["warmup_scores"]
+    with open(run_dir / "isolation.csv") as f:
+        mask = torch.tensor([bool(int(r["is_poison"])) for r in csv.DictReader(f)])
+    if not mask.any():
+        return "-"
+    m = split_metrics(lowest(scores, epsilon), mask)
+    return f"{pct(m['tpr'])} / {pct(m['fpr'])} ({pct(roc_auc(scores, mask))})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attacks", default="badnets,blend,none")
@@ -37,8 +57,8 @@ def main() -> None:
     p.add_argument("--defense-param", action="append", default=[])
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    lines = ["| attack | ACC | ASR | poison share of labelled: after warm-up / last round | labelled | time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| attack | ACC | ASR | poison share of labelled: after warm-up / last round | labelled | "
+             "warm-up split as a detector (dbd-sce): TPR / FPR (AUC) | time (s) |", "|---|---|---|---|---|---|---|"]
     for attack in a.attacks.split(","):
         cfg = make_config({"attack": attack, "defense": "dbd", "preset": a.preset, "out": a.out, "seed": a.seed,
                            "target": a.target, "defense_params": _nest(a.defense_param, "--defense-param")})
@@ -56,8 +76,9 @@ def main() -> None:
             side.write_text(json.dumps({"after_warmup": warm, "rounds": shares, "wall_s": time.time() - t0}))
         info = json.loads(side.read_text()) if side.exists() else {"after_warmup": None, "rounds": []}
         last = info["rounds"][-1] if info["rounds"] else None
+        warm = warmup_split(run_dir, exp.defense.params.epsilon)
         lines.append(f"| {attack} | {pct(m['acc'])} | {pct(m['asr'])} | {pct(info['after_warmup'])} / {pct(last)} | "
-                     f"{m['defense_info']['labelled']} | {m['time_total_s']:.0f} |")
+                     f"{m['defense_info']['labelled']} | {warm} | {m['time_total_s']:.0f} |")
         print(lines[-1], "rounds:", [round(100 * s, 1) for s in info["rounds"]], flush=True)
     table = "\n".join(lines) + "\n"
     print("\n" + table)
