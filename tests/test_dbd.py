@@ -41,7 +41,7 @@ def test_sharpen_and_mixup():
     g = torch.Generator().manual_seed(1)
     mx, mt, lam = mixup(t.clone(), t.clone(), 0.75, g)
     assert lam >= 0.5 and torch.allclose(mx, mt)
-    assert torch.allclose(mt.sum(1), torch.ones(6)) and torch.allclose(mt.max(1).values, torch.full((6,), lam))
+    assert torch.allclose(mt.sum(1), torch.ones(6)) and (mt.max(1).values >= lam - 1e-6).all()
 
 
 def test_mixmatch_loss_and_guess():

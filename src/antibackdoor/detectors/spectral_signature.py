@@ -63,7 +63,8 @@ class SpectralSignature(Detector):
                 continue
             s = spectral_scores(feats[idx])
             scores[idx] = s
-            count = min(idx.numel(), math.ceil(p.removal_factor * p.poison_rate * idx.numel()))
+            # ceil, but 1.5 * 0.1 * 100 is 15.000000000000002 in floating point: round first
+            count = min(idx.numel(), math.ceil(round(p.removal_factor * p.poison_rate * idx.numel(), 6)))
             top = torch.sort(s, descending=True, stable=True).indices[:count]
             native[idx[top]] = True
             removed[c] = count
