@@ -136,7 +136,7 @@ def simclr_pretrain(model: nn.Module, data: ImageSet, p: DBDParams, ctx: Defense
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
             batches += 1
         history.append({"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": total / max(batches, 1)})
         log.debug("dbd simclr epoch %d: loss %.4f", epoch + 1, history[-1]["loss"])
@@ -224,9 +224,9 @@ def mixmatch_round(model: nn.Module, opt: torch.optim.Optimizer, data: ImageSet,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sums["loss"] += float(loss)
-        sums["lx"] += float(lx)
-        sums["lu"] += float(lu)
+        sums["loss"] += float(loss.detach())
+        sums["lx"] += float(lx.detach())
+        sums["lu"] += float(lu.detach())
     return {k_: v / p.iterations for k_, v in sums.items()} | {"lambda_u": lam_u}
 
 
