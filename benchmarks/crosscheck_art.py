@@ -5,10 +5,11 @@ IBM's Adversarial Robustness Toolbox (ART), on the same penultimate activations 
     python benchmarks/crosscheck_art.py [--runs runs/detectors] [--attacks badnets,blend,...] [--target 0]
 
 Uses the suspect models that benchmarks/bench_detectors.py saved (RUNS/<attack>-t<target>-s<seed>/). For
-activation clustering it runs ART's own pipeline (cluster_activations: FastICA to 10 dims + KMeans, then
-ClusteringAnalyzer.analyze_by_relative_size at 0.35) and ours per class, and reports per class whether the
-two flag a cluster and how far the flagged sets agree. For spectral signatures it compares our scores with
-ART's SpectralSignatureDefense.spectral_signature_scores. Writes RUNS/crosscheck_art_t<target>.md.
+activation clustering it runs ART's own pipeline (cluster_activations: FastICA to 10 dims + KMeans,
+ClusteringAnalyzer.analyze_by_size for the smaller cluster) and ours per class, and reports per class the
+smaller cluster's share in both, whether each flags it at 35 %, and how far the two smaller clusters agree.
+For spectral signatures it compares our scores with ART's SpectralSignatureDefense.spectral_signature_scores.
+Writes RUNS/crosscheck_art_t<target>.md.
 """
 
 from __future__ import annotations
@@ -26,19 +27,26 @@ from antibackdoor.detectors.spectral_signature import spectral_scores
 from antibackdoor.models.features import penultimate_features
 
 
-def art_activation_clustering(feats: np.ndarray, y: np.ndarray, classes: int, seed: int) -> np.ndarray:
-    """ART's decision (True = flagged as poison) on the same activations, class by class."""
+def art_activation_clustering(feats: np.ndarray, y: np.ndarray, classes: int,
+                              seed: int) -> tuple[np.ndarray, dict[int, float]]:
+    """ART's clusters on the same activations, class by class: the mask of each class's smaller cluster
+    (ART's ClusteringAnalyzer.analyze_by_size) and the smaller cluster's share of its class.
+
+    ART 1.20.1's analyze_by_relative_size raises "truth value of an empty array is ambiguous" under numpy 2
+    when a class has no suspicious cluster, so the 35 % rule is applied here to ART's cluster sizes."""
     from art.defences.detector.poison.activation_defence import cluster_activations
     from art.defences.detector.poison.clustering_analyzer import ClusteringAnalyzer
 
     np.random.seed(seed)  # ART's FastICA and KMeans take no seed: fix numpy's global one
     separated = [feats[y == c] for c in range(classes)]
     clusters, _ = cluster_activations(separated, nb_clusters=2, nb_dims=10, reduce="FastICA")
-    assigned_clean, _, _ = ClusteringAnalyzer().analyze_by_relative_size(clusters, size_threshold=0.35)
-    flagged = np.zeros(len(y), dtype=bool)
+    assigned_clean, _, _ = ClusteringAnalyzer().analyze_by_size(clusters)
+    smaller = np.zeros(len(y), dtype=bool)
+    shares = {}
     for c in range(classes):
-        flagged[y == c] = np.asarray(assigned_clean[c]) == 0
-    return flagged
+        smaller[y == c] = np.asarray(assigned_clean[c]) == 0
+        shares[c] = float(np.bincount(clusters[c], minlength=2).min()) / len(clusters[c])
+    return smaller, shares
 
 
 def main() -> None:
@@ -53,11 +61,10 @@ def main() -> None:
     from safetensors.torch import load_file
 
     splits = ab.load_dataset("cifar10-mini")
-    lines = ["| attack | class | ours: share of small cluster / flagged | ART: flagged | flagged sets agree "
-             "(Jaccard) | poison in class |", "|---|---|---|---|---|---|"]
+    lines = ["| attack | class | ours: smaller cluster's share / flagged at 35 % | ART: share / flagged | "
+             "smaller clusters agree (Jaccard) | poison in class |", "|---|---|---|---|---|---|"]
     spec = ["| attack | Spearman(ours, ART) | AUC ours | AUC ART (uncentred, not squared) | top-15 % overlap |",
             "|---|---|---|---|---|"]
-    summary = []
     for attack_name in a.attacks.split(","):
         work = Path(a.runs) / f"{attack_name}-t{a.target}-s{a.seed}"
         if not (work / "suspect.safetensors").exists():
@@ -69,25 +76,23 @@ def main() -> None:
         model.load_state_dict(load_file(str(work / "suspect.safetensors")))
         feats = penultimate_features(model, data.x).double().numpy()
         y = data.y.numpy()
-        ours = np.zeros(len(y), dtype=bool)
+        ours = np.zeros(len(y), dtype=bool)  # our smaller cluster of every class
+        ours_share = {}
         for c in range(data.num_classes):
-            flagged, _, facts = cluster_class(feats[y == c], 10, "ica", 0.35, a.seed)
+            flagged, _, facts = cluster_class(feats[y == c], 10, "ica", 0.5 + 1e-9, a.seed)
             ours[y == c] = flagged
-            summary.append((attack_name, c, facts))
-        theirs = art_activation_clustering(feats, y, data.num_classes, a.seed)
-        agree_all = 0
+            ours_share[c] = facts["small_share"]
+        theirs, theirs_share = art_activation_clustering(feats, y, data.num_classes, a.seed)
+        agree = 0
         for c in range(data.num_classes):
             o, t = ours[y == c], theirs[y == c]
             union = (o | t).sum()
             jac = 1.0 if union == 0 else (o & t).sum() / union
-            agree_all += int(o.any() == t.any())
-            facts = next(f for (att, cc, f) in summary if att == attack_name and cc == c)
-            theirs_c = "yes" if t.any() else "no"
-            lines.append(f"| {attack_name} | {c} | {facts['small_share']:.2f} / {'yes' if o.any() else 'no'} | "
-                         f"{theirs_c} | {jac:.2f} | {int(mask[y == c].sum())} |")
-        print(f"{attack_name}: AC class decisions agree in {agree_all}/{data.num_classes} classes; "
-              f"ours TPR {ours[mask].mean():.3f} FPR {ours[~mask].mean():.3f}, "
-              f"ART TPR {theirs[mask].mean():.3f} FPR {theirs[~mask].mean():.3f}")
+            fo, ft = ours_share[c] < 0.35, theirs_share[c] < 0.35
+            agree += int(fo == ft)
+            lines.append(f"| {attack_name} | {c} | {ours_share[c]:.2f} / {'yes' if fo else 'no'} | "
+                         f"{theirs_share[c]:.2f} / {'yes' if ft else 'no'} | {jac:.2f} | {int(mask[y == c].sum())} |")
+        print(f"{attack_name}: the 35 % decision agrees in {agree}/{data.num_classes} classes", flush=True)
         # spectral signatures
         from art.defences.detector.poison.spectral_signature_defense import SpectralSignatureDefense
         from scipy.stats import spearmanr
