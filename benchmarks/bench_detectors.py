@@ -55,7 +55,7 @@ def suspect_model(data, ctx: DefenseContext, path: Path, cfg):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attacks", default=",".join(dict.fromkeys(TABLE2 + TABLE5)))
-    p.add_argument("--detectors", default="all")
+    p.add_argument("--detectors", default="all", help="comma-separated names, all, or none (tables only)")
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--poison-rate", type=float, default=0.1)
@@ -66,7 +66,8 @@ def main() -> None:
     a = p.parse_args()
     cfg = QUICK_SUSPECT if a.epochs is None else replace(QUICK_SUSPECT, epochs=a.epochs)
     torch.set_num_threads(a.threads)
-    detectors = sorted(DETECTORS) if a.detectors == "all" else a.detectors.split(",")
+    # "none": score nothing, only rebuild the tables from the scores saved by earlier runs
+    detectors = {"all": sorted(DETECTORS), "none": []}.get(a.detectors) or a.detectors.split(",")
     attacks = a.attacks.split(",")
     out = Path(a.out)
     splits = ab.load_dataset("cifar10-mini")
