@@ -67,7 +67,8 @@ def main() -> None:
     cfg = QUICK_SUSPECT if a.epochs is None else replace(QUICK_SUSPECT, epochs=a.epochs)
     torch.set_num_threads(a.threads)
     # "none": score nothing, only rebuild the tables from the scores saved by earlier runs
-    detectors = {"all": sorted(DETECTORS), "none": []}.get(a.detectors) or a.detectors.split(",")
+    special = {"all": sorted(DETECTORS), "none": []}
+    detectors = special[a.detectors] if a.detectors in special else a.detectors.split(",")
     attacks = a.attacks.split(",")
     out = Path(a.out)
     splits = ab.load_dataset("cifar10-mini")
