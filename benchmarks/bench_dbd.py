@@ -37,7 +37,7 @@ def warmup_split(run_dir: Path, epsilon: float) -> str:
     ckpt = run_dir / "checkpoints" / "dbd_finetune.ckpt"
     if not ckpt.exists():
         return "-"
-    scores = torch.load(ckpt, map_location="cpu", weights_only=True)["warmup_scores"]
+    scores = torch.load(ckpt, map_location="cpu", weights_only=True)["warmup_scores"]  # = sample_stats warmup_sce
     with open(run_dir / "isolation.csv") as f:
         mask = torch.tensor([bool(int(r["is_poison"])) for r in csv.DictReader(f)])
     if not mask.any():
@@ -55,14 +55,17 @@ def main() -> None:
     p.add_argument("--out", default="runs/dbd")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--defense-param", action="append", default=[])
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (see antibackdoor doctor)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     lines = ["| attack | ACC | ASR | poison share of labelled: after warm-up / last round | labelled | "
              "warm-up split as a detector (dbd-sce): TPR / FPR (AUC) | time (s) |", "|---|---|---|---|---|---|---|"]
     for attack in a.attacks.split(","):
         cfg = make_config({"attack": attack, "defense": "dbd", "preset": a.preset, "out": a.out, "seed": a.seed,
-                           "target": a.target, "defense_params": _nest(a.defense_param, "--defense-param")})
+                           "target": a.target, "precision": a.precision,
+                           "defense_params": _nest(a.defense_param, "--defense-param")})
         exp = Experiment(cfg)
+        epsilon = exp.resolve().defense.params.epsilon
         t0 = time.time()
         r = exp.run()
         m = r.metrics
@@ -70,13 +73,14 @@ def main() -> None:
         side = run_dir / "dbd_rounds.json"
         if not r.reused:
             mask = r.poisoned.poison_mask
-            d = exp.defense
-            shares = [float(mask[lab].float().mean()) for lab in d.round_labelled]
-            warm = float(mask[lowest(d.warmup_scores, d.params.epsilon)].float().mean())
+            stats = r.result.sample_stats
+            rounds = sorted((k for k in stats if k.startswith("labelled_round_")), key=lambda k: int(k.split("_")[-1]))
+            shares = [float(mask[stats[k]].float().mean()) for k in rounds]
+            warm = float(mask[lowest(stats["warmup_sce"], epsilon)].float().mean())
             side.write_text(json.dumps({"after_warmup": warm, "rounds": shares, "wall_s": time.time() - t0}))
         info = json.loads(side.read_text()) if side.exists() else {"after_warmup": None, "rounds": []}
         last = info["rounds"][-1] if info["rounds"] else None
-        warm = warmup_split(run_dir, exp.defense.params.epsilon)
+        warm = warmup_split(run_dir, epsilon)
         lines.append(f"| {attack} | {pct(m['acc'])} | {pct(m['asr'])} | {pct(info['after_warmup'])} / {pct(last)} | "
                      f"{m['defense_info']['labelled']} | {warm} | {m['time_total_s']:.0f} |")
         print(lines[-1], "rounds:", [round(100 * s, 1) for s in info["rounds"]], flush=True)

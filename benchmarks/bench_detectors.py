@@ -28,6 +28,7 @@ from antibackdoor.defenses.stages import train_stage
 from antibackdoor.detectors import DETECTORS, DetectionResult, detection_metrics, get_detector
 from antibackdoor.detectors.base import QUICK_SUSPECT
 from antibackdoor.detectors.evaluate import roc_curve_points
+from antibackdoor.precision import resolve_precision, use_precision
 
 TABLE2 = ("badnets", "blend", "sig", "iab", "trojan")
 TABLE5 = ("badnets", "trojan", "clb", "iab", "blend", "ssba", "wanet")
@@ -63,7 +64,10 @@ def main() -> None:
     p.add_argument("--out", default="runs/detectors")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--epochs", type=int, default=None, help="suspect-model epochs (default: the quick recipe's)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (see antibackdoor doctor)")
     a = p.parse_args()
+    prec = resolve_precision(a.precision, "cpu")
+    print(f"precision: {prec.describe()}", flush=True)
     cfg = QUICK_SUSPECT if a.epochs is None else replace(QUICK_SUSPECT, epochs=a.epochs)
     torch.set_num_threads(a.threads)
     # "none": score nothing, only rebuild the tables from the scores saved by earlier runs
@@ -79,9 +83,11 @@ def main() -> None:
         work = out / key
         work.mkdir(parents=True, exist_ok=True)
         attack = ab.get_attack(attack_name)
-        poisoned = attack.poison(splits.train, a.poison_rate, a.target, ab.seeded(a.seed))
+        with use_precision(prec):  # the attack's own networks (IAB, SSBA, CLB, Trojan) too
+            poisoned = attack.poison(splits.train, a.poison_rate, a.target, ab.seeded(a.seed))
         data, mask = poisoned.data, poisoned.poison_mask
-        ctx = DefenseContext(ab.model_factory(a.model, data), seed=a.seed, workdir=work / "checkpoints", resume=True)
+        ctx = DefenseContext(ab.model_factory(a.model, data), seed=a.seed, workdir=work / "checkpoints", resume=True,
+                             precision=prec)
         model, t_model = suspect_model(data, ctx, work / "suspect.safetensors", cfg)
         acc = ab.accuracy(model, splits.test)
         asr = ab.attack_success_rate(model, attack.triggered_test(splits.test, a.target))

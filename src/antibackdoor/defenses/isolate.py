@@ -20,50 +20,56 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
+from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..seeding import generator
 from ..training import TrainConfig
-from .adv_train import PAPER_AT, QUICK_AT
+from .a_abl import AABL
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .stages import train_stage
 
 log = logging.getLogger("antibackdoor")
 
-TREATMENTS = ("drop", "relabel", "unlearn")
+Treatment = Literal["drop", "relabel", "unlearn"]
+TREATMENTS: tuple[str, ...] = Treatment.__args__
 
 
 @dataclass(frozen=True)
 class IsolateParams:
-    detector: str = "ifgsm-sce"
-    detector_params: dict[str, Any] = field(default_factory=dict)
-    treatment: str = "drop"
-    train: TrainConfig = field(default_factory=lambda: PAPER_AT)
-    start: str = "fresh"  # "fresh" or "suspect"
-    unlearn_weight: float = 1.0
+    detector: str = param("ifgsm-sce", doc="the detector (antibackdoor detectors lists them)")
+    detector_params: dict[str, Any] = param(factory=dict, doc="overrides of the detector's preset (same preset "
+                                                              "as the run), e.g. detector_params.rule.kind=top")
+    treatment: Treatment = param("drop", doc="what happens to isolated samples: drop, relabel or unlearn")
+    train: TrainConfig = param(factory=lambda: AABL.presets["paper"].final,
+                               doc="final training (adversary null: naive training)")
+    start: Literal["fresh", "suspect"] = param("fresh", doc="final model: a fresh one, or the detector's suspect "
+                                                            "model fine-tuned")
+    unlearn_weight: float = param(1.0, doc="unlearn: isolated samples get loss weight -unlearn_weight")
 
     def validate(self) -> None:
-        if self.treatment not in TREATMENTS:
-            raise ConfigError(f"isolate-then-train.treatment: {self.treatment!r} is not one of "
-                              f"{', '.join(TREATMENTS)}")
-        if self.start not in ("fresh", "suspect"):
-            raise ConfigError(f"isolate-then-train.start: {self.start!r} is not 'fresh' or 'suspect'")
+        if not isinstance(self.detector_params, dict):
+            raise ConfigError(f"defense_params (isolate-then-train).detector_params: expected a mapping, got "
+                              f"{self.detector_params!r}")
+        self.train.validate("defense_params (isolate-then-train).train")
 
 
 def treat(y: torch.Tensor, isolated: torch.Tensor, treatment: str, num_classes: int, seed: int,
           proposed: torch.Tensor | None = None, unlearn_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and loss weights for the final training (weight 0 = not trained on, negative = unlearned)."""
+    """Labels and loss weights for the final training (weight 0 = not trained on, negative = unlearned); random
+    other labels (``relabel`` without proposed labels) come from the stream ``(seed, "isolate", "relabel")``."""
     labels, weight = y.clone(), torch.ones(len(y))
     if treatment == "drop":
         weight[isolated] = 0.0
     elif treatment == "unlearn":
         weight[isolated] = -unlearn_weight
     elif treatment == "relabel":
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + 11)
+        gen = generator(seed, "isolate", "relabel")
         shift = torch.randint(1, num_classes, (len(y),), generator=gen)
         random_other = (y + shift) % num_classes
         if proposed is not None:
@@ -83,20 +89,16 @@ class IsolateThenTrain(Defense):
     description = "any detector + a treatment (drop / relabel / unlearn) + naive or adversarial training"
     Params = IsolateParams
     presets = {
-        "quick": IsolateParams(train=QUICK_AT),
-        "paper": IsolateParams(train=PAPER_AT),
+        "quick": IsolateParams(train=AABL.presets["quick"].final),
+        "paper": IsolateParams(train=AABL.presets["paper"].final),
     }
 
     def __init__(self, preset: str = "quick", overrides=None, params=None):
         super().__init__(preset, overrides, params)
-        self.params.validate()
-        self.preset = preset
-        self.detector = self._detector()
-
-    def _detector(self):
         from ..detectors import get_detector
 
-        return get_detector(self.params.detector, self.preset, self.params.detector_params)
+        # built (and checked) now, so that a bad detector setting stops the run before its directory exists
+        self.detector = get_detector(self.params.detector, preset, self.params.detector_params)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..adversarial.pgd import PGDConfig, PGDStats, pgd_statistics
 from ..data.imageset import ImageSet
+from ..seeding import derive_seed
 from ..training import TrainConfig, train
 from .base import DefenseContext
 
@@ -20,26 +21,36 @@ log = logging.getLogger("antibackdoor")
 
 
 def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str,
-                sample_weight: torch.Tensor | None = None, seed_offset: int = 0,
+                sample_weight: torch.Tensor | None = None, seed_offset: int | str = 0,
                 on_epoch_end=None, model: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``."""
+    """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``.
+
+    ``seed_offset`` names the stage's random streams: its initial weights (``ctx.fresh_model(seed_offset)``)
+    and its batch order and augmentation (``derive_seed(ctx.seed, "train", seed_offset)``).
+    """
     model = model if model is not None else ctx.fresh_model(seed_offset)
-    history = train(model, data, cfg, seed=ctx.seed * 31 + seed_offset, device=ctx.device,
+    history = train(model, data, cfg, seed=derive_seed(ctx.seed, "train", seed_offset), device=ctx.device,
                     checkpoint=ctx.checkpoint(stage), resume=ctx.resume, desc=stage,
-                    sample_weight=sample_weight, on_epoch_end=on_epoch_end)
+                    sample_weight=sample_weight, on_epoch_end=on_epoch_end, precision=ctx.compute_precision())
     return model, history
 
 
 def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: DefenseContext,
-                       desc: str = "scoring") -> PGDStats:
+                       desc: str | None = "scoring") -> PGDStats:
     """Attack every sample with ``cfg`` (eval mode, whole batches) and return per-sample statistics.
 
-    On a GPU the attack runs under bf16 autocast with channels_last batches (the losses stay fp32); on the
-    CPU in plain fp32, where the scores are those the tests compare with the batch-of-one reference.
+    The model runs in the context's precision (bf16 autocast where the hardware has it natively); the
+    per-sample losses are fp32 either way.
     """
-    gpu = ctx.device.type == "cuda"
-    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc, amp=gpu,
-                          channels_last=gpu)
+    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc,
+                          precision=ctx.compute_precision())
+
+
+def sample_losses(model: nn.Module, data: ImageSet, ctx: DefenseContext, loss: str = "ce") -> torch.Tensor:
+    """Per-sample loss (``ce`` or ``sce``) of ``model`` on the clean images, w.r.t. the given labels (eval mode,
+    whole batches): the PGD engine with zero steps."""
+    cfg = PGDConfig(eps=0.0, step=0.0, steps=0, random_start=False, loss=loss)
+    return adversarial_scores(model, data, cfg, ctx, desc=None).loss
 
 
 def otsu_threshold(scores: torch.Tensor) -> float:

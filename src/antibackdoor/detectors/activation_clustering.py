@@ -12,30 +12,33 @@ different classes compare.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
+from ..config import param
 from ..errors import ConfigError
 from ..models.features import penultimate_features
+from ..seeding import derive_seed
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, QUICK_SUSPECT, Detector, IsolationRule, register_detector
+from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
 class ACParams:
-    model: TrainConfig = field(default_factory=lambda: QUICK_SUSPECT)
-    reduce: str = "ica"  # "ica" (FastICA, the paper) or "pca"
-    dims: int = 10
-    max_share: float = 0.35  # the smaller cluster is poisoned if it holds less than this share of its class
-    rule: IsolationRule = field(default_factory=IsolationRule)
+    model: TrainConfig = suspect_param()
+    reduce: Literal["ica", "pca"] = param("ica", doc="reduction before clustering: FastICA (the paper) or PCA")
+    dims: int = param(10, doc="dimensions kept by the reduction")
+    max_share: float = param(0.35, doc="the smaller cluster is flagged when it holds less than this share of "
+                                       "its class")
+    rule: IsolationRule = rule_param()
 
     def validate(self) -> None:
-        if self.reduce not in ("ica", "pca"):
-            raise ConfigError(f"activation-clustering.reduce: {self.reduce!r} is not 'ica' or 'pca'")
         if self.dims < 1 or not 0 < self.max_share <= 0.5:
-            raise ConfigError("activation-clustering: dims >= 1 and max_share in (0, 0.5] are required")
+            raise ConfigError("detector_params (activation-clustering): dims >= 1 and max_share in (0, 0.5] are "
+                              "required")
 
 
 def reduce_dims(x: np.ndarray, dims: int, method: str, seed: int) -> tuple[np.ndarray, bool]:
@@ -86,12 +89,14 @@ class ActivationClustering(Detector):
     description = "Chen et al.: per-class FastICA to 10 dims + 2-means on penultimate activations; small cluster"
     Params = ACParams
     presets = {"quick": ACParams(), "paper": ACParams(model=PAPER_SUSPECT)}
+    has_native_rule = True
     higher_is_suspicious = True
     score_name = "ac_distance"
 
     def _score(self, data, ctx, model):
         p = self.params
-        feats = penultimate_features(model, data.x, ctx.device).double().numpy()
+        feats = penultimate_features(model, data.x, ctx.device, precision=ctx.compute_precision()).double().numpy()
+        seed = derive_seed(ctx.seed, "activation-clustering") % 2**32  # scikit-learn takes 32-bit seeds
         y = data.y.cpu().numpy()
         scores = np.zeros(len(y))
         native = np.zeros(len(y), dtype=bool)
@@ -100,7 +105,7 @@ class ActivationClustering(Detector):
             idx = np.flatnonzero(y == c)
             if idx.size == 0:
                 continue
-            flagged, score, facts = cluster_class(feats[idx], p.dims, p.reduce, p.max_share, ctx.seed)
+            flagged, score, facts = cluster_class(feats[idx], p.dims, p.reduce, p.max_share, seed)
             native[idx], scores[idx] = flagged, score
             classes[c] = facts
         return torch.from_numpy(scores), torch.from_numpy(native), {"classes": classes}

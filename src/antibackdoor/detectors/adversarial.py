@@ -10,25 +10,28 @@ functions with the same arguments as the defenses call).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..adversarial.pgd import PGDConfig
+from ..config import param
 from ..defenses.aibd import AIBDParams, amplified_scores, flip_config, flip_counts, guess_target, rank_desc
 from ..defenses.stages import adversarial_scores
+from ..errors import ConfigError
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, QUICK_SUSPECT, Detector, IsolationRule, register_detector
+from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
 class IFGSMParams:
-    model: TrainConfig = field(default_factory=lambda: QUICK_SUSPECT)
-    eps: float = 2 / 255
-    steps: int = 5
-    step: float | None = None  # None: eps / steps
-    loss: str = "sce"
-    rule: IsolationRule = field(default_factory=lambda: IsolationRule("otsu"))
+    model: TrainConfig = suspect_param()
+    eps: float = param(2 / 255, doc="iFGSM budget (L-inf, pixel units)")
+    steps: int = param(5, doc="iFGSM steps")
+    step: float | None = param(None, doc="iFGSM step (None: eps / steps)")
+    loss: Literal["ce", "sce"] = param("sce", doc="loss the attack maximises and the score is")
+    rule: IsolationRule = rule_param("otsu")
 
 
 @register_detector
@@ -48,14 +51,21 @@ class IFGSMSCE(Detector):
 
 @dataclass(frozen=True)
 class AIBDFlipParams:
-    model: TrainConfig = field(default_factory=lambda: QUICK_SUSPECT)
-    pgd_step: float = 1 / 255
-    pgd_cap: int = 255
-    grad_norm_p: float = 1.0
-    amplify: bool = True
-    target_filter: bool = False  # isolate only samples whose label is the guessed target class
-    target_fraction: float = 0.01
-    rule: IsolationRule = field(default_factory=lambda: IsolationRule("otsu"))
+    model: TrainConfig = suspect_param()
+    pgd_step: float = param(1 / 255, doc="step of the unbounded flip-counting PGD")
+    pgd_cap: int = param(255, doc="most PGD steps; never-flipped samples get k = cap")
+    grad_norm_p: float = param(1.0, doc="norm of Eq. 4's input gradient (1 = L1, 2 = L2)")
+    amplify: bool = param(True, doc="apply Eq. 4 (False: score by the raw k)")
+    target_filter: bool = param(False, doc="score only samples labelled with the guessed target class")
+    target_fraction: float = param(0.01, doc="top fraction by score whose majority label is the guessed target")
+    rule: IsolationRule = rule_param("otsu")
+
+    def validate(self) -> None:
+        if self.pgd_cap < 1 or not self.pgd_step > 0:
+            raise ConfigError("detector_params (aibd-flip): pgd_cap >= 1 and pgd_step > 0 are required")
+        if not 0 < self.target_fraction <= 1:
+            raise ConfigError(f"detector_params (aibd-flip).target_fraction: {self.target_fraction} must be in "
+                              "(0, 1]")
 
 
 @register_detector

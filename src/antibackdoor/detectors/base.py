@@ -14,25 +14,33 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from ..config import merge, to_dict
+from ..config import merge, param, to_dict
 from ..data.imageset import ImageSet
+from ..defenses.a_abl import AABL
 from ..defenses.base import DefenseContext
 from ..errors import ConfigError
-from ..training import TrainConfig
 
 log = logging.getLogger("antibackdoor")
 
-RULES = ("native", "otsu", "top", "threshold")
+RuleKind = Literal["native", "otsu", "top", "threshold"]
+RULES: tuple[str, ...] = RuleKind.__args__
 
 #: the suspect-model recipes shared by the model-based detectors: A-ABL's naive stage (quick: 40 epochs of
-#: Adam with crop, no flip, which learns patch backdoors firmly on the mini CIFAR-10; paper: 20 epochs)
-QUICK_SUSPECT = TrainConfig(epochs=40, optimizer="adam", lr=1e-3, crop=4, flip=False)
-PAPER_SUSPECT = TrainConfig(epochs=20, optimizer="adam", lr=1e-3)
+#: AdamW with crop, no flip, which learns patch backdoors firmly on the mini CIFAR-10; paper: 20 epochs), so
+#: that a detector and A-ABL given the same context train the same model
+QUICK_SUSPECT = AABL.presets["quick"].naive
+PAPER_SUSPECT = AABL.presets["paper"].naive
+
+
+def suspect_param(preset: str = "quick") -> Any:
+    """The ``model`` field of a model-based detector's Params (the suspect model's training recipe)."""
+    recipe = QUICK_SUSPECT if preset == "quick" else PAPER_SUSPECT
+    return param(factory=lambda: recipe, doc="training recipe of the suspect model (A-ABL's naive stage)")
 
 
 @dataclass(frozen=True)
@@ -44,14 +52,17 @@ class IsolationRule:
     (on the suspicious side).
     """
 
-    kind: str = "native"
-    value: float = 0.0
+    kind: RuleKind = param("native", doc="native (the detector's own rule), otsu, top (fraction) or threshold")
+    value: float = param(0.0, doc="the fraction for top, the score for threshold")
 
     def validate(self, where: str) -> None:
-        if self.kind not in RULES:
-            raise ConfigError(f"{where}.rule.kind: {self.kind!r} is not one of {', '.join(RULES)}")
         if self.kind == "top" and not 0.0 <= self.value <= 1.0:
             raise ConfigError(f"{where}.rule.value: {self.value} must be a fraction in [0, 1] for 'top'")
+
+
+def rule_param(kind: str = "native", value: float = 0.0) -> Any:
+    """The ``rule`` field of a detector's Params, defaulting to ``IsolationRule(kind, value)``."""
+    return param(factory=lambda: IsolationRule(kind, value), doc="how the scores become an isolated set")
 
 
 @dataclass
@@ -112,6 +123,8 @@ class Detector:
     Params: ClassVar[type]
     presets: ClassVar[dict[str, Any]] = {}
     needs_model: ClassVar[bool] = True
+    #: whether the detector has a decision of its own (rule ``native``): its paper's rule
+    has_native_rule: ClassVar[bool] = False
     higher_is_suspicious: ClassVar[bool] = True
     score_name: ClassVar[str] = "score"
 
@@ -121,10 +134,14 @@ class Detector:
                 raise ConfigError(f"--preset: {preset!r} unknown for detector {self.name}; known: "
                                   f"{', '.join(self.presets)}")
             params = merge(self.presets[preset], overrides or {}, f"detector_params ({self.name})")
+        params.rule.validate(f"detector_params ({self.name})")
+        if params.rule.kind == "native" and not self.has_native_rule:
+            raise ConfigError(f"detector_params ({self.name}).rule.kind: {self.name} has no rule of its own; "
+                              "use otsu, top or threshold")
+        validate = getattr(params, "validate", None)
+        if validate is not None:
+            validate()
         self.params = params
-        self.params.rule.validate(f"detector {self.name}")
-        if hasattr(self.params, "validate"):
-            self.params.validate()
 
     # -- to implement -----------------------------------------------------------------------------
     def _score(self, data: ImageSet, ctx: DefenseContext,
@@ -176,5 +193,5 @@ def register_detector(cls: type[Detector]) -> type[Detector]:
 def get_detector(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Detector:
     cls = DETECTORS.get(name)
     if cls is None:
-        raise ConfigError(f"--detector: unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
+        raise ConfigError(f"detector: unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
     return cls(preset, overrides)

@@ -7,18 +7,20 @@ high. DBD's rule labels the lowest ``epsilon`` (50 %) and treats the rest as unl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
-from ..defenses.dbd import DBD, DBDParams, lowest, sce_scores, simclr_pretrain, warmup_head
-from .base import Detector, IsolationRule, register_detector
+from ..config import param
+from ..defenses.dbd import DBD, DBDParams, lowest, make_dbd_optimizer, sce_scores, simclr_pretrain, warmup_head
+from .base import Detector, IsolationRule, register_detector, rule_param
 
 
 @dataclass(frozen=True)
 class DBDSCEParams:
-    dbd: DBDParams = field(default_factory=DBDParams)  # SimCLR and warm-up settings (the rounds are unused)
-    rule: IsolationRule = field(default_factory=IsolationRule)
+    dbd: DBDParams = param(factory=DBDParams, doc="DBD's SimCLR and warm-up settings (its rounds are unused)")
+    rule: IsolationRule = rule_param()
+
+    def validate(self) -> None:
+        self.dbd.validate()
 
 
 @register_detector
@@ -28,16 +30,15 @@ class DBDSCE(Detector):
     Params = DBDSCEParams
     presets = {"quick": DBDSCEParams(DBD.presets["quick"]), "paper": DBDSCEParams(DBD.presets["paper"])}
     needs_model = False
+    has_native_rule = True
     higher_is_suspicious = True
     score_name = "dbd_sce"
 
     def _score(self, data, ctx, model):
         p = self.params.dbd
-        p.validate()
-        net = ctx.fresh_model()
+        net = ctx.fresh_model("dbd")  # DBD's own model: the detector is DBD's split after the warm-up
         simclr_pretrain(net, data, p, ctx)
-        opt = torch.optim.Adam(net.parameters(), lr=p.finetune.lr)
-        hist = warmup_head(net, opt, data, p, ctx)
-        scores = sce_scores(net, data, p, ctx.device)
+        hist = warmup_head(net, make_dbd_optimizer(net, p), data, p, ctx)
+        scores = sce_scores(net, data, p, ctx.device, precision=ctx.compute_precision())
         info = {"warmup_train_acc": hist[-1]["train_acc"] if hist else None}
         return scores, ~lowest(scores, p.epsilon), info

@@ -9,26 +9,28 @@ the defender's bound on the poisoned fraction (``poison_rate``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from ..config import param
 from ..errors import ConfigError
 from ..models.features import penultimate_features
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, QUICK_SUSPECT, Detector, IsolationRule, register_detector
+from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
 class SpectralParams:
-    model: TrainConfig = field(default_factory=lambda: QUICK_SUSPECT)
-    poison_rate: float = 0.1  # eps, the bound on the poisoned fraction the rule assumes
-    removal_factor: float = 1.5
-    rule: IsolationRule = field(default_factory=IsolationRule)
+    model: TrainConfig = suspect_param()
+    poison_rate: float = param(0.1, doc="eps: the bound on the poisoned fraction the removal rule assumes")
+    removal_factor: float = param(1.5, doc="the rule removes removal_factor * eps * n_c samples per class")
+    rule: IsolationRule = rule_param()
 
     def validate(self) -> None:
         if not 0 < self.poison_rate < 1 or self.removal_factor <= 0:
-            raise ConfigError("spectral-signature: poison_rate in (0, 1) and removal_factor > 0 are required")
+            raise ConfigError("detector_params (spectral-signature): poison_rate in (0, 1) and removal_factor > 0 "
+                              "are required")
 
 
 def spectral_scores(features: torch.Tensor) -> torch.Tensor:
@@ -47,12 +49,13 @@ class SpectralSignature(Detector):
     description = "Tran et al.: per class, squared projection on the top singular vector; drop 1.5 eps n_c"
     Params = SpectralParams
     presets = {"quick": SpectralParams(), "paper": SpectralParams(model=PAPER_SUSPECT)}
+    has_native_rule = True
     higher_is_suspicious = True
     score_name = "spectral_score"
 
     def _score(self, data, ctx, model):
         p = self.params
-        feats = penultimate_features(model, data.x, ctx.device)
+        feats = penultimate_features(model, data.x, ctx.device, precision=ctx.compute_precision())
         y = data.y.cpu()
         scores = torch.zeros(len(y), dtype=torch.float64)
         native = torch.zeros(len(y), dtype=torch.bool)

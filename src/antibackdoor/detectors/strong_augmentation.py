@@ -6,39 +6,52 @@ survive most operations), and Otsu's threshold splits as in A-ABL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..adversarial.losses import symmetric_cross_entropy
 from ..adversarial.pgd import eval_mode
+from ..config import param
 from ..data.strong_augment import STRONG_AUGMENTATIONS
+from ..errors import ConfigError
+from ..precision import PLAIN, Precision
+from ..seeding import generator, seeded_rng
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, QUICK_SUSPECT, Detector, IsolationRule, register_detector
+from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
 class AugSplitParams:
-    model: TrainConfig = field(default_factory=lambda: QUICK_SUSPECT)
-    views: int = 1  # SCE averaged over this many views per sample
-    batch_size: int = 512
-    rule: IsolationRule = field(default_factory=lambda: IsolationRule("otsu"))
+    model: TrainConfig = suspect_param()
+    views: int = param(1, doc="SCE averaged over this many augmented views per sample")
+    batch_size: int = param(512, doc="images per forward pass")
+    rule: IsolationRule = rule_param("otsu")
+
+    def validate(self) -> None:
+        if self.views < 1 or self.batch_size < 1:
+            raise ConfigError("detector_params: views >= 1 and batch_size >= 1 are required")
 
 
 @torch.no_grad()
-def augmented_sce(model, data, augmentation: str, views: int, seed: int, device, batch_size: int = 512):
-    """Mean SCE loss over ``views`` strongly augmented views of every sample (eval mode, seeded per view)."""
+def augmented_sce(model, data, augmentation: str, views: int, seed: int, device, batch_size: int = 512,
+                  precision: Precision | None = None) -> torch.Tensor:
+    """Mean SCE loss over ``views`` strongly augmented views of every sample (eval mode; view ``v`` draws from
+    the streams ``(seed, "strong-augment", augmentation, v)``; forward passes in ``precision``, None: fp32)."""
     fn = STRONG_AUGMENTATIONS[augmentation]
+    prec = PLAIN if precision is None else precision
     out = torch.zeros(len(data), dtype=torch.float64)
-    with eval_mode(model), torch.random.fork_rng(devices=[]):
+    with eval_mode(model):
         for v in range(views):
-            torch.manual_seed(seed * 1009 + v)  # kornia's magnitudes come from the global generator
-            gen = torch.Generator().manual_seed(seed * 7919 + v)
-            for s in range(0, len(data), batch_size):
-                x = data.x[s:s + batch_size].to(device).float().div_(255.0)
-                logits = model(fn(x, generator=gen))
-                y = data.y[s:s + batch_size].to(device)
-                out[s:s + batch_size] += symmetric_cross_entropy(logits, y).double().cpu()
+            gen = generator(seed, "strong-augment", augmentation, v)
+            # kornia draws its magnitudes from torch's global RNG: a forked, seeded one
+            with seeded_rng(seed, "strong-augment", augmentation, "kornia", v):
+                for s in range(0, len(data), batch_size):
+                    x = data.x[s:s + batch_size].to(device).float().div_(255.0)
+                    with prec.autocast():
+                        logits = model(prec.batch(fn(x, generator=gen)))
+                    y = data.y[s:s + batch_size].to(device)
+                    out[s:s + batch_size] += symmetric_cross_entropy(logits.float(), y).double().cpu()
     return out / views
 
 
@@ -50,7 +63,9 @@ class _AugSplit(Detector):
 
     def _score(self, data, ctx, model):
         p = self.params
-        return augmented_sce(model, data, self.augmentation, p.views, ctx.seed, ctx.device, p.batch_size), None, {}
+        scores = augmented_sce(model, data, self.augmentation, p.views, ctx.seed, ctx.device, p.batch_size,
+                               ctx.compute_precision())
+        return scores, None, {}
 
 
 @register_detector
