@@ -305,7 +305,7 @@ def test_isolate_then_train_end_to_end(tmp_path, tiny_npz):
     assert json.loads((r.run_dir / "metrics.json").read_text())["defense_info"]["rule"] == "native"
 
 
-def test_bad_settings_are_config_errors_before_any_work(tmp_path):
+def test_bad_settings_are_config_errors_before_any_work(tmp_path, tiny_npz):
     with pytest.raises(ConfigError, match="treatment"):
         ab.get_defense("isolate-then-train", "quick", {"treatment": "burn"})
     with pytest.raises(ConfigError, match="unknown detector"):
@@ -322,9 +322,10 @@ def test_bad_settings_are_config_errors_before_any_work(tmp_path):
     # through the runner: the run stops before its directory exists
     from antibackdoor.cli import main
 
-    code = main(["run", "--defense", "isolate-then-train", "--defense-param", "detector_params.rule.kind=native",
-                 "--out", str(tmp_path)])
-    assert code == 2 and not any(tmp_path.iterdir())
+    out = tmp_path / "runs"
+    code = main(["run", "--dataset", f"npz:{tiny_npz}", "--defense", "isolate-then-train", "--defense-param",
+                 "detector_params.rule.kind=native", "--out", str(out)])
+    assert code == 2 and not out.exists()
 
 
 def test_scoring_runs_in_the_context_precision():
@@ -339,7 +340,7 @@ def test_scoring_runs_in_the_context_precision():
     imgs = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     bf16 = resolve_precision("bf16")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), capture(net, stages=False) as f:
-        net(imgs.float() / 255)
+        net((imgs.float() / 255).contiguous(memory_format=torch.channels_last))  # the layout bf16.batch gives
     expected = f.penultimate.float()
     got = penultimate_features(net, imgs, precision=bf16)
     assert torch.equal(got, expected)
