@@ -20,6 +20,7 @@ import torch
 from .attacks import ATTACKS, Attack, PoisonedSet, get_attack
 from .data import DATASETS, DatasetSplits, ImageSet, load_dataset
 from .defenses import DEFENSES, Defense, DefenseContext, DefenseResult, get_defense
+from .detectors import DETECTORS, DetectionResult, Detector, get_detector
 from .errors import AntibackdoorError
 from .experiment import ExperimentConfig, run_experiment
 from .metrics import accuracy, attack_success_rate, robust_accuracy, split_metrics
@@ -51,8 +52,9 @@ def evaluate(model: torch.nn.Module, test: ImageSet, attack: Attack | None = Non
 
 
 __all__ = [
-    "ATTACKS", "Attack", "AntibackdoorError", "DATASETS", "DEFENSES", "DatasetSplits", "Defense",
-    "DefenseContext", "DefenseResult", "ExperimentConfig", "ImageSet", "MODELS", "PoisonedSet", "accuracy",
-    "attack_success_rate", "build_model", "evaluate", "get_attack", "get_defense", "load_dataset",
-    "load_model", "model_factory", "robust_accuracy", "run_experiment", "save_model", "seeded", "split_metrics",
+    "ATTACKS", "Attack", "AntibackdoorError", "DATASETS", "DEFENSES", "DETECTORS", "DatasetSplits", "Defense",
+    "DefenseContext", "DefenseResult", "DetectionResult", "Detector", "ExperimentConfig", "ImageSet", "MODELS",
+    "PoisonedSet", "accuracy", "attack_success_rate", "build_model", "evaluate", "get_attack", "get_defense",
+    "get_detector", "load_dataset", "load_model", "model_factory", "robust_accuracy", "run_experiment",
+    "save_model", "seeded", "split_metrics",
 ]

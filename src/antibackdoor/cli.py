@@ -1,4 +1,4 @@
-"""Command line: ``antibackdoor run | defend | doctor | datasets | models | attacks | defenses``.
+"""Command line: ``antibackdoor run | defend | doctor | datasets | models | attacks | defenses | detectors``.
 
 Errors caused by input (files, options, data) end with one line ``antibackdoor: error: ...`` and exit 2.
 """
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in [("datasets", "list datasets, where each is looked for and whether it is present"),
                        ("models", "list models with parameter counts"),
                        ("attacks", "list attacks with their parameters (type, quick default, paper value)"),
-                       ("defenses", "list defenses with their parameters (quick preset, paper value)")]:
+                       ("defenses", "list defenses with their parameters (quick preset, paper value)"),
+                       ("detectors", "list isolation detectors with their parameters (quick preset, paper value)")]:
         s = sub.add_parser(name, help=text)
         if name == "datasets":
             s.add_argument("--data-root", help="data root to check")
@@ -337,6 +338,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, cls in sorted(DEFENSES.items()):
             print(f"{name}: {cls.description}")
             _print_params(cls.presets, "--defense-param")
+    elif args.command == "detectors":
+        from .detectors import DETECTORS
+
+        print("(set with --defense isolate-then-train --defense-param detector=NAME "
+              "--defense-param detector_params.KEY=VALUE)\n")
+        for name, cls in sorted(DETECTORS.items()):
+            needs = "trains a suspect model" if cls.needs_model else "no suspect model"
+            print(f"{name} ({needs}): {cls.description}")
+            _print_params(cls.presets, "detector_params")
     return 0
 
 

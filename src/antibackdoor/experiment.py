@@ -336,6 +336,11 @@ class Experiment:
         metrics["ra_attack"] = c.eval.label()
         kept = result.kept if result.kept is not None else torch.ones(len(train_set), dtype=torch.bool)
         metrics.update(split_metrics(kept, poisoned.poison_mask))
+        if result.scores is not None and poisoned.num_poison:
+            from .detectors.evaluate import roc_auc
+
+            suspicion = result.scores.double() * (1 if result.higher_is_suspicious else -1)
+            metrics["auc"] = roc_auc(suspicion, poisoned.poison_mask)  # how well the scores rank the poison
         metrics["poisoned"] = poisoned.num_poison
         metrics["train_size"] = len(train_set)
         if trusted_mask is not None:

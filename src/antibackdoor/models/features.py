@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..precision import PLAIN, Precision
 from .registry import Normalized
 
 
@@ -85,13 +86,16 @@ def capture(model: nn.Module, stages: bool | Sequence[str] = True, penultimate: 
 
 @torch.no_grad()
 def penultimate_features(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
-                         batch_size: int = 512) -> torch.Tensor:
-    """Penultimate features (float32, on the CPU) of uint8 ``images`` in eval mode, in whole batches."""
+                         batch_size: int = 512, precision: Precision | None = None) -> torch.Tensor:
+    """Penultimate features (float32, on the CPU) of uint8 ``images`` in eval mode, in whole batches, computed
+    in ``precision`` (None: plain fp32 in the layout given)."""
     from ..adversarial.pgd import eval_mode
 
+    prec = PLAIN if precision is None else precision
     parts = []
     with eval_mode(model), capture(model, stages=False) as feats:
         for s in range(0, images.shape[0], batch_size):
-            model(images[s:s + batch_size].to(device).float().div_(255.0))
+            with prec.autocast():
+                model(prec.batch(images[s:s + batch_size].to(device).float().div_(255.0)))
             parts.append(feats.penultimate.float().cpu())
     return torch.cat(parts) if parts else torch.empty(0)

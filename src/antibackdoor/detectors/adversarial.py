@@ -1,0 +1,94 @@
+"""The two adversarial scorers of the core methods, as detectors (their numbers are unchanged: the same
+functions with the same arguments as the defenses call).
+
+- ``ifgsm-sce`` (A-ABL stage 2): the SCE loss of every sample's iFGSM example (eps 2/255, 5 steps) on the
+  suspect model; low loss = adversarially robust = suspicious; Otsu's threshold is A-ABL's rule.
+- ``aibd-flip`` (AIBD steps 2-3): unbounded PGD flip counts k, amplified by Eq. 4; high = suspicious. AIBD
+  itself picks its isolation rate by retraining per q (the ``aibd`` defense); as a detector the rule is Otsu
+  (or ``top`` with a fixed q), optionally restricted to the guessed target class as in AIBD's quick preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..adversarial.pgd import PGDConfig
+from ..config import param
+from ..defenses.aibd import AIBDParams, amplified_scores, flip_config, flip_counts, guess_target, rank_desc
+from ..defenses.stages import adversarial_scores
+from ..errors import ConfigError
+from ..training import TrainConfig
+from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
+
+
+@dataclass(frozen=True)
+class IFGSMParams:
+    model: TrainConfig = suspect_param()
+    eps: float = param(2 / 255, doc="iFGSM budget (L-inf, pixel units)")
+    steps: int = param(5, doc="iFGSM steps")
+    step: float | None = param(None, doc="iFGSM step (None: eps / steps)")
+    loss: Literal["ce", "sce"] = param("sce", doc="loss the attack maximises and the score is")
+    rule: IsolationRule = rule_param("otsu")
+
+
+@register_detector
+class IFGSMSCE(Detector):
+    name = "ifgsm-sce"
+    description = "A-ABL's split: SCE loss of the iFGSM example (eps 2/255, 5 steps); low = robust = suspicious"
+    Params = IFGSMParams
+    presets = {"quick": IFGSMParams(), "paper": IFGSMParams(model=PAPER_SUSPECT)}
+    higher_is_suspicious = False
+    score_name = "sce_adv"
+
+    def _score(self, data, ctx, model):
+        p = self.params
+        cfg = PGDConfig.ifgsm(p.eps, p.steps, p.step, loss=p.loss)
+        return adversarial_scores(model, data, cfg, ctx, desc="split (iFGSM)").loss, None, {}
+
+
+@dataclass(frozen=True)
+class AIBDFlipParams:
+    model: TrainConfig = suspect_param()
+    pgd_step: float = param(1 / 255, doc="step of the unbounded flip-counting PGD")
+    pgd_cap: int = param(255, doc="most PGD steps; never-flipped samples get k = cap")
+    grad_norm_p: float = param(1.0, doc="norm of Eq. 4's input gradient (1 = L1, 2 = L2)")
+    amplify: bool = param(True, doc="apply Eq. 4 (False: score by the raw k)")
+    target_filter: bool = param(False, doc="score only samples labelled with the guessed target class")
+    target_fraction: float = param(0.01, doc="top fraction by score whose majority label is the guessed target")
+    rule: IsolationRule = rule_param("otsu")
+
+    def validate(self) -> None:
+        if self.pgd_cap < 1 or not self.pgd_step > 0:
+            raise ConfigError("detector_params (aibd-flip): pgd_cap >= 1 and pgd_step > 0 are required")
+        if not 0 < self.target_fraction <= 1:
+            raise ConfigError(f"detector_params (aibd-flip).target_fraction: {self.target_fraction} must be in "
+                              "(0, 1]")
+
+
+@register_detector
+class AIBDFlip(Detector):
+    name = "aibd-flip"
+    description = "AIBD's score: PGD steps until the label flips, amplified by Eq. 4; high = suspicious"
+    Params = AIBDFlipParams
+    presets = {"quick": AIBDFlipParams(), "paper": AIBDFlipParams(model=PAPER_SUSPECT)}
+    higher_is_suspicious = True
+    score_name = "aibd_k_amplified"
+
+    def _score(self, data, ctx, model):
+        p = self.params
+        aibd = AIBDParams(pgd_step=p.pgd_step, pgd_cap=p.pgd_cap, grad_norm_p=p.grad_norm_p)
+        stats = adversarial_scores(model, data, flip_config(aibd), ctx, desc="aibd flip counting")
+        k = flip_counts(stats, p.pgd_cap)
+        scores = amplified_scores(k, stats.grad_norm) if p.amplify else k.double()
+        self._labels = stats.flip_label.clone()
+        info = {"never_flipped": int((stats.flip_step < 0).sum())}
+        if p.target_filter:
+            # scores outside the guessed target class drop below every candidate's
+            y = data.y.cpu()
+            target, votes = guess_target(rank_desc(scores), y, p.target_fraction, data.num_classes)
+            scores = torch.where(y == target, scores, scores.min() - 1 - (scores.max() - scores))
+            info.update(target=target, target_vote_count=votes)
+        return scores, None, info
