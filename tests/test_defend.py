@@ -299,11 +299,21 @@ def test_skipped_files_are_listed_in_the_report(tmp_path):
         assert f["x_train"].shape[1:] == (32, 32, 3) and len(f["x_train"]) == len(f["index"]) == m["kept"]
 
 
-def test_detector_flag_says_what_exists(tmp_path, capsys):
+def test_detector_flag_runs_isolate_then_train(tmp_path, capsys):
+    from antibackdoor.defend.job import DefendConfig, Defender
+
     root, _ = write_folder(tmp_path / "d", per_class=3, rate=0.0)
     code = main(["defend", f"folder:{root}", "--detector", "spectral", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert code == 2 and "--detector spectral: no detectors are available" in err and "a-abl" in err
+    assert code == 2 and "--detector spectral: unknown detector" in err and "spectral-signature" in err
+    code = main(["defend", f"folder:{root}", "--detector", "spectral-signature", "--defense", "aibd",
+                 "--out", str(tmp_path / "r")])
+    assert code == 2 and "not both" in capsys.readouterr().err
+    job = Defender(DefendConfig(str(root), detector="spectral-signature",
+                                 defense_params={"treatment": "relabel"}))
+    assert job.config.defense == "isolate-then-train"
+    assert job.config.defense_params == {"detector": "spectral-signature", "treatment": "relabel"}
+    assert not (tmp_path / "r").exists()  # bad input never leaves a run directory
 
 
 def test_poison_mask_must_fit_the_data(tmp_path, capsys):

@@ -133,7 +133,8 @@ def _add_defend(sub) -> None:
                         "labels=FILE for a CSV with columns file,label; size=N; channels=1|3), npz:PATH "
                         "(x_train, y_train[, x_test, y_test, classes]) or a dataset name (cifar10-mini, ...)")
     d.add_argument("--defense", help=_names(DEFENSES, "a-abl"))
-    d.add_argument("--detector", help="a detector composed with a treatment (none available in this version)")
+    d.add_argument("--detector", help="an isolation detector composed with a treatment: runs --defense "
+                   "isolate-then-train with detector=NAME (antibackdoor detectors lists them)")
     d.add_argument("--preset", choices=list(PRESETS), help="quick (default): small CPU setting; paper: the papers' "
                                                            "setting")
     d.add_argument("--model", help=f"{_names(MODELS)} (default: {QUICK_MODEL} in quick, the dataset's paper model "

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from ..caching import atomic_write
-from ..config import from_dict, to_dict
+from ..config import deep_update, from_dict, to_dict
 from ..data.imageset import ImageSet
 from ..data.userdata import UserData, conform, load_user_data
-from ..defenses.base import DEFENSES, DefenseContext, DefenseResult
+from ..defenses.base import DefenseContext, DefenseResult
 from ..errors import ConfigError, DataError
 from ..experiment import (
     PRESETS,
@@ -87,27 +87,29 @@ class DefendConfig:
             raise ConfigError(f"--holdout {self.holdout}: must lie in [0, 1)")
         if self.export_kept is not None and self.export_kept not in EXPORT_KINDS:
             raise ConfigError(f"--export-kept: {self.export_kept!r} is not one of {', '.join(EXPORT_KINDS)}")
-        if self.detector is not None:
-            resolve_detector(self.detector)
 
 
 #: options that do not change what the defense computes (excluded from the run id)
 _NOT_IN_ID = ("out", "device", "data_root", "export_kept", "precision_reason")
 
 
-def resolve_detector(name: str):
-    """``--detector NAME``: a detector from the detectors registry, composed with a treatment.
+def with_detector(config: DefendConfig) -> DefendConfig:
+    """``--detector NAME``: the detector composed with a treatment, i.e. ``--defense isolate-then-train`` with
+    ``detector=NAME`` (its own ``--defense-param`` settings, e.g. ``treatment``, still apply)."""
+    if config.detector is None:
+        return config
+    from ..detectors import DETECTORS
 
-    The detectors registry is not part of this version yet; until it is, the option names what exists.
-    """
-    try:
-        from .. import detectors  # noqa: F401  (a registry of its own kind, added separately)
-    except ImportError:
-        raise ConfigError(f"--detector {name}: no detectors are available in this version (available: none); "
-                          f"use --defense ({', '.join(sorted(DEFENSES))})") from None
-    registry = getattr(detectors, "DETECTORS", {})
-    raise ConfigError(f"--detector {name}: detectors are not wired into defend yet (available: "
-                      f"{', '.join(sorted(registry)) or 'none'}); use --defense ({', '.join(sorted(DEFENSES))})")
+    if config.detector not in DETECTORS:
+        raise ConfigError(f"--detector {config.detector}: unknown detector; known: {', '.join(sorted(DETECTORS))}")
+    if config.defense not in (DefendConfig.defense, ISOLATE):
+        raise ConfigError(f"--detector {config.detector}: give either --detector or --defense {config.defense}, "
+                          f"not both (--detector runs --defense {ISOLATE})")
+    params = deep_update({"detector": config.detector}, config.defense_params)
+    return replace(config, defense=ISOLATE, defense_params=params, detector=None)
+
+
+ISOLATE = "isolate-then-train"
 
 
 def _sha(*arrays: np.ndarray | torch.Tensor) -> str:
@@ -131,7 +133,7 @@ class Defender:
 
     def __init__(self, config: DefendConfig):
         config.validate()
-        self.config = config
+        self.config = with_detector(config)
         self.data: UserData | None = None
 
     # -- preparation (everything that can fail on input happens before the run directory exists) ----------
