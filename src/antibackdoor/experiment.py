@@ -183,8 +183,12 @@ def resolve_model(model: str | None, defense: str, paper: PaperSettings | None) 
 
 def resolve_defense(name: str, preset: str, overrides: dict[str, Any], paper: PaperSettings | None) -> Defense:
     """The defense with its preset, the dataset's paper settings for it (``paper`` given: ``--preset paper``
-    only), then the user's overrides."""
-    data_params = paper.defense_params.get(name, {}) if paper is not None else {}
+    only), then the user's overrides. A variant of a paper's defense takes that defense's settings
+    (``Defense.paper_settings_of``)."""
+    from .defenses.base import DEFENSES
+
+    key = getattr(DEFENSES.get(name), "paper_settings_of", "") or name
+    data_params = paper.defense_params.get(key, {}) if paper is not None else {}
     return get_defense(name, preset, deep_update(data_params, overrides))
 
 
@@ -336,6 +340,9 @@ class Experiment:
         metrics["ra_attack"] = c.eval.label()
         kept = result.kept if result.kept is not None else torch.ones(len(train_set), dtype=torch.bool)
         metrics.update(split_metrics(kept, poisoned.poison_mask))
+        flags = sample_flag_counts(result.sample_stats, poisoned.poison_mask)
+        if flags:
+            metrics["sample_flags"] = flags
         if result.scores is not None and poisoned.num_poison:
             from .detectors.evaluate import roc_auc
 
@@ -368,6 +375,17 @@ class Experiment:
                             xlabel=result.score_name or "score", threshold=result.info.get("threshold"),
                             title=f"{self.config.attack} / {self.config.defense}")
         resolved.defense.write_plots(result, poisoned.poison_mask, run_dir, true_labels=poisoned.true_labels.cpu())
+
+
+def sample_flag_counts(stats: dict[str, torch.Tensor], poison_mask: torch.Tensor) -> dict[str, dict[str, int]]:
+    """For each boolean per-sample statistic of a defense (e.g. A-ABL's ``taken_back``): how many samples it
+    flags and how many of those are poisoned (ground truth the defense never saw)."""
+    out = {}
+    for name, value in stats.items():
+        if value.dtype == torch.bool and value.shape == poison_mask.shape:
+            flagged = value.cpu()
+            out[name] = {"samples": int(flagged.sum()), "poison": int((flagged & poison_mask.cpu()).sum())}
+    return out
 
 
 def write_isolation_csv(path: Path, result: DefenseResult, poisoned: PoisonedSet, kept: torch.Tensor) -> None:

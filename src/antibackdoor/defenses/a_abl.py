@@ -6,23 +6,35 @@
    (patch triggers such as BadNets/Trojan land here); the vulnerable rest is kept.
 3. PGD adversarial training from scratch on the kept subset (eps 8/255, step 2/255, 10 steps; SGD lr 0.1,
    x0.1 at epochs 50/75/90 of 100), which suppresses the stealthy triggers (Blend, WaNet, SSBA) left in it.
+
+Options that are not the paper's (off by default, so both presets stay the paper's algorithm; ``a-abl+`` switches
+them on; docs/a-abl.md):
+
+- ``split_log``: Otsu's threshold on log(score) instead of the raw score;
+- ``takeback_epochs`` > 0, "take back": the robust stage-3 model has not learned the backdoor, so it predicts an
+  isolated poisoned sample's true class (not its given target label) but agrees with most isolated clean samples;
+  the isolated samples whose given label it predicts are re-included and adversarial training continues from the
+  stage-3 model on the union for ``takeback_epochs`` epochs (``final``'s adversary and optimiser, learning rate
+  ``takeback_lr`` with a cosine decay). ``kept`` (and so gamma, rho_vul, TPR, FPR) still describes the split;
+  the taken-back samples are ``sample_stats["taken_back"]``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..adversarial.pgd import PGDConfig
+from ..config import param
 from ..data.imageset import ImageSet
+from ..errors import ConfigError
 from ..training import TrainConfig
 from .adv_train import PAPER_AT, QUICK_AT
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .none import QUICK_PLAIN
-from .stages import adversarial_scores, otsu_threshold, train_stage
+from .stages import adversarial_scores, otsu_threshold, take_back, train_stage
 
 log = logging.getLogger("antibackdoor")
-
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,22 @@ class AABLParams:
     split_step: float | None = None  # None: eps / steps
     split_loss: str = "sce"  # loss maximised by iFGSM and used as the score
     final: TrainConfig = field(default_factory=lambda: PAPER_AT)
+    split_log: bool = param(False, doc="Otsu's threshold on log(score) instead of the raw score (not the paper's)")
+    takeback_epochs: int = param(0, doc="take back: re-include the isolated samples whose given label the stage-3 "
+                                        "model predicts and continue adversarial training this many epochs (0 = off)")
+    takeback_lr: float | None = param(None, doc="take back's learning rate, cosine decay (None: a tenth of final.lr)")
+
+    def validate(self) -> None:
+        if self.takeback_epochs < 0:
+            raise ConfigError(f"--defense-param takeback_epochs: {self.takeback_epochs} must be >= 0")
+        if self.takeback_lr is not None and not self.takeback_lr > 0:
+            raise ConfigError(f"--defense-param takeback_lr: {self.takeback_lr} must be > 0")
+
+    def takeback_config(self) -> TrainConfig:
+        """The take-back training: stage 3's adversary and optimiser, fresh cosine schedule, a lower rate."""
+        lr = self.takeback_lr if self.takeback_lr is not None else self.final.lr / 10
+        return replace(self.final, epochs=self.takeback_epochs, lr=lr, schedule="cosine", milestones=(),
+                       warmup_epochs=0)
 
 
 @register_defense
@@ -68,7 +96,7 @@ class AABL(Defense):
         # Stage 2: adversarial split.
         log.info("A-ABL stage 2/3: iFGSM split (eps %.4g, %d steps, %s)", p.split_eps, p.split_steps, p.split_loss)
         scores = self.split_scores(naive, data, ctx)
-        threshold = otsu_threshold(scores)
+        threshold = otsu_threshold(scores, log_scale=p.split_log)
         kept = scores > threshold  # vulnerable (high adversarial SCE loss) samples are kept
         if int(kept.sum()) == 0:
             kept[:] = True
@@ -77,11 +105,20 @@ class AABL(Defense):
         # Stage 3: adversarial training from scratch on the vulnerable subset.
         log.info("A-ABL stage 3/3: PGD adversarial training on the %d kept samples", int(kept.sum()))
         model, final_hist = train_stage(ctx, data.subset(kept), p.final, "adv_train", seed_offset=1)
-        return DefenseResult(
-            model, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
-            info={"threshold": threshold, "kept": int(kept.sum()), "isolated": int((~kept).sum())},
-            history={"naive": naive_hist, "adv_train": final_hist},
-        )
+        info = {"threshold": threshold, "kept": int(kept.sum()), "isolated": int((~kept).sum())}
+        history = {"naive": naive_hist, "adv_train": final_hist}
+        stats = {}
+        if p.takeback_epochs:
+            back = take_back(model, data, kept, ctx)
+            info["taken_back"] = int(back.sum())
+            log.info("take back: the robust model predicts the given label of %d of the %d isolated samples; "
+                     "adversarial training continues on %d samples for %d epochs", int(back.sum()),
+                     int((~kept).sum()), int((kept | back).sum()), p.takeback_epochs)
+            history["takeback"] = train_stage(ctx, data.subset(kept | back), p.takeback_config(), "takeback",
+                                              seed_offset=2, model=model)[1]
+            stats["taken_back"] = back
+        return DefenseResult(model, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
+                             info=info, history=history, sample_stats=stats)
 
     def split_scores(self, model, data: ImageSet, ctx: DefenseContext):
         """Per-sample SCE loss of the iFGSM adversarial example (low = robust = suspicious)."""

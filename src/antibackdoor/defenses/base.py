@@ -101,6 +101,9 @@ class Defense:
     #: ``trusted_fraction`` parameter); ``defend`` evaluates on trusted data only when the defense does not use it
     uses_trusted: ClassVar[bool] = False
     needs_trusted: ClassVar[bool] = False
+    #: the defense whose per-dataset paper settings (``PaperSettings.defense_params``) this one takes, for a
+    #: variant of a paper's defense (``a-abl+``: those of ``a-abl``); empty: its own name
+    paper_settings_of: ClassVar[str] = ""
 
     def __init__(self, preset: str = "quick", overrides: dict[str, Any] | None = None, params: Any = None):
         if params is None:

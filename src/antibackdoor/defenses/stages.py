@@ -115,13 +115,41 @@ def rank_fraction(scores: torch.Tensor, fraction: float, lowest: bool = True) ->
     return mask
 
 
-def otsu_threshold(scores: torch.Tensor) -> float:
-    """Otsu's threshold (scikit-image) on a 1-D score distribution; the midpoint if all scores are equal."""
+def agrees_with_label(model: nn.Module, data: ImageSet, ctx: DefenseContext) -> torch.Tensor:
+    """Bool N (CPU): whether ``model`` predicts each sample's given label (eval mode, whole batches)."""
+    from ..metrics import predict
+
+    return predict(model, data, ctx.device, precision=ctx.compute_precision()) == data.y.cpu()
+
+
+def take_back(model: nn.Module, data: ImageSet, kept: torch.Tensor, ctx: DefenseContext) -> torch.Tensor:
+    """Bool N: the isolated samples (``~kept``) whose given label ``model`` predicts.
+
+    Meant for a model that has not learned the backdoor (e.g. A-ABL's robust stage-3 model): it predicts a
+    poisoned sample's true class, not the target label the sample was given, while it agrees with most clean
+    samples, so this selects clean samples the split threw away and few poisoned ones.
+    """
+    isolated = ~kept.bool().cpu()
+    selected = torch.zeros(len(data), dtype=torch.bool)
+    idx = isolated.nonzero().squeeze(1)
+    if len(idx):
+        selected[idx] = agrees_with_label(model, data.subset(isolated), ctx)
+    return selected
+
+
+def otsu_threshold(scores: torch.Tensor, log_scale: bool = False) -> float:
+    """Otsu's threshold (scikit-image) on a 1-D score distribution; the midpoint if all scores are equal.
+
+    ``log_scale``: Otsu on log(score) (scores clamped to >= 1e-12), returned in the scores' own units; for
+    non-negative scores spread over orders of magnitude, where the raw histogram crowds the low ones into few bins.
+    """
     from skimage.filters import threshold_otsu
 
     values = scores.double().cpu().numpy()
     if values.size == 0:
         raise ValueError("no scores to threshold")
+    if log_scale:
+        return float(np.exp(otsu_threshold(torch.from_numpy(np.log(np.maximum(values, 1e-12))))))
     if np.ptp(values) == 0:
         return float(values[0])
     nbins = 1024

@@ -1,0 +1,136 @@
+"""A-ABL's options that are not the paper's (log-score Otsu, take back) and the a-abl+ variant: constructed
+inputs and a model with known predictions; nothing here depends on a training run converging."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import antibackdoor as ab
+from antibackdoor.data.imageset import ImageSet
+from antibackdoor.data.tiny_imagenet import TINY_PAPER
+from antibackdoor.defenses import a_abl, stages
+from antibackdoor.defenses.a_abl import AABL, AABLParams
+from antibackdoor.defenses.stages import otsu_threshold, take_back
+from antibackdoor.errors import ConfigError
+from antibackdoor.experiment import resolve_defense, sample_flag_counts
+
+
+class PixelClassifier(nn.Module):
+    """Predicts class (first pixel value in 0..255) mod ``classes``: known predictions, no training."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+        self.anchor = nn.Parameter(torch.zeros(()))  # so that the model has a parameter and a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = (x[:, 0, 0, 0] * 255).round().long()
+        return nn.functional.one_hot(value % self.classes, self.classes).float() + self.anchor
+
+
+def pixel_set(values: list[int], labels: list[int], classes: int = 3) -> ImageSet:
+    x = torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    return ImageSet(x, torch.tensor(labels), [str(c) for c in range(classes)], (0.5,) * 3, (0.25,) * 3, "pixels")
+
+
+def test_take_back_selects_isolated_samples_whose_label_the_model_predicts():
+    # predictions: value mod 3 = 0 1 2 0 1 2 0 1
+    data = pixel_set([0, 1, 2, 3, 4, 5, 6, 7], [0, 2, 2, 1, 1, 0, 0, 0])
+    agrees = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    kept = torch.tensor([1, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
+    model = PixelClassifier(3)
+    ctx = ab.DefenseContext(lambda: model)
+    assert torch.equal(stages.agrees_with_label(model, data, ctx), agrees)
+    back = take_back(model, data, kept, ctx)
+    assert torch.equal(back, ~kept & agrees)  # samples 2 and 4; never a kept one
+    assert torch.equal(take_back(model, data, torch.ones(8, dtype=torch.bool), ctx), torch.zeros(8, dtype=torch.bool))
+
+
+def test_otsu_on_log_scores_splits_where_the_raw_histogram_cannot():
+    g = torch.Generator().manual_seed(0)
+    jitter = lambda n: 1 + 0.1 * torch.rand(n, generator=g)  # noqa: E731
+    scores = torch.cat([1e-3 * jitter(300), 1.0 * jitter(300), 10.0 * jitter(300)])
+    raw = otsu_threshold(scores)
+    logged = otsu_threshold(scores, log_scale=True)
+    assert 1.1 < raw < 10  # raw: 1e-3 and 1 look alike next to 10
+    assert 1.1e-3 < logged < 1.0  # log: the three decades apart, the widest gap is 1e-3 .. 1
+    assert (scores > logged).sum() == 600
+    assert otsu_threshold(torch.full((5,), 2.0), log_scale=True) == pytest.approx(2.0)
+
+
+def test_paper_defaults_are_unchanged():
+    for preset in ("quick", "paper"):
+        p = ab.get_defense("a-abl", preset).params
+        assert p.split_log is False and p.takeback_epochs == 0 and p.takeback_lr is None
+    assert ab.get_defense("a-abl", "paper").params == AABLParams()
+
+
+def test_take_back_stage_trains_the_stage3_model_on_kept_plus_taken_back(small_train, monkeypatch):
+    data = small_train
+    scores = 9 + torch.linspace(0, 1, len(data))
+    scores[:60] = 0.01  # a robust cluster: isolated
+    monkeypatch.setattr(AABL, "split_scores", lambda self, model, d, ctx: scores.clone())
+    back = torch.zeros(len(data), dtype=torch.bool)
+    back[:60:3] = True  # 20 of the isolated samples are "taken back"
+    calls = []
+
+    def fake_take_back(model, d, kept, ctx):
+        calls.append((model, kept.clone()))
+        return back.clone()
+
+    monkeypatch.setattr(a_abl, "take_back", fake_take_back)
+    seen = []
+    real = stages.train
+
+    def spy(model, d, cfg, **kw):
+        seen.append((kw["desc"], len(d), model, cfg))
+        return real(model, d, cfg, **kw)
+
+    monkeypatch.setattr(stages, "train", spy)
+    d = ab.get_defense("a-abl", "quick", {"naive": {"epochs": 1}, "final": {"epochs": 1, "adversary": {"steps": 1}},
+                                          "takeback_epochs": 2})
+    r = d.run(data, ab.DefenseContext(ab.model_factory("cnn-small", data)))
+    kept = scores > r.info["threshold"]
+    assert torch.equal(r.kept, kept) and int((~kept).sum()) == 60  # kept still describes the split
+    assert [(s[0], s[1]) for s in seen] == [("naive", 300), ("adv_train", 240), ("takeback", 260)]
+    stage3_model = seen[1][2]
+    assert calls[0][0] is stage3_model and torch.equal(calls[0][1], kept)
+    assert seen[2][2] is stage3_model and r.model is stage3_model  # continued, not a fresh model
+    cfg = seen[2][3]
+    final = d.params.final
+    assert cfg.epochs == 2 and cfg.schedule == "cosine" and math.isclose(cfg.lr, final.lr / 10)
+    assert cfg.adversary == final.adversary and cfg.optimizer == final.optimizer
+    assert r.info["taken_back"] == 20 and torch.equal(r.sample_stats["taken_back"], back)
+    assert len(r.history["takeback"]) == 2
+
+
+def test_bad_option_values_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"^--defense-param takeback_epochs: -1 must be >= 0$"):
+        ab.get_defense("a-abl", "quick", {"takeback_epochs": -1})
+    with pytest.raises(ConfigError, match=r"^--defense-param takeback_lr: 0.0 must be > 0$"):
+        ab.get_defense("a-abl", "quick", {"takeback_lr": 0.0})
+    with pytest.raises(ConfigError, match="split_log: expected true or false"):
+        ab.get_defense("a-abl", "quick", {"split_log": "yes"})
+
+
+def test_a_abl_plus_is_a_abl_with_the_options_on():
+    for preset in ("quick", "paper"):
+        plain, plus = ab.get_defense("a-abl", preset).params, ab.get_defense("a-abl+", preset).params
+        assert plus.split_log and plus.takeback_epochs > 0
+        assert plus.naive == plain.naive and plus.final == plain.final and plus.split_eps == plain.split_eps
+    # the dataset's paper settings for a-abl (split eps 1/255 on 64x64 Tiny-ImageNet) reach the variant too
+    assert resolve_defense("a-abl+", "paper", {}, TINY_PAPER).params.split_eps == pytest.approx(1 / 255)
+    assert resolve_defense("a-abl", "paper", {}, TINY_PAPER).params.split_eps == pytest.approx(1 / 255)
+
+
+def test_sample_flag_counts_count_flagged_poison():
+    poison = torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)
+    stats = {"taken_back": torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool), "k": torch.arange(5)}
+    counts = sample_flag_counts(stats, poison)
+    assert counts == {"taken_back": {"samples": 3, "poison": 1}}
+    json.dumps(counts, allow_nan=False)
