@@ -3,6 +3,7 @@ inputs and a model with known predictions; nothing here depends on a training ru
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -134,3 +135,32 @@ def test_sample_flag_counts_count_flagged_poison():
     counts = sample_flag_counts(stats, poison)
     assert counts == {"taken_back": {"samples": 3, "poison": 1}}
     json.dumps(counts, allow_nan=False)
+
+
+def _levers_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_aabl_levers.py"
+    spec = importlib.util.spec_from_file_location("bench_aabl_levers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_levers_bench_cells_keep_the_paper_variant_and_count_the_final_set(capsys):
+    bench = _levers_bench()
+    argv = ["--dry-run", "--attacks", "pixels:pixels=4", "--targets", "3", "--set", "takeback_epochs=9"]
+    assert bench.main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(bench.VARIANTS)
+    args = argparse.Namespace(attacks="pixels:pixels=4", targets="3", variants="a-abl,takeback",
+                              set=["takeback_epochs=9"], seed=0, runs="r", precision="fp32")
+    plain, back = (c["config"] for c in bench.cells(args))
+    assert plain["defense_params"] == {} and back["defense_params"] == {"takeback_epochs": 9}
+    assert back["attack_params"] == {"pixels": 4} and back["target"] == 3
+    metrics = {"acc": 0.5, "asr": 0.1, "ra": 0.2, "gamma": 0.8, "rho_vul": 0.01, "tpr": 0.9, "fpr": 0.1,
+               "train_size": 1000, "isolated": 200, "isolated_poison": 90, "poisoned": 100, "time_total_s": 12,
+               "sample_flags": {"taken_back": {"samples": 150, "poison": 5}}}
+    line = bench.row({"variant": "takeback", "attack_label": "pixels pixels=4", "config": back}, metrics)
+    # final set: 800 kept (10 poisoned) + 150 taken back (5 poisoned) = 15 / 950
+    assert "| 150 (5) | 1.6 | 12 |" in line
