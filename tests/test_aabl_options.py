@@ -164,3 +164,28 @@ def test_levers_bench_cells_keep_the_paper_variant_and_count_the_final_set(capsy
     line = bench.row({"variant": "takeback", "attack_label": "pixels pixels=4", "config": back}, metrics)
     # final set: 800 kept (10 poisoned) + 150 taken back (5 poisoned) = 15 / 950
     assert "| 150 (5) | 1.6 | 12 |" in line
+
+
+def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tiny_npz, capsys):
+    from antibackdoor.cli import main
+
+    args = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "runs"), "--target", "1",
+            "--attack", "pixels", "--attack-param", "pixels=4", "--defense", "a-abl+", "--model", "cnn-small",
+            "--defense-param", "naive.epochs=1", "--defense-param", "final.epochs=1",
+            "--defense-param", "final.adversary.steps=1", "--defense-param", "takeback_epochs=1"]
+    assert main(args) == 0, capsys.readouterr().err
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert run_dir.name.startswith("tiny.npz-pixels-a-abl+-")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    back = metrics["sample_flags"]["taken_back"]
+    assert back["samples"] == metrics["defense_info"]["taken_back"] <= metrics["isolated"]
+    assert back["poison"] <= min(back["samples"], metrics["isolated_poison"])
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["takeback"]) == 1
+    # a bad attack parameter is one line and exit code 2, before any run directory
+    bad = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "bad"), "--attack", "pixels",
+           "--attack-param", "layout=x", "--attack-param", "pixels=4"]
+    assert main(bad) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "antibackdoor: error: --attack-param pixels: layout x has 5 pixels, not 4; leave pixels unset"
+    assert not (tmp_path / "bad").exists()
