@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
                    help="defense parameter, dotted for nested ones, e.g. naive.epochs=40 (repeatable)")
     r.add_argument("--aibd-target-filter", action=argparse.BooleanOptionalAction, default=None,
-                   help="AIBD: isolate only samples of the guessed target class (on in quick, off in paper)")
+                   help="AIBD: isolate only samples of the target class found by the surplus test, if any "
+                        "(on in quick, off in paper)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     r.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
     r.add_argument("--json", action="store_true", help="print metrics.json instead of the table")

@@ -23,6 +23,31 @@ def _finish(fig, path: Path) -> Path:
     return path
 
 
+def class_surplus_figure(surplus, title: str | None = None):
+    """The class-surplus test as bars: each class's count among the top ``surplus.flagged`` of the ranking
+    against its count at the other classes' rate (the called target, if any, in red). ``surplus`` is an
+    ``antibackdoor.surplus.Surplus``; returns the open figure."""
+    rows = list(surplus.rows)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.4), dpi=110)
+    xs = np.arange(len(rows))
+    colors = ["tab:red" if r.label == surplus.target else "tab:blue" for r in rows]
+    ax.bar(xs, [r.flagged for r in rows], color=colors, label=f"among the {surplus.flagged} most suspicious")
+    ax.scatter(xs, [r.expected for r in rows], color="black", marker="_", s=300, zorder=3,
+               label="at the other classes' rate")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r.name[:12] for r in rows], rotation=45 if len(rows) > 6 else 0, ha="right", fontsize=8)
+    ax.set_ylabel("samples")
+    ax.set_title(title or f"the {surplus.flagged} most suspicious samples by class", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_surplus(surplus, path: Path, title: str | None = None) -> Path:
+    """``class_surplus_figure`` saved to ``path``."""
+    return _finish(class_surplus_figure(surplus, title), path)
+
+
 def score_histogram(scores: torch.Tensor, poison_mask: torch.Tensor | None, path: Path, xlabel: str,
                     threshold: float | None = None, title: str = "",
                     lines: Sequence[tuple[str, float, str]] = ()) -> Path:

@@ -1,28 +1,12 @@
 """What a defense's output says about the data: the suspicion ranking, which class is over-represented at
-its top (the mark of a backdoor's target class), and, given the truth, how well it isolated.
-
-The surplus test. A defense isolates samples from clean data too, and not evenly: whole classes can be
-easier for its criterion (A-ABL isolates 25-35 % of the vehicle classes of clean CIFAR-10 and 4 % of the
-cats). A backdoor's poisoned samples, in contrast, crowd the very top of the ranking. So the test looks at
-the top k of the ranking at two depths k (2 % and 8 % of the data, at least 30 samples, at most the number
-isolated) and calls a class a likely target only when, at some depth, its count exceeds what
-the *other* classes' spread allows: the flagged rate p0 of all other classes, their over-dispersion phi
-(Pearson chi-square of their counts about p0 per degree of freedom, at least 1: a quasi-binomial model) and
-the one-sided t statistic (k_c - n_c p0) / sqrt(phi n_c p0 (1 - p0) (1 + n_c / n_other)) with
-(classes - 2) degrees of freedom. At each depth the larger of that p-value and the exact hypergeometric tail
-P[X >= k_c] is taken (the tail guards small counts), the smallest over the depths is kept, and it is
-Bonferroni-adjusted for the number of depths and classes. With fewer than three classes the spread cannot be
-estimated and the exact tail alone is used, as stated.
-"""
+its top (the class-surplus test, ``antibackdoor.surplus``, shared with AIBD's target guess), and, given the
+truth, how well it isolated."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
-#: adjusted p-value below which a class is called a likely target
-ALPHA = 0.01
+from ..surplus import ALPHA, DEPTHS, MIN_DEPTH, ClassRow, Surplus, class_surplus, scan_depths
 
 
 def suspicion_order(scores: np.ndarray | None, higher_is_suspicious: bool, isolated: np.ndarray) -> np.ndarray:
@@ -46,120 +30,6 @@ def top_by_score(scores: np.ndarray, higher_is_suspicious: bool, count: int) -> 
     mask = np.zeros(len(s), bool)
     mask[order[:count]] = True
     return mask
-
-
-@dataclass
-class ClassRow:
-    label: int
-    name: str
-    samples: int
-    share: float  # of the data
-    isolated: int  # isolated by the defense
-    flagged: int  # among the top ``depth`` of the ranking
-    flagged_share: float  # of those
-    expected: float  # flagged if the class were flagged at the rate of the other classes
-    p_exact: float  # hypergeometric tail at that depth
-    p_adjusted: float  # over-dispersion allowed for, adjusted for depths and classes
-
-
-@dataclass
-class Surplus:
-    rows: list[ClassRow]
-    flagged: int  # the depth the rows describe (the best class's strongest depth)
-    target: int | None  # the likely target class, None when no class has a surplus
-    best: int | None  # the class with the smallest adjusted p (reported either way)
-    p: float  # its adjusted p-value
-    depths: list[int]
-    alpha: float = ALPHA
-    dispersion: bool = True  # False: too few classes to estimate the spread; exact tail used
-    note: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-#: the fewest ranked samples a class count is taken from: the very top of a clean ranking is often one class
-#: (the model's most confident one), which says little
-MIN_DEPTH = 30
-#: depths of the ranking read, as fractions of the data: 2 % finds a poison rate of 1-2 % undiluted, 8 % one
-#: of 10 % and more; more depths would cost power through the multiple-testing correction
-DEPTHS = (0.02, 0.08)
-
-
-def scan_depths(n: int, isolated: int) -> list[int]:
-    """How far down the ranking to look: DEPTHS of the data, at least MIN_DEPTH samples, at most the number
-    isolated (when that is at least MIN_DEPTH) and at most the data."""
-    cap = min(n, isolated if isolated >= MIN_DEPTH else max(MIN_DEPTH, n // 10))
-    return sorted({min(cap, max(MIN_DEPTH, round(n * f))) for f in DEPTHS})
-
-
-def _class_pvalues(n: np.ndarray, k: np.ndarray, dispersion: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per class at one depth: (expected at the other classes' rate, exact tail, max(exact, quasi-binomial))."""
-    from scipy.stats import hypergeom, t
-
-    big_n, big_k = int(n.sum()), int(k.sum())
-    present = n > 0
-    c_n = len(n)
-    expected = np.zeros(c_n)
-    p_exact = np.ones(c_n)
-    p_both = np.ones(c_n)
-    for c in range(c_n):
-        if n[c] == 0:
-            continue
-        p_exact[c] = float(hypergeom.sf(k[c] - 1, big_n, n[c], big_k)) if big_k else 1.0
-        others = present.copy()
-        others[c] = False
-        n_o, k_o = n[others], k[others]
-        p0 = float(k_o.sum()) / max(int(n_o.sum()), 1)
-        expected[c] = n[c] * p0
-        p_quasi = p_exact[c]
-        if dispersion and 0 < p0 < 1:
-            e = n_o * p0
-            phi = max(1.0, float(np.sum((k_o - e) ** 2 / (e * (1 - p0)))) / (len(n_o) - 1))
-            var = phi * n[c] * p0 * (1 - p0) * (1 + n[c] / n_o.sum())
-            p_quasi = float(t.sf((k[c] - expected[c]) / np.sqrt(var), len(n_o) - 1))
-        p_both[c] = max(p_exact[c], p_quasi)  # the exact tail guards the normal approximation at small counts
-    return expected, p_exact, p_both
-
-
-def class_surplus(y: np.ndarray, score_order: np.ndarray, isolated: np.ndarray, classes: list[str],
-                  alpha: float = ALPHA) -> Surplus:
-    """Which class, if any, is over-represented at the top of the ranking beyond the other classes' spread.
-
-    ``score_order``: sample positions, most suspicious first. The test is made at several depths of the
-    ranking (``scan_depths``): a backdoor's poisoned samples crowd the very top, while the clean samples a
-    defense also isolates (often whole easy classes) spread over several classes further down.
-    """
-    c_n = len(classes)
-    y = np.asarray(y, np.int64)
-    n = np.bincount(y, minlength=c_n).astype(np.int64)
-    iso = np.bincount(y[isolated.astype(bool)], minlength=c_n).astype(np.int64)
-    m = int((n > 0).sum())
-    dispersion = m >= 3
-    depths = scan_depths(len(y), int(isolated.sum()))
-    best_p = np.ones(c_n)
-    best_depth = np.full(c_n, depths[-1])
-    tables = {}
-    for d in depths:
-        k = np.bincount(y[score_order[:d]], minlength=c_n).astype(np.int64)
-        expected, p_exact, p_both = _class_pvalues(n, k, dispersion)
-        tables[d] = (k, expected, p_exact)
-        better = (p_both < best_p) & (k > expected)
-        best_p = np.where(better, p_both, best_p)
-        best_depth = np.where(better, d, best_depth)
-    p_adj = np.minimum(1.0, best_p * len(depths) * m)  # Bonferroni over depths and classes
-    candidates = [c for c in range(c_n) if n[c] and best_p[c] < 1.0]
-    best = min(candidates, key=lambda c: p_adj[c]) if candidates else None
-    p = float(p_adj[best]) if best is not None else 1.0
-    target = best if best is not None and p < alpha else None
-    depth = int(best_depth[best]) if best is not None else depths[-1]
-    k, expected, p_exact = tables[depth]
-    rows = [ClassRow(c, classes[c], int(n[c]), float(n[c] / n.sum()), int(iso[c]), int(k[c]),
-                     float(k[c] / depth), float(expected[c]), float(p_exact[c]), float(p_adj[c]))
-            for c in range(c_n)]
-    note = "" if dispersion else ("with fewer than three classes the natural spread between classes cannot be "
-                                  "estimated; the p-value assumes every class equally likely to be flagged")
-    return Surplus(rows, depth, target, best, p, depths, alpha, dispersion, note)
 
 
 def ranking_auc(order: np.ndarray, poison: np.ndarray) -> float:
@@ -208,5 +78,5 @@ def mask_metrics(order: np.ndarray, isolated: np.ndarray, poison: np.ndarray,
     return out
 
 
-__all__ = ["ALPHA", "ClassRow", "Surplus", "class_surplus", "mask_metrics", "ranking_auc", "score_auc",
-           "suspicion_order", "top_by_score"]
+__all__ = ["ALPHA", "DEPTHS", "MIN_DEPTH", "ClassRow", "Surplus", "class_surplus", "mask_metrics", "ranking_auc",
+           "scan_depths", "score_auc", "suspicion_order", "top_by_score"]

@@ -97,22 +97,9 @@ def _png(fig) -> bytes:
 
 
 def class_figure(surplus) -> bytes:
-    from ..plots import plt
+    from ..plots import class_surplus_figure
 
-    rows = [r for r in surplus.rows]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.4), dpi=110)
-    xs = np.arange(len(rows))
-    colors = ["tab:red" if r.label == surplus.target else "tab:blue" for r in rows]
-    ax.bar(xs, [r.flagged for r in rows], color=colors, label=f"among the {surplus.flagged} most suspicious")
-    ax.scatter(xs, [r.expected for r in rows], color="black", marker="_", s=300, zorder=3,
-               label="at the other classes' rate")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([r.name[:12] for r in rows], rotation=45 if len(rows) > 6 else 0, ha="right", fontsize=8)
-    ax.set_ylabel("samples")
-    ax.set_title(f"the {surplus.flagged} most suspicious samples by class", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
+    return _png(class_surplus_figure(surplus))
 
 
 def grid_figure(images: list[np.ndarray], captions: list[str], marks: list[bool]) -> bytes:

@@ -12,6 +12,13 @@
    accuracy ACC stays within ``tolerance`` of ACC_p is kept; a q whose ACC has collapsed below ACC_p -
    ``abandon_drop`` after ``abandon_epoch`` epochs is abandoned early (catastrophic forgetting, Fig. 3).
 
+Both of AIBD's data-driven decisions follow one rule (docs/aibd.md, "Decisions"): AIBD changes course only when
+a one-sided test at level ``alpha`` (Bonferroni over the comparisons one decision makes) says so. The target
+filter (quick preset) restricts D^t to a class only when that class has a significant surplus at the top of
+the ranking (``antibackdoor.surplus``, the test ``defend`` uses); a q is rejected (or abandoned) only when its
+held-out accuracy, the mean of the last ``judge_epochs`` epochs, is significantly below ACC_p - ``tolerance``
+(a paired test on the same held-out samples), so that ~2 points of noise on ~500 samples cannot decide q.
+
 The defender has no clean test set, so ACC and ACC_p are measured on a random held-out slice of the
 training data (``holdout``) that neither f_p nor the fine-tuned models see, minus the slice's samples in
 the (unfiltered) top-max(qs): the slice holds poisoned samples too, and counting their target labels as
@@ -29,6 +36,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,8 +44,9 @@ from ..adversarial.pgd import PGDConfig, PGDStats
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..metrics import predict
-from ..plots import plot_k_distribution
+from ..plots import plot_class_surplus, plot_k_distribution
 from ..seeding import generator
+from ..surplus import ALPHA, Surplus, class_surplus
 from ..training import TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .stages import adversarial_scores, train_stage
@@ -45,6 +54,8 @@ from .stages import adversarial_scores, train_stage
 log = logging.getLogger("antibackdoor")
 
 PAPER_QS = (0.20, 0.18, 0.16, 0.14, 0.12, 0.10, 0.08, 0.06, 0.04, 0.02)
+#: top fractions of the ranking by k at which the class-surplus test reads the target class
+TARGET_FRACTIONS = (0.01, 0.02, 0.05, 0.10)
 TREATMENTS = ("adversarial", "random", "unlearn")
 
 
@@ -61,13 +72,15 @@ class AIBDParams:
     retrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=15, optimizer="sgd", lr=0.1, schedule="step", milestones=(5, 10), crop=0, flip=False))
     from_scratch: bool = False  # retrain each q from a fresh model instead of fine-tuning f_p
-    tolerance: float = 0.035  # "ACC close to ACC_p": ACC >= ACC_p - tolerance
+    tolerance: float = 0.035  # "ACC close to ACC_p": ACC >= ACC_p - tolerance (tested at level alpha)
+    judge_epochs: int = 3  # ACC = the mean held-out accuracy of the last this-many fine-tuning epochs
+    alpha: float = ALPHA  # level of the one-sided tests behind both decisions (target filter, q)
     abandon_epoch: int = 6  # check for a collapse after this many epochs (0 = never abandon)
     abandon_drop: float = 0.07  # abandon the q if ACC < ACC_p - abandon_drop at that epoch
     treatment: str = "adversarial"  # D^t labels: "adversarial" (y^), "random" (uniform != y), "unlearn"
     unlearn_weight: float = 1.0  # "unlearn": loss weight -unlearn_weight on D^t (gradient ascent, as ABL)
-    target_filter: bool = False  # isolate only samples whose given label is the guessed target class
-    target_fraction: float = 0.01  # top fraction by k whose most frequent given label is the guessed target
+    target_filter: bool = False  # isolate only samples of the target class, when the surplus test finds one
+    target_fractions: tuple[float, ...] = TARGET_FRACTIONS  # depths (fractions of N) of the surplus test
     batch_size: int = 512  # PGD batch size
 
     def validate(self) -> None:
@@ -79,8 +92,13 @@ class AIBDParams:
             raise ConfigError(f"aibd.holdout: {self.holdout} must be in (0, 1)")
         if self.pgd_cap < 1 or not self.pgd_step > 0:
             raise ConfigError("aibd: pgd_cap >= 1 and pgd_step > 0 are required")
-        if not 0 < self.target_fraction <= 1:
-            raise ConfigError(f"aibd.target_fraction: {self.target_fraction} must be in (0, 1]")
+        if not self.target_fractions or any(not 0 < f <= 1 for f in self.target_fractions):
+            raise ConfigError(f"aibd.target_fractions: {list(self.target_fractions)} must be a non-empty list of "
+                              "fractions in (0, 1]")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"aibd.alpha: {self.alpha} must be in (0, 1)")
+        if self.judge_epochs < 1:
+            raise ConfigError(f"aibd.judge_epochs: {self.judge_epochs} must be at least 1")
 
 
 # -- the pieces of Algorithm 1, as plain functions ----------------------------------------------------------
@@ -106,15 +124,59 @@ def rank_desc(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores.double(), descending=True, stable=True).indices
 
 
-def guess_target(order: torch.Tensor, y: torch.Tensor, fraction: float, num_classes: int) -> tuple[int, int]:
-    """The most frequent given label among the top ``fraction`` samples by k, and how many samples that was.
+def guess_target(order: torch.Tensor, y: torch.Tensor, classes: list[str],
+                 fractions: tuple[float, ...] = TARGET_FRACTIONS, alpha: float = ALPHA) -> Surplus:
+    """The class-surplus test on the ranking by k: ``.target`` is the class whose share of the top
+    ``fractions`` of the ranking exceeds its share of the data beyond the other classes' spread (adjusted
+    p < ``alpha``), or None; ``.best`` and ``.p`` are the strongest candidate either way.
 
-    At least one sample is counted: the official code's int(N * 1e-5) is 0 for CIFAR-10, so its vote is
-    empty and it always "guesses" class 0, which happens to be the attack's target in its experiments.
+    A count vote (the most frequent label among the top 1 %) is fooled by a clean class whose samples are
+    naturally hard to flip: a few dozen such samples outvote the poison at the very top although the poison
+    outnumbers them further down. (The official code's vote, over int(N * 1e-5) samples, is even empty on
+    CIFAR-10 and always answers class 0.) The surplus test reads several depths and weighs each class
+    against its size and the other classes' spread.
     """
-    count = max(1, math.ceil(fraction * len(order)))
-    votes = torch.bincount(y[order[:count]].cpu(), minlength=num_classes)
-    return int(votes.argmax()), count
+    order_np = order.cpu().numpy()
+    return class_surplus(y.cpu().numpy(), order_np, np.zeros(len(order_np), bool), classes, alpha, fractions)
+
+
+def shortfall_test(epochs: list[dict], margin: float) -> tuple[float, float]:
+    """(ACC, p): ACC = the mean held-out accuracy over ``epochs`` (their history records), p = the one-sided
+    p-value of "ACC is at least ACC_p - ``margin``" (small p: significantly worse than that).
+
+    Paired on the judged samples: per epoch, ``holdout_worse`` samples f_p got right and the model wrong and
+    ``holdout_better`` the reverse; the difference ACC - ACC_p is their mean difference, its variance that of
+    a {-1, 0, 1} variable over ``holdout_judged`` samples. The standard error of the mean over epochs is taken
+    as the mean of the epochs' standard errors (an upper bound: the epochs are positively correlated); the
+    statistic is referred to a t distribution with (samples - 1) degrees of freedom.
+    """
+    from scipy.stats import t
+
+    if not epochs:
+        return float("nan"), 1.0
+    m = int(epochs[-1]["holdout_judged"])
+    if m == 0:
+        return float("nan"), 1.0
+    diffs, ses = [], []
+    for e in epochs:
+        worse, better = int(e["holdout_worse"]), int(e["holdout_better"])
+        d = (better - worse) / m
+        diffs.append(d)
+        ses.append(math.sqrt(max((better + worse) / m - d * d, 0.0) / m))
+    acc = sum(float(e["holdout_acc"]) for e in epochs) / len(epochs)
+    diff, se = sum(diffs) / len(diffs), sum(ses) / len(ses)
+    excess = diff + margin  # negative: below ACC_p - margin
+    if se == 0:
+        return acc, 0.0 if excess < 0 else 1.0
+    return acc, float(t.cdf(excess / se, max(m - 1, 1)))
+
+
+def q_decision(abandoned: bool, p_shortfall: float, alpha: float) -> str:
+    """The decision on one q: "abandoned" (collapsed early), "rejected" (held-out accuracy significantly
+    below ACC_p - tolerance: ``p_shortfall`` < ``alpha``) or "chosen"."""
+    if abandoned:
+        return "abandoned"
+    return "rejected" if p_shortfall < alpha else "chosen"
 
 
 def isolate(order: torch.Tensor, q: float, candidates: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,6 +225,7 @@ class HeldOut:
     holdout: torch.Tensor  # bool, N: the held-out slice
     data: ImageSet  # the held-out samples
     judge: torch.Tensor  # bool, over the held-out samples: the ones that count
+    correct_p: torch.Tensor  # bool, over the judged samples: f_p right
     acc_p: float  # ACC_p: f_p's accuracy on the judged samples
     acc_infected: float  # f_p's accuracy on every held-out sample (for the record)
     device: torch.device
@@ -174,10 +237,18 @@ class HeldOut:
         judge = ~isolate(order, q_max)[holdout]
         pred = predict(infected, held, device)
         y = held.y.cpu()
-        return cls(holdout, held, judge, _masked_acc(pred, y, judge), float((pred == y).float().mean()), device)
+        correct_p = (pred == y)[judge]
+        return cls(holdout, held, judge, correct_p, _masked_acc(pred, y, judge), float((pred == y).float().mean()),
+                   device)
 
-    def accuracy(self, model: nn.Module) -> float:
-        return _masked_acc(predict(model, self.data, self.device), self.data.y.cpu(), self.judge)
+    def compare(self, model: nn.Module) -> dict:
+        """``model`` against f_p on the judged samples: its accuracy and the paired discordant counts that
+        ``shortfall_test`` reads (plain numbers, so they live in the training history and survive a resume)."""
+        correct = (predict(model, self.data, self.device) == self.data.y.cpu())[self.judge]
+        return {"holdout_acc": float(correct.float().mean()) if len(correct) else float("nan"),
+                "holdout_acc_p": self.acc_p, "holdout_judged": len(correct),
+                "holdout_worse": int((self.correct_p & ~correct).sum()),
+                "holdout_better": int((~self.correct_p & correct).sum())}
 
 
 @dataclass
@@ -206,11 +277,13 @@ class AIBD(Defense):
         "Poisoned samples sit deep inside their (target) class: an unbounded PGD attack needs many more steps to "
         "move them off their label than clean samples, and their input gradient is small (Eq. 4).",
         "At most the largest isolation rate in qs (20 %) of the data is poisoned; the largest q whose held-out "
-        "accuracy stays within the tolerance of the infected model's is kept.",
+        "accuracy is not significantly below the infected model's minus the tolerance (one-sided test at level "
+        "alpha) is kept.",
         "An isolated sample's adversarial label (the class its adversarial example goes to) is its true class; "
         "it is retrained with that label.",
-        "With the target filter (on in the quick preset): a single target class (all-to-one attack), guessed as "
-        "the most common label among the top 1 % by flip count; only samples of that class are isolated.",
+        "With the target filter (on in the quick preset): a single target class (all-to-one attack), found as the "
+        "class with a significant surplus among the top 1-10 % by flip count; only samples of that class are "
+        "isolated. When no class has a significant surplus, nothing is filtered.",
     )
     presets = {
         # Official code: ResNet-18, SGD 0.1 x0.1 at 25/50 of 65 epochs, no augmentation; fine-tuning of the
@@ -228,7 +301,7 @@ class AIBD(Defense):
             infected=TrainConfig(epochs=20, optimizer="adam", lr=1e-3, crop=0, flip=False),
             qs=(0.20, 0.16, 0.12, 0.08, 0.04, 0.02),
             retrain=TrainConfig(epochs=6, optimizer="adam", lr=1e-3, schedule="cosine", crop=4, flip=False),
-            abandon_epoch=3, abandon_drop=0.15, tolerance=0.05, target_filter=True,
+            abandon_epoch=3, abandon_drop=0.15, tolerance=0.05, judge_epochs=2, target_filter=True,
         ),
     }
 
@@ -238,11 +311,18 @@ class AIBD(Defense):
         stats = result.sample_stats
         if "k" not in stats or result.scores is None:
             return []
-        path = plot_k_distribution(
+        paths = [plot_k_distribution(
             result.scores, poison_mask, run_dir / "k_distribution.png", raw_k=stats["k"],
             adv_label=stats.get("adv_label"), true_labels=true_labels, cut=result.info.get("threshold"),
-            cap=result.info.get("pgd_cap"))
-        return [path]
+            cap=result.info.get("pgd_cap"))]
+        if "target_surplus" in result.info:
+            s = Surplus.from_dict(result.info["target_surplus"])
+            verdict = (f"target {s.rows[s.target].name} (p = {s.p:.2g})" if s.target is not None
+                       else f"no target (best p = {s.p:.2g})")
+            filt = "filter applied" if result.info.get("target_filter_applied") else "no filter"
+            paths.append(plot_class_surplus(s, run_dir / "target_surplus.png",
+                                            title=f"AIBD target guess: top {s.flagged} by k; {verdict}; {filt}"))
+        return paths
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         """Algorithm 1: infected model, flip counts, Eq. 4, progressive top-q with relabelling."""
@@ -255,22 +335,30 @@ class AIBD(Defense):
         k = flip_counts(stats, p.pgd_cap)
         scores = amplified_scores(k, stats.grad_norm) if p.amplify else k.double()
         order = rank_desc(scores)
-        candidates, target, vote_count = self.target_candidates(order, data)
+        candidates, surplus = self.target_candidates(order, data)
         # Step 4: progressive top-q, judged on the held-out slice.
         judge = HeldOut.build(infected, data, holdout, order, max(p.qs), ctx.device)
         search = self.progressive_q(data, ctx, infected, judge, order, candidates, stats.flip_label)
         search.history = {"infected": infected_hist, **search.history}
-        return self.result(scores, stats, k, judge, search, target, vote_count)
+        return self.result(scores, stats, k, judge, search, surplus)
 
     # -- the steps of Algorithm 1 --------------------------------------------------------------------------
-    def target_candidates(self, order: torch.Tensor, data: ImageSet) -> tuple[torch.Tensor | None, int | None, int]:
-        """With ``target_filter``: the samples whose given label is the guessed target class, the guess and how
-        many samples voted; otherwise (None, None, 0)."""
-        if not self.params.target_filter:
-            return None, None, 0
+    def target_candidates(self, order: torch.Tensor, data: ImageSet) -> tuple[torch.Tensor | None, Surplus]:
+        """The class-surplus test on the ranking (always run and recorded), and with ``target_filter`` the
+        samples of the class it found; None (no filter) when the filter is off or no class has a significant
+        surplus."""
+        p = self.params
         y = data.y.cpu()
-        target, votes = guess_target(order, y, self.params.target_fraction, data.num_classes)
-        return y == target, target, votes
+        surplus = guess_target(order, y, list(data.classes), p.target_fractions, p.alpha)
+        best = "none" if surplus.best is None else f"class {surplus.best} ({data.classes[surplus.best]})"
+        if surplus.target is None:
+            log.info("aibd target guess: no class has a significant surplus at the top of the ranking (best %s, "
+                     "adjusted p %.3g >= %g)%s", best, surplus.p, p.alpha,
+                     "; the target filter is not applied" if p.target_filter else "")
+            return None, surplus
+        log.info("aibd target guess: %s, adjusted p %.3g < %g%s", best, surplus.p, p.alpha,
+                 "; isolating within that class only" if p.target_filter else " (target filter off)")
+        return (y == surplus.target if p.target_filter else None), surplus
 
     def progressive_q(self, data: ImageSet, ctx: DefenseContext, infected: nn.Module, judge: HeldOut,
                       order: torch.Tensor, candidates: torch.Tensor | None, adv_label: torch.Tensor) -> QSearch:
@@ -302,8 +390,10 @@ class AIBD(Defense):
             record = {"q": q, **record}
             search.trials.append(record)
             search.history[stage] = record["history"]
-            log.info("aibd q=%.2f: holdout acc %.4f vs infected %.4f after %d epochs -> %s", q, record["acc"],
-                     judge.acc_p, record["epochs"], record["decision"])
+            log.info("aibd q=%.2f: holdout acc %.4f (mean of the last %d epochs) vs infected %.4f, p(shortfall "
+                     "beyond %.3f) = %.3g after %d epochs -> %s", q, record["acc"], min(p.judge_epochs,
+                     record["epochs"]), judge.acc_p, p.tolerance, record["p_shortfall"], record["epochs"],
+                     record["decision"])
             if record["decision"] != "chosen" and not last:
                 self._save_state(ctx, stage, record)
                 _remove(ctx.checkpoint(stage))
@@ -314,48 +404,52 @@ class AIBD(Defense):
 
     def fine_tune(self, data: ImageSet, ctx: DefenseContext, infected: nn.Module, judge: HeldOut, stage: str,
                   isolated: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> tuple[nn.Module, dict]:
-        """Train on D^c + relabelled D^t (Eq. 6) from f_p (or from scratch) and judge the result: "chosen"
-        when its held-out accuracy stays within ``tolerance`` of ACC_p, "abandoned" when it collapsed by
-        ``abandon_epoch``, else "rejected"."""
+        """Train on D^c + relabelled D^t (Eq. 6) from f_p (or from scratch) and judge the result (``q_decision``):
+        "abandoned" when at ``abandon_epoch`` it was significantly below ACC_p - ``abandon_drop``, "rejected"
+        when its mean held-out accuracy over the last ``judge_epochs`` is significantly below ACC_p -
+        ``tolerance``, else "chosen"."""
         p = self.params
         use = ~judge.holdout & (weight != 0)
         sw = weight[use] if p.treatment == "unlearn" else None
 
         def on_epoch_end(epoch: int, model: nn.Module) -> dict:
-            acc = judge.accuracy(model)
-            out: dict = {"holdout_acc": acc, "holdout_acc_p": judge.acc_p}
+            out = judge.compare(model)
             if p.abandon_epoch and epoch + 1 == p.abandon_epoch and epoch + 1 < p.retrain.epochs \
-                    and acc < judge.acc_p - p.abandon_drop:
+                    and shortfall_test([out], p.abandon_drop)[1] < p.alpha:
                 out.update(stop=True, abandoned=True)
             return out
 
         start = ctx.fresh_model(stage) if p.from_scratch else copy.deepcopy(infected)
         model, hist = train_stage(ctx, data.subset(use).with_labels(labels[use]), p.retrain, stage,
                                   sample_weight=sw, seed_offset=stage, on_epoch_end=on_epoch_end, model=start)
-        acc = hist[-1].get("holdout_acc", float("nan")) if hist else float("nan")
         abandoned = any(h.get("abandoned") for h in hist)
-        stable = not abandoned and acc >= judge.acc_p - p.tolerance
-        decision = "chosen" if stable else ("abandoned" if abandoned else "rejected")
-        return model, {"decision": decision, "acc": acc, "acc_p": judge.acc_p, "epochs": len(hist),
-                       "isolated": int(isolated.sum()), "history": hist}
+        acc, p_short = shortfall_test(hist[-p.judge_epochs:], p.tolerance)
+        decision = q_decision(abandoned, p_short, p.alpha)
+        return model, {"decision": decision, "acc": acc, "p_shortfall": p_short, "acc_p": judge.acc_p,
+                       "acc_last": hist[-1].get("holdout_acc", float("nan")) if hist else float("nan"),
+                       "epochs": len(hist), "isolated": int(isolated.sum()), "history": hist}
 
     def result(self, scores: torch.Tensor, stats: PGDStats, k: torch.Tensor, judge: HeldOut, search: QSearch,
-               target: int | None, vote_count: int) -> DefenseResult:
+               surplus: Surplus) -> DefenseResult:
         """The chosen q's model and split, with what the run measured (info and per-sample statistics)."""
         p = self.params
         assert search.model is not None and search.isolated is not None
         isolated, q = search.isolated, search.q
         stable = search.trials[-1]["decision"] == "chosen"
         if not stable:
-            log.warning("aibd: no q in %s kept the held-out accuracy within %.3f of the infected model's; "
-                        "using the smallest, q=%.2f", list(p.qs), p.tolerance, q)
+            log.warning("aibd: every q in %s left the held-out accuracy significantly below the infected model's "
+                        "minus %.3f; using the smallest, q=%.2f", list(p.qs), p.tolerance, q)
         info = {
             "q": q, "stable": stable, "threshold": float(scores[isolated].min()) if isolated.any() else None,
             "isolated": int(isolated.sum()), "kept": int((~isolated).sum()), "holdout": int(judge.holdout.sum()),
             "treatment": p.treatment, "acc_infected_holdout": judge.acc_infected, "acc_p": judge.acc_p,
             "judge_samples": int(judge.judge.sum()), "never_flipped": int((stats.flip_step < 0).sum()),
             "dropped_unflipped": int((isolated & (search.weight == 0)).sum()), "pgd_cap": p.pgd_cap,
-            "grad_norm_p": p.grad_norm_p, "target": target, "target_vote_count": vote_count,
+            "grad_norm_p": p.grad_norm_p, "alpha": p.alpha, "judge_epochs": p.judge_epochs,
+            # the target guess: the significant class or None, its adjusted p, whether D^t was restricted to it
+            "target": surplus.target, "target_best": surplus.best, "target_p": surplus.p,
+            "target_filter": p.target_filter, "target_filter_applied": p.target_filter and surplus.target is not None,
+            "target_surplus": surplus.as_dict(),
             "trials": [{k_: v for k_, v in t.items() if k_ != "history"} for t in search.trials],
         }
         new_labels = None if p.treatment == "unlearn" else search.labels

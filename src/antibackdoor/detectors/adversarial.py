@@ -5,7 +5,8 @@ functions with the same arguments as the defenses call).
   suspect model; low loss = adversarially robust = suspicious; Otsu's threshold is A-ABL's rule.
 - ``aibd-flip`` (AIBD steps 2-3): unbounded PGD flip counts k, amplified by Eq. 4; high = suspicious. AIBD
   itself picks its isolation rate by retraining per q (the ``aibd`` defense); as a detector the rule is Otsu
-  (or ``top`` with a fixed q), optionally restricted to the guessed target class as in AIBD's quick preset.
+  (or ``top`` with a fixed q), optionally restricted to the target class that the class-surplus test finds, as
+  in AIBD's quick preset (no class with a significant surplus: no restriction).
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ import torch
 
 from ..adversarial.pgd import PGDConfig
 from ..config import param
-from ..defenses.aibd import AIBDParams, amplified_scores, flip_config, flip_counts, guess_target, rank_desc
+from ..defenses.aibd import (
+    TARGET_FRACTIONS,
+    AIBDParams,
+    amplified_scores,
+    flip_config,
+    flip_counts,
+    guess_target,
+    rank_desc,
+)
 from ..defenses.stages import adversarial_scores
 from ..errors import ConfigError
+from ..surplus import ALPHA
 from ..training import TrainConfig
 from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
 
@@ -56,16 +66,17 @@ class AIBDFlipParams:
     pgd_cap: int = param(255, doc="most PGD steps; never-flipped samples get k = cap")
     grad_norm_p: float = param(1.0, doc="norm of Eq. 4's input gradient (1 = L1, 2 = L2)")
     amplify: bool = param(True, doc="apply Eq. 4 (False: score by the raw k)")
-    target_filter: bool = param(False, doc="score only samples labelled with the guessed target class")
-    target_fraction: float = param(0.01, doc="top fraction by score whose majority label is the guessed target")
+    target_filter: bool = param(False, doc="score only samples of the target class the surplus test finds")
+    target_fractions: tuple[float, ...] = param(TARGET_FRACTIONS, doc="depths (fractions) of the surplus test")
+    alpha: float = param(ALPHA, doc="level of the surplus test (Bonferroni-adjusted p below it: a target)")
     rule: IsolationRule = rule_param("otsu")
 
     def validate(self) -> None:
         if self.pgd_cap < 1 or not self.pgd_step > 0:
             raise ConfigError("detector_params (aibd-flip): pgd_cap >= 1 and pgd_step > 0 are required")
-        if not 0 < self.target_fraction <= 1:
-            raise ConfigError(f"detector_params (aibd-flip).target_fraction: {self.target_fraction} must be in "
-                              "(0, 1]")
+        if not self.target_fractions or any(not 0 < f <= 1 for f in self.target_fractions):
+            raise ConfigError(f"detector_params (aibd-flip).target_fractions: {list(self.target_fractions)} must "
+                              "be fractions in (0, 1]")
 
 
 @register_detector
@@ -88,7 +99,9 @@ class AIBDFlip(Detector):
         if p.target_filter:
             # scores outside the guessed target class drop below every candidate's
             y = data.y.cpu()
-            target, votes = guess_target(rank_desc(scores), y, p.target_fraction, data.num_classes)
-            scores = torch.where(y == target, scores, scores.min() - 1 - (scores.max() - scores))
-            info.update(target=target, target_vote_count=votes)
+            surplus = guess_target(rank_desc(scores), y, list(data.classes), p.target_fractions, p.alpha)
+            if surplus.target is not None:
+                scores = torch.where(y == surplus.target, scores, scores.min() - 1 - (scores.max() - scores))
+            info.update(target=surplus.target, target_best=surplus.best, target_p=surplus.p,
+                        target_filter_applied=surplus.target is not None)
         return scores, None, info
