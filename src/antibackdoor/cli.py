@@ -1,4 +1,4 @@
-"""Command line: ``antibackdoor run | datasets | models | attacks | defenses``.
+"""Command line: ``antibackdoor run | bench | report | suites | datasets | models | attacks | defenses``.
 
 Errors caused by input (files, options, data) end with one line ``antibackdoor: error: ...`` and exit 2.
 """
@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         if name == "datasets":
             s.add_argument("--data-root", help="data root to check")
+    from .bench.cli import add_parsers as add_bench_parsers
+    from .report.cli import add_parser as add_report_parser
+
+    add_bench_parsers(sub)
+    add_report_parser(sub)
     return p
 
 
@@ -219,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command in ("bench", "suites", "report"):
+            from .bench.cli import cmd_bench, cmd_suites
+            from .report.cli import cmd_report
+
+            return {"bench": cmd_bench, "suites": cmd_suites, "report": cmd_report}[args.command](args)
         return cmd_list(args)
     except AntibackdoorError as exc:
         print(f"antibackdoor: error: {exc}", file=sys.stderr)

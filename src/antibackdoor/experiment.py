@@ -154,17 +154,10 @@ class RunResult:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    """Strict JSON, written atomically: undefined metrics (NaN) are ``null`` (see jsonutil)."""
+    from .jsonutil import write_json as _write
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+    _write(path, data)
 
 
 def no_poison(train: ImageSet, target: int) -> PoisonedSet:
@@ -174,10 +167,12 @@ def no_poison(train: ImageSet, target: int) -> PoisonedSet:
 class Experiment:
     """Prepares, runs and records one experiment. ``run()`` is the whole job."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, stage_cache: Any = None):
         config.validate()
         self.config = config
         self.splits: DatasetSplits | None = None
+        #: a bench.stage_cache.StageCache shared with other runs (None: every stage is trained here)
+        self.stage_cache = stage_cache
 
     # -- resolution ---------------------------------------------------------------------------
     def load_data(self) -> DatasetSplits:
@@ -270,7 +265,8 @@ class Experiment:
             return build_model(resolved.model, train_set.num_classes, train_set.channels, train_set.image_size,
                                train_set.mean, train_set.std)
 
-        ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume)
+        ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume,
+                             stage_cache=self.stage_cache)
         log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, resolved.model, device)
         result = self.defense.run(poisoned.data, ctx)
         t_defense = time.time() - t0
@@ -293,6 +289,8 @@ class Experiment:
         metrics["defense_info"] = result.info
         metrics["time_defense_s"] = round(t_defense, 1)
         metrics["time_total_s"] = round(time.time() - t0, 1)
+        if self.stage_cache is not None:  # which stages were loaded instead of trained, and the seconds saved
+            metrics["stage_cache"] = self.stage_cache.take_events()
         self._write_artifacts(run_dir, result, poisoned, kept)
         write_json(run_dir / "history.json", result.history)
         write_json(run_dir / "metrics.json", metrics)
@@ -348,11 +346,13 @@ def _attach_log(path: Path) -> logging.Handler:
 
 
 def run_experiment(config: ExperimentConfig | dict[str, Any], resume: bool = False,
-                   force: bool = False) -> RunResult:
-    """Run (or reuse) one experiment; ``config`` is an ExperimentConfig or a dict of its fields."""
+                   force: bool = False, stage_cache: Any = None) -> RunResult:
+    """Run (or reuse) one experiment; ``config`` is an ExperimentConfig or a dict of its fields.
+
+    ``stage_cache`` (a bench.stage_cache.StageCache) lets stages trained by other runs be reused."""
     if isinstance(config, dict):
         config = make_config(config)
-    return Experiment(config).run(resume=resume, force=force)
+    return Experiment(config, stage_cache=stage_cache).run(resume=resume, force=force)
 
 
 __all__ = ["EvalConfig", "Experiment", "ExperimentConfig", "RunResult", "load_config_file", "make_config",

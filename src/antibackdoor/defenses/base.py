@@ -34,6 +34,8 @@ class DefenseContext:
     seed: int = 0
     workdir: Path | None = None  # checkpoints and stage outputs; None = no checkpoints
     resume: bool = False
+    #: trained stage models shared between runs (bench.stage_cache.StageCache); consulted by train_stage
+    stage_cache: Any = None
 
     def checkpoint(self, stage: str) -> Path | None:
         return None if self.workdir is None else self.workdir / f"{stage}.ckpt"

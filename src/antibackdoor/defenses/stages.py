@@ -22,12 +22,25 @@ log = logging.getLogger("antibackdoor")
 def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str,
                 sample_weight: torch.Tensor | None = None, seed_offset: int = 0,
                 on_epoch_end=None, model: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``."""
+    """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``.
+
+    With ``ctx.stage_cache`` set (bench cells), a stage that another run has already trained with the same
+    data, initial weights, config and seed is loaded instead of trained again; stages with an epoch
+    callback are always trained.
+    """
     model = model if model is not None else ctx.fresh_model(seed_offset)
-    history = train(model, data, cfg, seed=ctx.seed * 31 + seed_offset, device=ctx.device,
-                    checkpoint=ctx.checkpoint(stage), resume=ctx.resume, desc=stage,
-                    sample_weight=sample_weight, on_epoch_end=on_epoch_end)
-    return model, history
+    seed = ctx.seed * 31 + seed_offset
+
+    def fit() -> list[dict]:
+        return train(model, data, cfg, seed=seed, device=ctx.device, checkpoint=ctx.checkpoint(stage),
+                     resume=ctx.resume, desc=stage, sample_weight=sample_weight, on_epoch_end=on_epoch_end)
+
+    cache = ctx.stage_cache
+    if cache is None or on_epoch_end is not None:
+        return model, fit()
+    context = {"device": ctx.device.type, "precision": getattr(ctx, "precision", None)}
+    return model, cache.train_or_load(model, data, cfg, seed=seed, stage=stage, fit=fit,
+                                      sample_weight=sample_weight, context=context)
 
 
 def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: DefenseContext,
