@@ -217,6 +217,8 @@ def _execute(executor: Any, todo: list[Planned], out: Path, cache: str | None) -
 
     def on_result(i: int, r: dict[str, Any]) -> None:
         results[i] = r
+        if r.get("state") == "failed":
+            _record_failure(todo[i].run_dir, r.get("error") or "failed")
         progress.finish(todo[i], r)
 
     try:
@@ -228,6 +230,16 @@ def _execute(executor: Any, todo: list[Planned], out: Path, cache: str | None) -
         raise SystemExit(130) from None
     progress.close()
     return results
+
+
+def _record_failure(run_dir: Path, error: str) -> None:
+    """A failure the cell could not record itself (its worker died, its job was lost) goes into its
+    status.json, so that --status and the report show it."""
+    from ..jsonutil import write_json
+    from .runner import cell_state
+
+    if run_dir.is_dir() and cell_state(run_dir)[0] not in ("done", "failed"):
+        write_json(run_dir / "status.json", {"state": "failed", "error": error})
 
 
 __all__ = ["Plan", "add_parsers", "cmd_bench", "cmd_suites"]

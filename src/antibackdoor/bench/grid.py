@@ -58,8 +58,10 @@ class Choice:
     def key(self) -> str:
         return self.name + (json.dumps(self.params, sort_keys=True) if self.params else "")
 
-    def display(self) -> str:
-        return self.label or self.name
+    def display(self, kind: str) -> str:
+        from .labels import label
+
+        return self.label or label(kind, self.name, self.params)
 
 
 def parse_choice(item: Any, where: str) -> Choice:
@@ -151,6 +153,7 @@ class Grid:
     def cells(self) -> list[Cell]:
         """Every cell of the grid, exclusions applied, adjustments merged, duplicates dropped."""
         out: dict[str, Cell] = {}
+        alabels, dlabels = _unique_labels(self.attacks, "attack"), _unique_labels(self.defenses, "defense")
         for ds, atk, dfn, model, rate, target, seed in itertools.product(
                 self.datasets, self.attacks, self.defenses, self.models, self.poison_rates, self.targets,
                 self.seeds):
@@ -168,12 +171,29 @@ class Grid:
                     cfg = _apply(cfg, a["set"])
             if cfg["attack"] == "none":
                 cfg.update(poison_rate=CLEAN_RATE, target=CLEAN_TARGET, attack_params={})
-            axes = {"dataset": ds, "attack": atk.display(), "attack_name": atk.name, "defense": dfn.display(),
+            axes = {"dataset": ds, "attack": alabels[atk.key], "attack_name": atk.name, "defense": dlabels[dfn.key],
                     "defense_name": dfn.name, "model": model, "poison_rate": cfg["poison_rate"],
                     "target": cfg["target"], "seed": seed}
             cell = Cell(cfg, axes)
             out.setdefault(cell.key(), cell)
         return list(out.values())
+
+
+def _unique_labels(choices: list[Choice], kind: str) -> dict[str, str]:
+    """Display label per choice; choices that would share one (same name, no label) get a number."""
+    base = {c.key: c.display(kind) for c in choices}
+    counts: dict[str, int] = {}
+    for lab in base.values():
+        counts[lab] = counts.get(lab, 0) + 1
+    seen: dict[str, int] = {}
+    labels = {}
+    for c in choices:
+        lab = base[c.key]
+        if counts[lab] > 1:
+            seen[lab] = seen.get(lab, 0) + 1
+            lab = f"{lab} #{seen[lab]}"
+        labels[c.key] = lab
+    return labels
 
 
 def _number(v: Any, where: str, tp: type) -> Any:

@@ -64,6 +64,7 @@ class TableSpec:
     summary_axis: str = "rows"
     mark_failures: bool = False
     published: str | None = None
+    isolating_only: bool = False  # leave out methods that never isolate a sample (e.g. No defense)
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,23 @@ class Suite:
         return {"name": self.name, "preset": preset, "targets": TARGETS, "seeds": [0], **self.grids[preset]}
 
 
-def _aabl_t3_defenses(dataset_paper: bool) -> list[dict]:
+def _aabl_t3_defenses() -> list[dict]:
     return [{"name": "none", "label": "No defense"}, {"name": "abl", "label": "ABL"},
             {"name": "dbd", "label": "DBD"}, {"name": "d-st", "label": "D-ST"}, {"name": "cbd", "label": "CBD"},
-            {"name": "adv-train", "label": "Adv. Train"}, {"name": "a-abl", "label": "A-ABL"}]
+            {"name": "adv-train", "label": "Adv. Train"}, {"name": "a-abl", "label": "A-ABL"},
+            {"name": "aibd", "label": "AIBD"}]
 
 
-def _detector(name: str, label: str, train: str = "none", **params: Any) -> dict:
-    """A cell that runs a detector from the registry and isolates by its rule, then trains as ``train`` says
-    (issue 13's detector + treatment defense; ``none``: no training, the split is what is measured)."""
-    return {"name": "isolate-then-train", "label": label, "params": {"detector": name, "train": train, **params}}
+def _detector(name: str, label: str, split_only: bool = True, **detector_params: Any) -> dict:
+    """A cell of the ``isolate-then-train`` defense (detector + treatment) with the registered detector
+    ``name``: the isolated samples are dropped; ``split_only`` trains nothing afterwards (the split is what the
+    table measures), otherwise the defense's own final recipe (adversarial training) runs."""
+    params: dict[str, Any] = {"detector": name, "treatment": "drop"}
+    if detector_params:
+        params["detector_params"] = detector_params
+    if split_only:
+        params["train"] = {"epochs": 0}
+    return {"name": "isolate-then-train", "label": label, "params": params}
 
 
 SUITES: dict[str, Suite] = {}
@@ -103,11 +111,12 @@ def _add(s: Suite) -> None:
 _add(Suite(
     "aabl-t1", "Dataset splitting by iFGSM: gamma and rho_vul per attack", "A-ABL Table 1",
     "A-ABL stages 1-2 (naive training, iFGSM + SCE scores, Otsu split) on every attack; gamma = |D_vul|/|D| "
-    "and the poison share rho_vul of D_vul. Stage 3 is skipped (final.epochs = 0): the split is final after "
+    "and the poison share rho_vul of D_vul (SIG, not in the paper's table, is added so that every attack of the "
+    "project is split). Stage 3 is skipped (final.epochs = 0): the split is final after "
     "stage 2, so ACC/ASR of these cells are those of an untrained model and are not shown.",
-    {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AABL_ATTACKS),
+    {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AABL_ATTACKS + [("sig", "SIG")]),
                "defenses": [{"name": "a-abl", "label": "A-ABL split", "params": SPLIT_ONLY}], "adjust": [CLB_RATE]},
-     "paper": {"datasets": ["cifar10", "gtsrb", "tiny-imagenet"], "attacks": _attacks(AABL_ATTACKS),
+     "paper": {"datasets": ["cifar10", "gtsrb", "tiny-imagenet"], "attacks": _attacks(AABL_ATTACKS + [("sig", "SIG")]),
                "defenses": [{"name": "a-abl", "label": "A-ABL split", "params": SPLIT_ONLY}], "adjust": [CLB_RATE]}},
     (TableSpec("gamma and rho_vul of the iFGSM split (%)", rows="attack", cols="dataset",
                metrics=("gamma", "rho_vul"), published="aabl_t1"),
@@ -131,16 +140,17 @@ _add(Suite(
 _add(Suite(
     "aabl-t3", "Defenses against attacks: ACC / ASR / RA", "A-ABL Table 3",
     "Every defense on every attack and on clean data (row 'clean'). RA: PGD-10, eps 8/255, step 2/255. "
-    "'No defense' is shown for reference and does not compete for the bold marks.",
-    {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AABL_ATTACKS), "defenses": _aabl_t3_defenses(False),
+    "'No defense' is shown for reference and does not compete for the bold marks; AIBD (not in A-ABL's table) "
+    "is added so that every defense of the project is compared on the same cells.",
+    {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AABL_ATTACKS), "defenses": _aabl_t3_defenses(),
                "adjust": [CLB_RATE]},
      "paper": {"datasets": ["cifar10", "gtsrb", "tiny-imagenet"], "attacks": _attacks(AABL_ATTACKS),
-               "defenses": _aabl_t3_defenses(True), "adjust": [CLB_RATE]}},
+               "defenses": _aabl_t3_defenses(), "adjust": [CLB_RATE]}},
     (TableSpec("ACC / ASR / RA (%)", rows="attack", cols="defense", metrics=("acc", "asr", "ra"), blocks="dataset",
                competitors="cols", reference=("No defense",), summary=("average", "worst"), mark_failures=True,
                published="aabl_t3"),
      TableSpec("isolation of the defenses that isolate: TPR / FPR (%)", rows="attack", cols="defense",
-               metrics=("tpr", "fpr"), blocks="dataset", competitors="cols")),
+               metrics=("tpr", "fpr"), blocks="dataset", competitors="cols", isolating_only=True)),
     figures=("score_hists", "roc"),
 ))
 
@@ -149,17 +159,16 @@ _add(Suite(
     "D-ST's separation into clean / suspicious / poisoned, then PGD adversarial training on the clean part or "
     "on clean + suspicious: adversarial training completes a split that misses whole-image triggers.",
     {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AABL_ATTACKS, only=("blend", "wanet")),
-               "defenses": [_detector("d-st", "Clean", train="adversarial", keep="clean"),
-                            _detector("d-st", "Clean + Suspicious", train="adversarial", keep="clean+suspicious")]},
+               "defenses": [_detector("d-st", "Clean", split_only=False, keep="clean"),
+                            _detector("d-st", "Clean + Suspicious", split_only=False, keep="clean+suspicious")]},
      "paper": {"datasets": ["cifar10", "gtsrb"], "attacks": _attacks(AABL_ATTACKS, only=("blend", "wanet")),
-               "defenses": [_detector("d-st", "Clean", train="adversarial", keep="clean"),
-                            _detector("d-st", "Clean + Suspicious", train="adversarial",
-                                      keep="clean+suspicious")]}},
+               "defenses": [_detector("d-st", "Clean", split_only=False, keep="clean"),
+                            _detector("d-st", "Clean + Suspicious", split_only=False, keep="clean+suspicious")]}},
     (TableSpec("gamma / rho_vul / ACC / ASR (%)", rows="attack", cols="defense",
                metrics=("gamma", "rho_vul", "acc", "asr"), blocks="dataset", published="aabl_t4"),),
 ))
 
-_AUG = [("randaugment", "RandAugment"), ("autoaugment", "AutoAugment"), ("augmix", "AugMix")]
+_AUG = [("randaugment-sce", "RandAugment"), ("autoaugment-sce", "AutoAugment"), ("augmix-sce", "AugMix")]
 _add(Suite(
     "aabl-t5", "Splitting by strong augmentation vs iFGSM", "A-ABL Table 5",
     "The SCE loss of a strongly augmented view (RandAugment, AutoAugment, AugMix — the paper's 'AutoMix') "
@@ -221,11 +230,12 @@ _add(Suite(
 
 _T2_ATTACKS = ("badnets", "blend", "sig", "iab", "trojan")
 _T2_SCHEMES = [_detector("activation-clustering", "Neural activation"), {"name": "abl", "label": "ABL"},
-               {"name": "dbd", "label": "DBD"}, _detector("scale-up", "SCALE-UP"), {"name": "aibd", "label": "AIBD"}]
+               _detector("dbd-sce", "DBD"), _detector("scale-up", "SCALE-UP"), {"name": "aibd", "label": "AIBD"}]
 _add(Suite(
     "aibd-t2", "Isolation quality: TPR / FPR", "AIBD Table 2",
     "How well each scheme isolates the poisoned samples: activation clustering ('Neural activation'), ABL's "
-    "loss isolation, DBD's SCE split, SCALE-UP and AIBD (its final top-q). Detectors run without training.",
+    "loss isolation (the ABL defense's isolated set), DBD's SCE split (the dbd-sce detector), SCALE-UP and AIBD "
+    "(its final top-q). Detector cells train nothing after the split.",
     {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AIBD_ATTACKS, only=_T2_ATTACKS), "defenses": _T2_SCHEMES},
      "paper": {"datasets": ["cifar10"], "attacks": _attacks(AIBD_ATTACKS, only=_T2_ATTACKS),
                "defenses": _T2_SCHEMES}},

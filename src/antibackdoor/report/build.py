@@ -54,21 +54,33 @@ def _counts(records: list[Record]) -> dict[str, int]:
     return out
 
 
-def _generic_specs(records: list[Record]) -> list[TableSpec]:
-    """Tables for runs that no suite laid out: one block per (dataset, model, rate, preset) setting."""
+def _generic_specs(records: list[Record]) -> tuple[list[TableSpec], list[Record]]:
+    """Tables for runs that no suite laid out: one block per setting (the dataset, model, preset and poison
+    rate, where these vary). Clean-data runs have no rate: they are shown in every block of their setting."""
+    def parts(r: Record) -> dict[str, str]:
+        clean = r.axes.get("attack_name") == "none"
+        return {"dataset": str(r.axes.get("dataset")), "model": str(r.axes.get("model") or r.config.get("model")),
+                "preset": str(r.config.get("preset") or ""),
+                "rate": "" if clean else f"rate {100 * float(r.axes.get('poison_rate') or 0):g}%"}
+
+    keys = ("dataset", "model", "preset", "rate")
+    varying = [k for k in keys if len({parts(r)[k] for r in records if parts(r)[k]}) > 1]
+    rates = sorted({parts(r)["rate"] for r in records if parts(r)["rate"]}) or [""]
+    table_records: list[Record] = []
     for r in records:
-        parts = [str(r.axes.get("dataset")), str(r.axes.get("model") or r.config.get("model")),
-                 r.config.get("preset") or ""]
-        if r.axes.get("attack_name") != "none":
-            parts.insert(2, f"rate {100 * float(r.axes.get('poison_rate') or 0):g}%")
-        r.axes["setting"] = " / ".join(p for p in parts if p)
+        p = parts(r)
+        for rate in ([p["rate"]] if p["rate"] or "rate" not in varying else rates):
+            q = {**p, "rate": rate}
+            copy = Record(r.run_dir, r.rel, r.state, r.error, r.config, r.metrics, dict(r.axes), r.manifests, r.order)
+            copy.axes["setting"] = " / ".join(q[k] for k in varying if q[k]) or "all runs"
+            table_records.append(copy)
+    blocks = "setting" if varying else None
     specs = [TableSpec("ACC / ASR / RA (%)", rows="attack", cols="defense", metrics=("acc", "asr", "ra"),
-                       blocks="setting", competitors="cols", reference=("No defense",),
-                       summary=("average", "worst"), mark_failures=True)]
-    if any(r.value("tpr") is not None for r in records):
-        specs.append(TableSpec("split: gamma / rho_vul / TPR / FPR (%)", rows="attack", cols="defense",
-                               metrics=("gamma", "rho_vul", "tpr", "fpr"), blocks="setting"))
-    return specs
+                       blocks=blocks, competitors="cols", reference=("No defense",), summary=("average", "worst"),
+                       mark_failures=True),
+             TableSpec("isolation: gamma / rho_vul / TPR / FPR (%)", rows="attack", cols="defense",
+                       metrics=("gamma", "rho_vul", "tpr", "fpr"), blocks=blocks, isolating_only=True)]
+    return specs, table_records
 
 
 def _figures(kinds: tuple[str, ...], records: list[Record], folder: Path, prefix: str) -> tuple[list[Figure],
@@ -115,11 +127,11 @@ def _auto_figures(records: list[Record]) -> tuple[str, ...]:
 
 def _section(title: str, records: list[Record], specs: list[TableSpec], fig_kinds: tuple[str, ...],
              folder: Path, prefix: str, source: str = "", description: str = "",
-             skipped: dict[str, list[str]] | None = None) -> Section:
+             skipped: dict[str, list[str]] | None = None, table_records: list[Record] | None = None) -> Section:
     sec = Section(title, source, description, _counts(records), skipped or {})
     for spec in specs:
         src, pub = published.load(spec.published) if spec.published else ("", {})
-        for t in build(spec, records, pub):
+        for t in build(spec, table_records or records, pub):
             sec.tables.append((t, src if t.has_paper else ""))
     sec.figures, aucs = _figures(fig_kinds, records, folder, prefix)
     if aucs:
@@ -154,18 +166,20 @@ def write_report(root: str | Path, title: str | None = None) -> dict[str, Path]:
             sections.append(_section(f"{suite.name} ({m['preset']}): {suite.title}", recs, list(suite.tables),
                                      suite.figures, folder, key, suite.source, suite.description, m.get("skipped")))
         else:
-            sections.append(_section(f"grid {m['name']} ({m['preset']})", recs, _generic_specs(recs),
-                                     _auto_figures(recs), folder, key, skipped=m.get("skipped")))
+            specs, trecs = _generic_specs(recs)
+            sections.append(_section(f"grid {m['name']} ({m['preset']})", recs, specs, _auto_figures(recs), folder,
+                                     key, skipped=m.get("skipped"), table_records=trecs))
     rest = [r for r in records if not r.manifests]
     if rest:
-        sections.append(_section("runs not in a bench manifest" if manifests else "runs", rest,
-                                 _generic_specs(rest), _auto_figures(rest), folder, "runs"))
+        specs, trecs = _generic_specs(rest)
+        sections.append(_section("runs not in a bench manifest" if manifests else "runs", rest, specs,
+                                 _auto_figures(rest), folder, "runs", table_records=trecs))
     csv_path = write_results_csv(records, root / "results.csv")
     done = [r for r in records if r.state == "done"]
     hits = [e for r in done for e in r.metrics.get("stage_cache") or [] if e.get("hit")]
     context = {
         "title": title or f"antibackdoor report: {root.name}",
-        "root": str(root), "generated": time.strftime("%Y-%m-%d %H:%M"), "sections": sections,
+        "root": root.name, "generated": time.strftime("%Y-%m-%d %H:%M"), "sections": sections,
         "counts": _counts(records),
         "compute_s": sum(float(r.metrics.get("time_total_s") or 0) for r in done),
         "saved_s": sum(float(e.get("seconds") or 0) for e in hits), "cache_hits": len(hits),

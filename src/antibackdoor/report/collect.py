@@ -12,19 +12,11 @@ from typing import Any
 
 import yaml
 
+from ..bench.labels import label
+
 log = logging.getLogger("antibackdoor")
 
 METRICS = ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr")
-#: paper spellings of registry names, for runs that no suite labelled
-ATTACK_LABELS = {"none": "clean", "badnets": "BadNets", "blend": "Blend", "trojan": "Trojan", "clb": "CLB",
-                 "iab": "IAB", "sig": "SIG", "ssba": "SSBA", "wanet": "WaNet"}
-DEFENSE_LABELS = {"none": "No defense", "adv-train": "Adv. Train", "a-abl": "A-ABL", "aibd": "AIBD", "abl": "ABL",
-                  "nad": "NAD", "cbd": "CBD", "dbd": "DBD", "d-st": "D-ST", "d-br": "D-BR"}
-DATASET_PAPER = {"cifar10": "CIFAR-10", "cifar10-mini": "CIFAR-10", "gtsrb": "GTSRB", "gtsrb-roi": "GTSRB",
-                 "tiny-imagenet": "Tiny-ImageNet"}
-MODEL_LABELS = {"vgg16": "VGG16", "mobilenetv2": "MobileNetV2", "densenet121": "DenseNet121",
-                "resnet18": "ResNet-18", "resnet34": "ResNet-34", "preact-resnet18": "PreAct-ResNet18",
-                "wrn16-1": "WRN-16-1", "wrn16-2": "WRN-16-2", "cnn": "cnn", "cnn-small": "cnn-small"}
 #: score names whose *low* values are suspicious (the rest: high = suspicious)
 LOW_IS_SUSPICIOUS = {"sce_adv"}
 
@@ -41,6 +33,7 @@ class Record:
     metrics: dict[str, Any] = field(default_factory=dict)
     axes: dict[str, Any] = field(default_factory=dict)
     manifests: list[str] = field(default_factory=list)
+    order: tuple = ()
 
     def value(self, metric: str) -> float | None:
         v = self.metrics.get(metric)
@@ -67,29 +60,10 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 def default_axes(config: dict[str, Any]) -> dict[str, Any]:
     attack, defense = config.get("attack", "?"), config.get("defense", "?")
-    alabel = ATTACK_LABELS.get(attack, attack)
-    if config.get("attack_params"):
-        alabel += " " + _params_text(config["attack_params"])
-    dlabel = DEFENSE_LABELS.get(defense, defense)
-    if config.get("defense_params"):
-        dlabel += " " + _params_text(config["defense_params"])
-    return {"dataset": config.get("dataset"), "attack": alabel, "attack_name": attack, "defense": dlabel,
+    return {"dataset": config.get("dataset"), "attack": label("attack", attack, config.get("attack_params")),
+            "attack_name": attack, "defense": label("defense", defense, config.get("defense_params")),
             "defense_name": defense, "model": config.get("model"), "poison_rate": config.get("poison_rate"),
             "target": config.get("target"), "seed": config.get("seed")}
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    flat: list[str] = []
-
-    def walk(d: Any, prefix: str) -> None:
-        if isinstance(d, dict):
-            for k, v in d.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            flat.append(f"{prefix[:-1]}={d}")
-
-    walk(params, "")
-    return "(" + ", ".join(flat) + ")"
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -105,10 +79,10 @@ def collect(root: Path) -> tuple[list[Record], list[dict[str, Any]]]:
     """Every run under ``root`` as a Record, and the bench manifests found in ``root/bench``."""
     root = Path(root)
     manifests = [m for m in (_load_json(p) for p in sorted((root / "bench").glob("*.json"))) if m.get("cells")]
-    by_name: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {}
-    for m in manifests:
-        for c in m["cells"]:
-            by_name.setdefault(Path(c["run"]).name, (c["axes"], m["name"] + "-" + m["preset"], c))
+    by_name: dict[str, tuple[dict[str, Any], tuple]] = {}
+    for mi, m in enumerate(manifests):
+        for ci, c in enumerate(m["cells"]):
+            by_name.setdefault(Path(c["run"]).name, (c["axes"], (mi, ci)))
     records: list[Record] = []
     seen: set[str] = set()
     for d in find_run_dirs(root):
@@ -119,6 +93,7 @@ def collect(root: Path) -> tuple[list[Record], list[dict[str, Any]]]:
         rec = Record(d, str(d.relative_to(root)), state, status.get("error"), config, metrics)
         labelled = by_name.get(d.name)
         rec.axes = dict(labelled[0]) if labelled else default_axes(config)
+        rec.order = labelled[1] if labelled else (len(manifests), d.name)
         rec.axes["model"] = config.get("model", rec.axes.get("model"))
         if labelled:
             rec.manifests = [f"{m['name']}-{m['preset']}" for m in manifests
@@ -135,7 +110,9 @@ def collect(root: Path) -> tuple[list[Record], list[dict[str, Any]]]:
             rec = Record(root / c["run"], c["run"], c.get("state") or "pending", c.get("error"), c.get("config", {}))
             rec.axes = dict(c["axes"])
             rec.manifests = [f"{m['name']}-{m['preset']}"]
+            rec.order = by_name[name][1]
             records.append(rec)
+    records.sort(key=lambda r: r.order)  # the grid's order (manifest cells), then other runs by name
     return records, manifests
 
 

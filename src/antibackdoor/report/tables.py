@@ -9,8 +9,9 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..bench.labels import DATASET_PAPER, MODEL_LABELS
 from ..bench.suites import TableSpec
-from .collect import DATASET_PAPER, MODEL_LABELS, Record
+from .collect import Record
 
 HIGHER_BETTER = {"acc", "ra", "tpr", "gamma", "auc"}
 METRIC_NAMES = {"acc": "ACC", "asr": "ASR", "ra": "RA", "gamma": "γ", "rho_vul": "ρ_vul", "tpr": "TPR",
@@ -110,6 +111,9 @@ def _better(metric: str, a: float, b: float) -> bool:
 def build(spec: TableSpec, records: list[Record], published: dict[tuple, float] | None = None) -> list[Table]:
     """One Table per block value (or one without blocks) from the finished records."""
     recs = [r for r in records if r.state == "done"]
+    if spec.isolating_only:
+        isolating = {r.axes.get("defense") for r in recs if (r.metrics.get("isolated") or 0) > 0}
+        recs = [r for r in recs if r.axes.get("defense") in isolating]
     blocks = _ordered([r.axes.get(spec.blocks) for r in recs], spec.blocks) if spec.blocks else [None]
     tables = []
     for b in blocks:

@@ -1,0 +1,184 @@
+"""`antibackdoor bench` end to end on tiny cells (cnn-small, 1-2 epochs on a 240-image npz): local workers,
+reuse, a failing cell, a bench killed midway and re-run, a worker that dies, submitit's local executor and
+(when installed) a real local Ray instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_npz
+
+from antibackdoor.cli import main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _grid(tmp_path, epochs: int = 1, **extra) -> Path:
+    npz = write_npz(tmp_path / "tiny.npz")
+    grid = {
+        "name": "tiny", "datasets": [f"npz:{npz}"], "attacks": ["none", "badnets"], "models": ["cnn-small"],
+        "defenses": [{"name": "none", "params": {"train": {"epochs": epochs, "amp": False}}},
+                     {"name": "a-abl", "params": {"naive": {"epochs": epochs, "amp": False},
+                                                  "final": {"epochs": 1, "amp": False, "adversary": {"steps": 1}}}}],
+        "targets": [0, 1], "eval": {"ra_steps": 1}, **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _strict(path: Path):
+    return json.loads(path.read_text(), parse_constant=lambda t: (_ for _ in ()).throw(ValueError(t)))
+
+
+def _bench(args, capsys):
+    code = main(["bench", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bench_runs_every_cell_once_and_reuses_them(tmp_path, capsys):
+    grid = _grid(tmp_path)
+    out, cache = tmp_path / "out", tmp_path / "stages"
+    args = [str(grid), "--out", str(out), "--stage-cache", str(cache)]
+    code, _, err = _bench([*args, "--workers", "2", "--threads", "1"], capsys)
+    assert code == 0, err
+    assert "estimate: about" in err and "6 to run" in err
+    assert err.count("] done ") == 6
+    runs = sorted((out / "runs").glob("*/metrics.json"))
+    assert len(runs) == 6
+    for m in runs:
+        _strict(m)  # strict JSON: clean-data cells have null TPR / ASR, never NaN
+    clean = [_strict(m) for m in runs if "-none-" in m.parent.name.split("tiny.npz")[1][:7]]
+    assert clean and all(m["tpr"] is None and m["asr"] is None for m in clean)
+    # each A-ABL cell loaded its naive stage from the `none` cell of the same poisoned data
+    assert "stage cache: 3 stage(s) loaded instead of trained" in err
+    manifest = _strict(out / "bench" / "tiny-quick.json")
+    assert len(manifest["cells"]) == 6 and all(c["state"] == "done" for c in manifest["cells"])
+    # again: nothing runs
+    code, _, err = _bench(args, capsys)
+    assert code == 0 and "6 done" in err and "nothing to run" in err
+    code, text, _ = _bench([*args, "--status"], capsys)
+    assert code == 0 and "6 done, 0 failed" in text
+
+
+def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, capsys):
+    # a poison rate of 0.001 selects no sample of 240: the cell fails when it runs (not when planned)
+    grid = _grid(tmp_path, poison_rates=[0.1, 0.001])
+    out = tmp_path / "out"
+    code, _, err = _bench([str(grid), "--out", str(out), "--no-stage-cache", "--defenses", "none"], capsys)
+    assert code == 1
+    assert err.count("] done ") == 3 and err.count("] failed ") == 2
+    assert "selects no sample" in err
+    code, text, _ = _bench([str(grid), "--out", str(out), "--defenses", "none", "--status"], capsys)
+    assert "3 done, 2 failed" in text and "selects no sample" in text
+    code, _, err = _bench([str(grid), "--out", str(out), "--defenses", "none", "--skip-failed"], capsys)
+    assert code == 0 and "nothing to run" in err
+
+
+def test_bench_killed_midway_reruns_only_the_missing_cells(tmp_path, capsys):
+    grid = _grid(tmp_path, epochs=6)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "ANTIBACKDOOR_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "antibackdoor.cli", "bench", str(grid), "--out", str(out), "--no-stage-cache",
+           "--defenses", "none", "--workers", "1", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((out / "runs").glob("*/metrics.json")):
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL: no chance to clean up; the worker must die with it
+    proc.wait(30)
+    done_before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
+    assert 1 <= len(done_before) < 3
+    time.sleep(3)  # an orphaned worker would finish its cell meanwhile
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")} == done_before
+    code, _, err = _bench([str(grid), "--out", str(out), "--no-stage-cache", "--defenses", "none"], capsys)
+    assert code == 0, err
+    assert f"{len(done_before)} done" in err and f"{3 - len(done_before)} to run" in err
+    assert err.count("] done ") == 3 - len(done_before)
+    assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())  # finished cells untouched
+    assert len(list((out / "runs").glob("*/metrics.json"))) == 3
+
+
+def test_local_worker_death_fails_its_cell_only(tmp_path):
+    from antibackdoor.bench.executors import LocalExecutor
+
+    npz = write_npz(tmp_path / "tiny.npz")
+    payloads = []
+    for target in (0, 1):
+        cfg = {"dataset": f"npz:{npz}", "model": "cnn-small", "defense": "none", "target": target,
+               "defense_params": {"train": {"epochs": 25 if target == 0 else 1, "amp": False}},
+               "eval": {"ra_steps": 1}, "out": str(tmp_path / "runs")}
+        payloads.append({"config": cfg, "run_dir": str(tmp_path / "runs" / f"cell{target}"), "stage_cache": None})
+    results = {}
+
+    def kill_soon(i):
+        if i == 0:
+            def kill():
+                time.sleep(4)  # the worker is training cell 0 by now
+                import multiprocessing as mp
+
+                for child in mp.active_children():
+                    if child.name.startswith("antibackdoor-worker"):
+                        os.kill(child.pid, signal.SIGKILL)
+
+            threading.Thread(target=kill, daemon=True).start()
+
+    LocalExecutor(workers=1, threads=1).run(payloads, lambda i, r: results.__setitem__(i, r), on_start=kill_soon)
+    assert results[0]["state"] == "failed" and "worker process died" in results[0]["error"]
+    assert results[1]["state"] == "done"  # a fresh worker took the next cell
+
+
+def test_a_cell_being_run_elsewhere_is_reported_busy(tmp_path):
+    from antibackdoor.bench.cell import run_cell
+    from antibackdoor.locking import try_lock
+
+    run_dir = tmp_path / "runs" / "x-none-none-0123456789"
+    with try_lock(run_dir.parent / ".locks" / f"{run_dir.name}.lock") as held:
+        assert held is True
+        r = run_cell({"config": {"out": str(tmp_path / "runs")}, "run_dir": str(run_dir)})
+    assert r["state"] == "busy"
+
+
+def test_slurm_executor_with_submitits_local_executor(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    grid = _grid(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = _bench([str(grid), "--out", str(out), "--executor", "slurm", "--slurm-cluster", "local",
+                           "--time", "0:10:00", "--cpus-per-task", "1", "--attacks", "badnets", "--defenses", "none",
+                           "--stage-cache", str(tmp_path / "stages")], capsys)
+    assert code == 0, err
+    assert err.count("] done ") == 2
+    assert len(list((out / "runs").glob("*/metrics.json"))) == 2
+    assert list((out / "bench" / "slurm").glob("*_log.out"))  # submitit's job logs
+
+
+def test_parse_time():
+    from antibackdoor.bench.executors import parse_time
+
+    assert parse_time("90") == 90 and parse_time("1:30:00") == 90 and parse_time("2-00:00:00") == 2880
+    assert parse_time(15) == 15 and parse_time("0:10:30") == 11
+
+
+@pytest.mark.ray
+def test_ray_executor_on_a_real_local_instance(tmp_path, capsys):
+    pytest.importorskip("ray")
+    grid = _grid(tmp_path)
+    out = tmp_path / "out"
+    t0 = time.time()
+    code, _, err = _bench([str(grid), "--out", str(out), "--executor", "ray", "--workers", "2", "--attacks",
+                           "badnets", "--stage-cache", str(tmp_path / "stages")], capsys)
+    assert code == 0, err
+    assert err.count("] done ") == 4
+    assert len(list((out / "runs").glob("*/metrics.json"))) == 4
+    print(f"ray bench of 4 tiny cells: {time.time() - t0:.1f} s")
