@@ -117,7 +117,7 @@ def test_local_worker_death_fails_its_cell_only(tmp_path):
     payloads = []
     for target in (0, 1):
         cfg = {"dataset": f"npz:{npz}", "model": "cnn-small", "defense": "none", "target": target,
-               "defense_params": {"train": {"epochs": 25 if target == 0 else 1, "amp": False}},
+               "defense_params": {"train": {"epochs": 300 if target == 0 else 1, "amp": False}},
                "eval": {"ra_steps": 1}, "out": str(tmp_path / "runs")}
         payloads.append({"config": cfg, "run_dir": str(tmp_path / "runs" / f"cell{target}"), "stage_cache": None})
     results = {}

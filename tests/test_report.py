@@ -76,6 +76,7 @@ def make_suite_dir(root: Path) -> Path:
         cells.append({"run": str(d.relative_to(root)), "axes": axes, "config": c.config, "state": "done"})
     manifest = {"name": "aabl-t3", "suite": "aabl-t3", "preset": "quick",
                 "skipped": {"defenses not available yet": ["abl", "cbd"]}, "cells": cells}
+    (root / "bench").mkdir(parents=True, exist_ok=True)
     write_json(root / "bench" / "aabl-t3-quick.json", manifest)
     return root
 
