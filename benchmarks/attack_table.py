@@ -85,7 +85,7 @@ def run_attack(name: str, params: dict[str, Any], splits, args) -> dict[str, Any
     acc = accuracy(model, test, device)
     asr = attack_success_rate(model, attack.triggered_test(test, args.target), device)
 
-    aabl = get_defense("a-abl", "quick", {"split_eps": splits.defaults.get("split_eps", 2 / 255)})
+    aabl = get_defense("a-abl", "quick")
     t0 = time.time()
     if aabl.params.naive != none.params.train:
         model, _ = train_stage(ctx, poisoned.data, aabl.params.naive, "naive")

@@ -18,9 +18,9 @@ import torch
 import antibackdoor as ab
 from antibackdoor.adversarial import PGDConfig
 from antibackdoor.defenses import DefenseContext, get_defense
-from antibackdoor.defenses.stages import otsu_threshold
+from antibackdoor.defenses.stages import otsu_threshold, train_stage
 from antibackdoor.metrics import accuracy, attack_success_rate, split_metrics
-from antibackdoor.training import TrainConfig, train
+from antibackdoor.training import TrainConfig
 
 
 def at_recipes(epochs: int) -> dict[str, TrainConfig]:
@@ -58,15 +58,9 @@ def main() -> None:
         if name not in table:
             p.error(f"unknown recipe {name!r}; known: {', '.join(table)}")
         ctx = DefenseContext(ab.model_factory("cnn", splits.train), seed=0)
-        if a.probe == "at":
-            torch.manual_seed(7)
-            model = ctx.model_factory()
-            seed = 31
-        else:
-            model = ctx.fresh_model(0)
-            seed = 0
         t = time.time()
-        hist = train(model, ps.data, table[name], seed=seed)
+        # the streams of the stage the recipe stands for: A-ABL's naive stage (offset 0) or stage 3 (offset 1)
+        model, hist = train_stage(ctx, ps.data, table[name], name, seed_offset=1 if a.probe == "at" else 0)
         acc = accuracy(model, splits.test)
         asr = attack_success_rate(model, attack.triggered_test(splits.test, 0))
         line = f"{name}: {time.time() - t:.0f} s, ACC {acc:.3f}, ASR {asr:.3f}"

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("ANTIBACKDOOR_PROGRESS", "0")
+# precision "auto" means fp32 in every test (and in the CLI runs they start), so that no outcome depends on
+# whether this CPU runs bf16 natively; tests of bf16/fp16 ask for them explicitly
+os.environ["ANTIBACKDOOR_PRECISION"] = "fp32"
 # CI has 2 quiet cores; on a busy machine set ANTIBACKDOOR_TEST_THREADS=1 to avoid oversubscription
 torch.set_num_threads(int(os.environ.get("ANTIBACKDOOR_TEST_THREADS", min(2, torch.get_num_threads()))))
 

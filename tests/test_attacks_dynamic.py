@@ -20,11 +20,14 @@ from antibackdoor.errors import ConfigError
 # 32 mask + 32 joint steps: fewer leave BatchNorm's running statistics near their initial values, and
 # the generator's eval-mode output nearly constant
 IAB_TINY = {"width": 4, "depth": 2, "epochs": 8, "mask_epochs": 8, "batch_size": 16, "mask_batch_size": 16,
-            "proxy_model": "cnn-small", "amp": False, "cross_ratio": 1.0}
-# 320 steps: the decoder leaves its 50% plateau after 100-300 steps (seeds 0-4 all do by then), and the
-# L2 loss then shrinks the residual
-SSBA_TINY = {"width": 8, "depth": 2, "n_bits": 8, "epochs": 80, "batch_size": 16, "lr": 3e-3,
-             "l2_scale": 2.0, "l2_await": 0.5, "l2_ramp": 0.2, "amp": False}
+            "proxy_model": "cnn-small", "cross_ratio": 1.0}
+# 320 steps at lr 1e-3: the decoder leaves its 50% plateau and the L2 loss then shrinks the residual. In fp32,
+# model seeds 0-7 all converged on an AVX-512 CPU and on the same CPU restricted to AVX2 kernels
+# (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2): residual 0.04-0.07, random-code bit accuracy >= 0.90,
+# secret >= 0.86. lr 3e-3 was not robust: one seed of eight lost its encoder (all-zero residual) on both,
+# and on an AVX2-only machine two of five seeds failed.
+SSBA_TINY = {"width": 8, "depth": 2, "n_bits": 8, "epochs": 80, "batch_size": 16, "lr": 1e-3,
+             "l2_scale": 2.0, "l2_await": 0.5, "l2_ramp": 0.2}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,7 +74,7 @@ def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def test_iab_poison_contract(tiny, iab_run):
     att, ps = iab_run
-    m, cross = ps.poison_mask, att.cross_mask
+    m, cross = ps.poison_mask, ps.cover_mask
     assert ps.data.x.shape == tiny.x.shape and ps.data.x.dtype == torch.uint8
     assert int(m.sum()) == 16 and int(cross.sum()) == 16  # cross_ratio 1: as many cross samples
     assert not (m & cross).any()
@@ -102,7 +105,7 @@ def test_iab_trigger_is_sample_specific(tiny, iab_run):
 
 def test_iab_cache_reused(tiny, iab_run, cache_root, monkeypatch):
     att, ps = iab_run
-    files = list((cache_root / "cache").glob("iab-*.safetensors"))
+    files = list((cache_root / "cache").glob("antibackdoor-cache-iab-*.safetensors"))
     assert len(files) == 1 and not list((cache_root / "cache").glob("*.tmp"))
     assert att.train_info["cached"] is False
 
@@ -114,10 +117,23 @@ def test_iab_cache_reused(tiny, iab_run, cache_root, monkeypatch):
     ps2 = again.poison(tiny, 0.25, 3, torch.Generator().manual_seed(0))
     assert again.train_info["cached"] is True
     assert torch.equal(ps2.data.x[ps.poison_mask], ps.data.x[ps.poison_mask])
-    assert int(again.cross_mask.sum()) == 8
+    assert ps2.num_cover == 8
     # another target trains other networks
     with pytest.raises(AssertionError, match="trained again"):
         get_attack("iab", **IAB_TINY).prepare(tiny, 4, torch.Generator())
+
+
+def test_iab_too_few_samples_for_cross_triggers_is_an_error(tiny, monkeypatch):
+    """As WaNet: 16 poisoned + 64 cross-trigger samples do not fit in 64 images. It used to truncate the cross
+    samples silently; now it stops, before any training, with the error WaNet gives."""
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking the sample budget")
+
+    monkeypatch.setattr(InputAware, "_train", no_training)
+    with pytest.raises(ConfigError, match=r"^--attack-param cross_ratio: attack iab at --poison-rate 0.25 needs 16 "
+                                          r"poisoned \+ 64 cover samples, more than the 64 there are"):
+        get_attack("iab", **{**IAB_TINY, "cross_ratio": 4.0}).poison(tiny, 0.25, 3, torch.Generator())
 
 
 def test_iab_needs_prepare_and_valid_params():
@@ -134,7 +150,7 @@ def test_ssba_poison_contract(tiny, ssba_run):
     assert torch.equal(_changed(ps.data.x, tiny.x), m)  # the residual survives quantisation, only there
     assert torch.all(ps.data.y[m] == 3) and torch.equal(ps.data.y[~m], tiny.y[~m])
     diff = (ps.data.x[m].float() - tiny.x[m].float()).abs() / 255
-    # small (about 0.05 after this tiny training, 0.02 after the quick preset's; the image range is 1)
+    # small (0.04-0.07 after this tiny training, 0.02 after the quick preset's; the image range is 1)
     assert float(diff.mean()) < 0.1
     x = tiny.float_images(torch.arange(8))
     out = att.apply(x)
@@ -149,7 +165,8 @@ def test_ssba_decoder_recovers_bits(tiny, ssba_run):
     from antibackdoor.attacks import quantize
 
     # random codes hidden in all 64 images and quantised are read back far better than chance (0.5;
-    # 0.82-0.99 over seeds 0-4); 512 bits make this a reliable check, unlike the one fixed 8-bit secret
+    # 0.90-1.00 over seeds 0-7 on both CPU kinds); 512 bits make this a reliable check, unlike the one fixed
+    # 8-bit secret
     codes = torch.randint(0, 2, (len(tiny), 8), generator=torch.Generator().manual_seed(0)).float()
     hidden = quantize(att.encode(tiny.float_images(), codes)).float() / 255
     assert float((att.decode(hidden) == codes).float().mean()) > 0.7
@@ -160,7 +177,7 @@ def test_ssba_decoder_recovers_bits(tiny, ssba_run):
 
 def test_ssba_cache_reused(tiny, ssba_run, cache_root, monkeypatch):
     att, ps = ssba_run
-    assert len(list((cache_root / "cache").glob("ssba-*.safetensors"))) == 1
+    assert len(list((cache_root / "cache").glob("antibackdoor-cache-ssba-*.safetensors"))) == 1
 
     def no_training(*a, **k):
         raise AssertionError("trained again instead of using the cache")

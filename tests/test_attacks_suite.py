@@ -51,10 +51,10 @@ def test_contract(small_train, name, label_mode):
     assert not (m & ~pool).any()  # clean label: only target-class samples are poisoned
     diff = changed(ps.data.x, small_train.x)
     assert diff[m].all()  # every poisoned sample carries a visible change
-    noise = torch.zeros_like(m)
-    if name == "wanet":
-        noise[att.noise_index] = True
-    assert not (diff & ~m & ~noise).any()  # nothing else was touched
+    cover = ps.cover_mask
+    assert bool(cover.any()) == (name == "wanet")  # only WaNet adds cover (noise-mode) samples
+    assert not (cover & m).any()
+    assert not (diff & ~m & ~cover).any()  # nothing else was touched
     assert torch.equal(ps.true_labels, small_train.y)
     if label_mode == "dirty":
         assert (ps.data.y[m] == TARGET).all() and (small_train.y[m] != TARGET).any()
@@ -96,16 +96,17 @@ def test_sig_poison_adds_delta_and_test_delta(small_train):
 def test_wanet_noise_mode(small_train):
     att, ps = poison("wanet", small_train, 0.1, cross_ratio=2)
     m = ps.poison_mask
-    noise = torch.zeros_like(m)
-    noise[att.noise_index] = True
-    assert int(noise.sum()) == 2 * int(m.sum())  # cross ratio 2
+    noise = ps.cover_mask
+    assert int(noise.sum()) == 2 * int(m.sum()) == 2 * ps.num_poison == ps.num_cover  # cross ratio 2
     assert not (noise & m).any()  # noise-mode samples carry no backdoor: not in the mask
     assert torch.equal(ps.data.y[noise], small_train.y[noise])  # ... and keep their true labels
     assert changed(ps.data.x, small_train.x)[noise].all()
     # the noise moves them off the trigger warp: they differ from the triggered version of the same image
     triggered = att.apply_uint8(small_train.x[noise])
     assert changed(ps.data.x[noise], triggered).float().mean() > 0.9
-    with pytest.raises(ConfigError, match="cross_ratio"):
+    # too few samples for 40% poison + twice as many cover samples: one clear error, nothing poisoned
+    with pytest.raises(ConfigError, match=r"^--attack-param cross_ratio: attack wanet at --poison-rate 0.4 needs "
+                                          r"120 poisoned \+ 240 cover samples, more than the 300 there are"):
         poison("wanet", small_train, 0.4, cross_ratio=2)
 
 
@@ -163,7 +164,7 @@ def _neuron_loss(att, model, pattern: torch.Tensor) -> float:
     from antibackdoor.attacks.trojan import last_linear
 
     head = last_linear(model)
-    neurons = head.weight.abs().sum(0).argsort(descending=True)[:int(att.neurons)]
+    neurons = head.weight.abs().sum(0).argsort(descending=True)[:att.params.neurons]
     feats = {}
     hook = head.register_forward_hook(lambda mod, inp, out: feats.__setitem__("x", inp[0]))
     x = torch.zeros(1, 3, 32, 32)
@@ -171,7 +172,7 @@ def _neuron_loss(att, model, pattern: torch.Tensor) -> float:
     with torch.no_grad():
         model(x)
     hook.remove()
-    return float(((feats["x"][0, neurons] - float(att.target_value)) ** 2).sum())
+    return float(((feats["x"][0, neurons] - att.params.target_value) ** 2).sum())
 
 
 # -- CLB ------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_clb_trigger_pattern():
 def test_clb_perturbation_and_cache_reuse(small_train, monkeypatch):
     att, ps = poison("clb", small_train, 0.5, **TINY["clb"])
     assert att.cache_hit is False
-    files = list(attack_cache.cache_dir().glob("clb-*.safetensors"))
+    files = list(attack_cache.cache_dir().glob("antibackdoor-cache-clb-*.safetensors"))
     assert len(files) == 1
     m = ps.poison_mask
     d = ps.data.x[m].int() - small_train.x[m].int()

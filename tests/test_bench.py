@@ -4,6 +4,7 @@ reuse, a failing cell, a bench killed midway and re-run, a worker that dies, sub
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -26,9 +27,9 @@ def _grid(tmp_path, epochs: int = 1, **extra) -> Path:
     npz = write_npz(tmp_path / "tiny.npz")
     grid = {
         "name": "tiny", "datasets": [f"npz:{npz}"], "attacks": ["none", "badnets"], "models": ["cnn-small"],
-        "defenses": [{"name": "none", "params": {"train": {"epochs": epochs, "amp": False}}},
-                     {"name": "a-abl", "params": {"naive": {"epochs": epochs, "amp": False},
-                                                  "final": {"epochs": 1, "amp": False, "adversary": {"steps": 1}}}}],
+        "defenses": [{"name": "none", "params": {"train": {"epochs": epochs}}},
+                     {"name": "a-abl", "params": {"naive": {"epochs": epochs},
+                                                  "final": {"epochs": 1, "adversary": {"steps": 1}}}}],
         "targets": [0, 1], "eval": {"ra_steps": 1}, **extra,
     }
     path = tmp_path / "grid.yaml"
@@ -71,22 +72,73 @@ def test_bench_runs_every_cell_once_and_reuses_them(tmp_path, capsys):
     assert code == 0 and "6 done, 0 failed" in text
 
 
-def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, capsys):
-    # a poison rate of 0.001 selects no sample of 240: the cell fails when it runs (not when planned)
-    grid = _grid(tmp_path, poison_rates=[0.1, 0.001])
+def test_split_only_cells_report_no_model_metrics(tmp_path, capsys):
+    """A cell that stops after its split (A-ABL with final.epochs 0, as aabl-t1 runs it) has no trained final
+    model: ACC/ASR/RA are null and read n/a in the progress line, `antibackdoor run`'s table and the report
+    (they once printed an untrained model's 'ACC 8.4 ASR 0.0 RA 0.0'); its split metrics are reported."""
+    npz = write_npz(tmp_path / "tiny.npz")
+    grid = {"name": "split", "datasets": [f"npz:{npz}"], "attacks": ["badnets"], "models": ["cnn-small"],
+            "defenses": [{"name": "a-abl", "label": "split only",
+                          "params": {"naive": {"epochs": 1}, "final": {"epochs": 0}}}],
+            "targets": [1], "eval": {"ra_steps": 1}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
     out = tmp_path / "out"
-    code, _, err = _bench([str(grid), "--out", str(out), "--no-stage-cache", "--defenses", "none"], capsys)
+    code, _, err = _bench([str(path), "--out", str(out), "--no-stage-cache", "--workers", "1"], capsys)
+    assert code == 0, err
+    line = next(ln for ln in err.splitlines() if "] done " in ln)
+    assert "ACC n/a ASR n/a RA n/a" in line and "RHO_VUL" in line, line
+    (run,) = (out / "runs").glob("*/metrics.json")
+    m = _strict(run)
+    assert m["model_trained"] is False and m["acc"] is None and m["asr"] is None and m["ra"] is None
+    assert m["gamma"] is not None and 0 < m["gamma"] <= 1 and m["tpr"] is not None
+    assert not (run.parent / "model.safetensors").exists()  # no weights file claims to be the run's model
+    code, text, _ = _bench([str(path), "--out", str(out), "--status"], capsys)
+    assert "1 done" in text
+    assert main(["report", str(out)]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["acc"], r["asr"], r["ra"], r["model_trained"]) for r in rows] == [("", "", "", "False")]
+    md = (out / "report.md").read_text()
+    acc_row = next(ln for ln in md.splitlines() if ln.startswith("| BadNets") and "n/a" in ln)
+    assert acc_row.count("n/a") == 3 and "8.4" not in acc_row
+    from antibackdoor.cli import print_table
+
+    print_table(m, run.parent)
+    assert capsys.readouterr().out.count("n/a (split only") == 3
+
+
+def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, capsys):
+    # an infinite learning rate passes the config checks, then the first update makes the weights inf/NaN
+    # (IEEE arithmetic, not rounding): those cells fail when they run, with the training loop's error
+    grid = _grid(tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec["defenses"] = [spec["defenses"][0], {"name": "none", "label": "diverges",
+                                              "params": {"train": {"epochs": 1, "lr": float("inf")}}}]
+    grid.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    code, _, err = _bench([str(grid), "--out", str(out), "--no-stage-cache"], capsys)
     assert code == 1
-    assert err.count("] done ") == 3 and err.count("] failed ") == 2
-    assert "selects no sample" in err
-    code, text, _ = _bench([str(grid), "--out", str(out), "--defenses", "none", "--status"], capsys)
-    assert "3 done, 2 failed" in text and "selects no sample" in text
-    code, _, err = _bench([str(grid), "--out", str(out), "--defenses", "none", "--skip-failed"], capsys)
+    assert err.count("] done ") == 3 and err.count("] failed ") == 3
+    assert "the loss became nan" in err
+    code, text, _ = _bench([str(grid), "--out", str(out), "--status"], capsys)
+    assert "3 done, 3 failed" in text and "the loss became nan" in text
+    code, _, err = _bench([str(grid), "--out", str(out), "--skip-failed"], capsys)
     assert code == 0 and "nothing to run" in err
 
 
+def test_a_cell_the_attack_rejects_stops_the_bench_before_anything_runs(tmp_path, capsys):
+    # a poison rate of 0.001 selects no sample of the tiny set: the attack's check rejects it while planning
+    grid = _grid(tmp_path, poison_rates=[0.1, 0.001])
+    out = tmp_path / "out"
+    code, _, err = _bench([str(grid), "--out", str(out), "--defenses", "none"], capsys)
+    assert code == 2 and "selects no sample" in err and "rate=0.001" in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("antibackdoor: error: cell ")
+    assert not (out / "runs").exists()
+
+
 def test_bench_killed_midway_reruns_only_the_missing_cells(tmp_path, capsys):
-    grid = _grid(tmp_path, epochs=6)
+    grid = _grid(tmp_path, epochs=3)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "ANTIBACKDOOR_PROGRESS": "0"}
@@ -117,7 +169,7 @@ def test_local_worker_death_fails_its_cell_only(tmp_path):
     payloads = []
     for target in (0, 1):
         cfg = {"dataset": f"npz:{npz}", "model": "cnn-small", "defense": "none", "target": target,
-               "defense_params": {"train": {"epochs": 300 if target == 0 else 1, "amp": False}},
+               "defense_params": {"train": {"epochs": 300 if target == 0 else 1}},
                "eval": {"ra_steps": 1}, "out": str(tmp_path / "runs")}
         payloads.append({"config": cfg, "run_dir": str(tmp_path / "runs" / f"cell{target}"), "stage_cache": None})
     results = {}
@@ -125,7 +177,7 @@ def test_local_worker_death_fails_its_cell_only(tmp_path):
     def kill_soon(i):
         if i == 0:
             def kill():
-                time.sleep(4)  # the worker is training cell 0 by now
+                time.sleep(2)  # the worker is starting or training cell 0 (300 epochs: it cannot finish first)
                 import multiprocessing as mp
 
                 for child in mp.active_children():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import write_npz
 
 from antibackdoor.cli import main
@@ -46,6 +47,59 @@ def test_run_a_abl_end_to_end(tmp_path, tiny_npz, capsys):
     # same config again: reused, not retrained
     code, out, err = run_cli(args, capsys)
     assert code == 0 and "reusing finished run" in err
+
+
+@pytest.fixture(scope="module")
+def default_model_run(tmp_path_factory):
+    """One tiny run with the model left at its default (cnn), WaNet (cover samples) and RA set to PGD-1 4/255."""
+    tmp = tmp_path_factory.mktemp("default_model")
+    npz = write_npz(tmp / "tiny.npz")
+    cfg = tmp / "exp.yaml"
+    cfg.write_text("eval: {ra_eps: 0.0156862745, ra_step: 0.0156862745, ra_steps: 1}\n")
+    args = ["run", "--config", str(cfg), "--dataset", f"npz:{npz}", "--out", str(tmp / "runs"), "--attack", "wanet",
+            "--defense", "none", "--defense-param", "train.epochs=1", "--attack-param", "cross_ratio=1"]
+    code = main(args)
+    assert code == 0
+    return next((tmp / "runs").iterdir())
+
+
+def test_weights_describe_themselves(default_model_run):
+    """model.safetensors records the resolved model name (it recorded '' for a default model) and what
+    build_model needs, so the weights load into the right architecture from the file alone."""
+    from safetensors import safe_open
+
+    from antibackdoor.models import build_model
+
+    with safe_open(str(default_model_run / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    assert meta["model"] == "cnn"
+    assert (meta["num_classes"], meta["channels"], meta["image_size"]) == ("4", "3", "16")
+    assert json.loads(meta["classes"]) == ["0", "1", "2", "3"]
+    model = build_model(meta["model"], int(meta["num_classes"]), int(meta["channels"]), int(meta["image_size"]),
+                        json.loads(meta["mean"]), json.loads(meta["std"]))
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model[0].mean.flatten(), torch.tensor(json.loads(meta["mean"]), dtype=torch.float32))
+
+
+def test_table_names_the_configured_ra_attack(default_model_run, capsys):
+    """The RA row names the attack of the run's eval section (it always said PGD-10 8/255)."""
+    from antibackdoor.cli import print_table
+
+    metrics = json.loads((default_model_run / "metrics.json").read_text())
+    assert metrics["ra_attack"] == "PGD-1 4/255"
+    print_table(metrics, default_model_run)
+    out = capsys.readouterr().out
+    assert "robust accuracy (RA, PGD-1 4/255)" in out and "PGD-10" not in out
+
+
+def test_isolation_csv_marks_cover_samples(default_model_run):
+    """WaNet's noise-mode samples are ground truth on the poisoned set: a column of isolation.csv."""
+    rows = list(csv.DictReader(open(default_model_run / "isolation.csv")))
+    poison = [int(r["is_poison"]) for r in rows]
+    cover = [int(r["is_cover"]) for r in rows]
+    assert sum(poison) == 24 and sum(cover) == 24  # cross_ratio 1
+    assert not any(p and c for p, c in zip(poison, cover, strict=True))
 
 
 def test_config_file_and_flag_override(tmp_path, tiny_npz, capsys):
@@ -87,16 +141,33 @@ def test_flags_merge_into_config_file_sections(tmp_path):
         (["--defense-param", "naive.epochz=3"], "unknown key(s) epochz"),
         (["--defense-param", "naive.epochs=three"], "expected an integer"),
         (["--aibd-target-filter"], "--aibd-target-filter: only for --defense aibd"),
+        # typed attack parameters, checked before anything runs (a ValueError traceback from blend.py and a
+        # 'failed' run directory before)
+        (["--attack", "blend", "--attack-param", "alpha=abc"], "--attack-param alpha: expected a number, got 'abc'"),
+        (["--attack", "blend", "--attack-param", "alpha=1.5"], "--attack-param alpha: 1.5 must lie in [0, 1]"),
+        (["--attack-param", "sise=3"], "--attack-param sise: unknown parameter of attack badnets; known: margin, "),
+        (["--attack", "trojan", "--attack-param", "corner=middle"],
+         "--attack-param corner: 'middle' is not one of bottom-right, bottom-left, top-right, top-left"),
+        (["--attack", "blend", "--attack-param", "pattern_file=/nonexistent.png"],
+         "--attack-param pattern_file: /nonexistent.png: no such file"),
+        (["--attack", "clb", "--attack-param", "robust_model=nope"], "--attack-param robust_model: unknown model"),
+        (["--device", "nonsense"], "--device: 'nonsense' is not a device"),
+        (["--poison-rate", "0.001"], "--poison-rate 0.001: selects no sample out of 240"),
+        (["--attack", "wanet", "--poison-rate", "0.4"], "--attack-param cross_ratio: attack wanet at --poison-rate 0.4 "
+                                                        "needs 96 poisoned + 192 cover samples"),
     ],
 )
 def test_bad_options_exit_2(tmp_path, tiny_npz, capsys, extra, message):
     args = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "runs"), *TINY, *extra]
     code, out, err = run_cli(args, capsys)
     assert code == 2
-    assert message in err
-    assert err.strip().count("\n") == 0 or "Traceback" not in err
+    # one line naming the option (log lines aside), no traceback
+    lines = [line for line in err.splitlines() if not line.startswith("[antibackdoor]")]
+    assert len(lines) == 1 and lines[0].startswith("antibackdoor: error: ") and message in lines[0], err
+    assert "Traceback" not in err
+    # checked before a run directory exists: nothing is left that looks like a run
     runs = tmp_path / "runs"
-    assert not runs.exists() or not any(p.joinpath("metrics.json").exists() for p in runs.iterdir())
+    assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_bad_files_exit_2(tmp_path, capsys):

@@ -97,8 +97,8 @@ def test_gtsrb_official_layout(gtsrb_root):
     assert s.test.y[:3].tolist() == [0, 7, 14]
     # the whole image was resized: the black border is still there
     assert int(s.train.x[:, :, 0, 0].max()) < 40
-    assert s.defaults["model"] == "resnet18" and s.defaults["aibd_model"] == "wrn16-1"
-    assert s.defaults["split_eps"] == pytest.approx(2 / 255)
+    assert s.paper.model_for("a-abl") == "resnet18" and s.paper.model_for("aibd") == "wrn16-1"
+    assert s.paper.defense_params == {}  # A-ABL's paper preset (split eps 2/255) as it is
 
 
 def test_gtsrb_roi_crops_to_the_box(gtsrb_root):
@@ -267,7 +267,8 @@ def test_tiny_imagenet_layout_and_label_order(tmp_path):
             if px.std() < 5:  # the grey image
                 continue
             assert int(np.argmax(px)) == int(np.argmax(RGB[sorted_ids[int(y)]]))
-    assert s.defaults["model"] == "resnet34" and s.defaults["split_eps"] == pytest.approx(1 / 255)
+    assert s.paper.model_for("aibd") == "resnet34"
+    assert s.paper.defense_params["a-abl"]["split_eps"] == pytest.approx(1 / 255)
     entry = DATASETS["tiny-imagenet"]
     assert entry.present(tmp_path) and entry.where(tmp_path).endswith("tiny-imagenet-200")
 

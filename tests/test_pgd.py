@@ -8,6 +8,7 @@ import torch
 from antibackdoor.adversarial import PGDConfig, pgd, pgd_statistics, symmetric_cross_entropy
 from antibackdoor.adversarial.reference import pgd_statistics_loop
 from antibackdoor.models import build_model
+from antibackdoor.precision import PLAIN, Precision
 from antibackdoor.training import TrainConfig, train
 
 
@@ -17,7 +18,7 @@ def trained_model(mini):
     torch.manual_seed(0)
     data = mini.train.subset(torch.arange(600))
     m = build_model("cnn-small", 10, mean=data.mean, std=data.std)
-    train(m, data, TrainConfig(epochs=2, optimizer="adam", lr=2e-3, amp=False, channels_last=False))
+    train(m, data, TrainConfig(epochs=2, optimizer="adam", lr=2e-3), precision=PLAIN)
     return m.double().eval()
 
 
@@ -81,18 +82,18 @@ def test_sce_matches_definition():
     torch.testing.assert_close(symmetric_cross_entropy(logits, y, 0.1, 1.0), 0.1 * ce + rce)
 
 
-def test_gpu_fast_path_options_keep_the_statistics(trained_model, mini):
-    """channels_last batches give the same statistics; bf16 autocast stays close (the GPU path)."""
-    model = trained_model.float()
-    try:
-        x, y = mini.train.x[600:664], mini.train.y[600:664]
-        cfg = PGDConfig(eps=math.inf, step=1 / 255, steps=20, random_start=False, early_stop=True)
-        plain = pgd_statistics(model, x, y, cfg, batch_size=16)
-        nhwc = pgd_statistics(model, x, y, cfg, batch_size=16, channels_last=True)
-        assert torch.equal(plain.flip_step, nhwc.flip_step)
-        torch.testing.assert_close(plain.loss, nhwc.loss, rtol=2e-3, atol=1e-4)  # other fp32 kernels
-        bf16 = pgd_statistics(model, x, y, cfg, batch_size=16, amp=True, channels_last=True)
-        assert bf16.loss.dtype == torch.float32
-        assert float((bf16.flip_step == plain.flip_step).float().mean()) >= 0.7
-    finally:
-        trained_model.double()
+def test_precisions_keep_the_statistics(trained_model, mini):
+    """fp32 with channels_last batches gives the same statistics; bf16 autocast stays close."""
+    import copy
+
+    model = copy.deepcopy(trained_model).float()
+    x, y = mini.train.x[600:664], mini.train.y[600:664]
+    cfg = PGDConfig(eps=math.inf, step=1 / 255, steps=20, random_start=False, early_stop=True)
+    plain = pgd_statistics(model, x, y, cfg, batch_size=16)
+    nhwc = pgd_statistics(model, x, y, cfg, batch_size=16, precision=Precision("fp32", "cpu"))
+    assert model.backbone.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain.flip_step, nhwc.flip_step)
+    torch.testing.assert_close(plain.loss, nhwc.loss, rtol=2e-3, atol=1e-4)  # other fp32 kernels
+    bf16 = pgd_statistics(model, x, y, cfg, batch_size=16, precision=Precision("bf16", "cpu"))
+    assert bf16.loss.dtype == torch.float32
+    assert float((bf16.flip_step == plain.flip_step).float().mean()) >= 0.7

@@ -16,9 +16,11 @@ from antibackdoor.data.imageset import ImageSet
 from antibackdoor.defenses import DefenseContext
 from antibackdoor.defenses import stages as stages_mod
 from antibackdoor.models import build_model
+from antibackdoor.precision import PLAIN, resolve_precision
 from antibackdoor.training import TrainConfig
 
-CFG = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3, crop=2, flip=False, amp=False)
+CFG = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3, crop=2, flip=False)
+FP32 = resolve_precision("fp32", "cpu")
 
 
 def _ctx(train: ImageSet, cache: StageCache | None, seed: int = 0) -> DefenseContext:
@@ -61,21 +63,22 @@ def test_second_stage_is_loaded_identical(tmp_path, small_train, counted_train):
 def test_key_covers_what_decides_the_model(tmp_path, small_train):
     cache = StageCache(tmp_path)
     ctx = _ctx(small_train, cache)
-    base = cache.key(ctx.fresh_model(), small_train, CFG, seed=0)
-    assert cache.key(ctx.fresh_model(), small_train, CFG, seed=0) == base  # deterministic
+    base = cache.key(ctx.fresh_model(), small_train, CFG, 0, FP32)
+    assert cache.key(ctx.fresh_model(), small_train, CFG, 0, FP32) == base  # deterministic
     flipped = small_train.with_labels((small_train.y + 1) % small_train.num_classes)
     changed_pixel = small_train.x.clone()
     changed_pixel[0, 0, 0, 0] ^= 1
     variants = [
-        cache.key(ctx.fresh_model(), small_train, CFG, seed=1),  # training seed
-        cache.key(ctx.fresh_model(), small_train, TrainConfig(**{**CFG.__dict__, "epochs": 3}), seed=0),
-        cache.key(ctx.fresh_model(), small_train, TrainConfig(**{**CFG.__dict__, "amp": True}), seed=0),  # precision
-        cache.key(ctx.fresh_model(), flipped, CFG, seed=0),  # labels (attack, target)
-        cache.key(ctx.fresh_model(), small_train.with_images(changed_pixel), CFG, seed=0),  # one pixel
-        cache.key(ctx.fresh_model(offset=1), small_train, CFG, seed=0),  # initial weights
-        cache.key(build_model("cnn", 10), small_train, CFG, seed=0),  # architecture
-        cache.key(ctx.fresh_model(), small_train, CFG, seed=0, sample_weight=torch.ones(len(small_train))),
-        cache.key(ctx.fresh_model(), small_train, CFG, seed=0, context={"precision": "bf16"}),
+        cache.key(ctx.fresh_model(), small_train, CFG, 1, FP32),  # training seed
+        cache.key(ctx.fresh_model(), small_train, TrainConfig(**{**CFG.__dict__, "epochs": 3}), 0, FP32),
+        cache.key(ctx.fresh_model(), small_train, CFG, 0, resolve_precision("bf16", "cpu")),  # precision
+        cache.key(ctx.fresh_model(), small_train, CFG, 0, resolve_precision("fp16", "cpu")),
+        cache.key(ctx.fresh_model(), small_train, CFG, 0, PLAIN),  # fp32 without channels_last
+        cache.key(ctx.fresh_model(), flipped, CFG, 0, FP32),  # labels (attack, target)
+        cache.key(ctx.fresh_model(), small_train.with_images(changed_pixel), CFG, 0, FP32),  # one pixel
+        cache.key(ctx.fresh_model(offset=1), small_train, CFG, 0, FP32),  # initial weights
+        cache.key(build_model("cnn", 10), small_train, CFG, 0, FP32),  # architecture
+        cache.key(ctx.fresh_model(), small_train, CFG, 0, FP32, sample_weight=torch.ones(len(small_train))),
     ]
     assert len(set(variants)) == len(variants) and base not in variants
 
@@ -111,7 +114,7 @@ def _worker(root: str, out: str, tag: str) -> None:
         return [{"epoch": 1}]
 
     cache = StageCache(root)
-    cache.train_or_load(model, data, CFG, seed=0, stage="s", fit=fit)
+    cache.train_or_load(model, data, CFG, seed=0, stage="s", fit=fit, precision=PLAIN)
     with open(out + "." + tag, "w") as f:
         json.dump({"w": float(model.weight.mean()), "hit": cache.events[0]["hit"]}, f)
 
@@ -137,11 +140,11 @@ def test_runs_sharing_a_stage_equal_runs_that_train_it(tmp_path):
     from antibackdoor.experiment import run_experiment
 
     npz = write_npz(tmp_path / "d.npz")
-    naive = {"epochs": 2, "amp": False}
+    naive = {"epochs": 2}
     base = {"dataset": f"npz:{npz}", "model": "cnn-small", "attack": "badnets", "target": 1,
             "eval": {"ra_steps": 1}}
     aabl = {**base, "defense": "a-abl",
-            "defense_params": {"naive": naive, "final": {"epochs": 1, "amp": False, "adversary": {"steps": 1}}}}
+            "defense_params": {"naive": naive, "final": {"epochs": 1, "adversary": {"steps": 1}}}}
     cache = StageCache(tmp_path / "stages")
     run_experiment({**base, "defense": "none", "defense_params": {"train": naive}, "out": str(tmp_path / "a")},
                    stage_cache=cache)
@@ -152,3 +155,15 @@ def test_runs_sharing_a_stage_equal_runs_that_train_it(tmp_path):
     for k in ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr"):
         assert cached.metrics[k] == plain.metrics[k], k
     assert (cached.run_dir / "isolation.csv").read_text() == (plain.run_dir / "isolation.csv").read_text()
+
+
+def test_stage_precision_is_part_of_the_key(tmp_path, small_train, counted_train):
+    """train_stage keys the entry by the context's resolved precision: the same stage under another precision
+    (here fp32 without channels_last) is trained, not loaded; under the same one it is loaded."""
+    cache = StageCache(tmp_path)
+    for prec in (FP32, PLAIN, FP32):
+        ctx = _ctx(small_train, cache)
+        ctx.precision = prec
+        stages_mod.train_stage(ctx, small_train, CFG, "naive")
+    assert counted_train == ["naive", "naive"]
+    assert [e["hit"] for e in cache.events] == [False, False, True]

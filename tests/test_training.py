@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from antibackdoor.adversarial import PGDConfig
-from antibackdoor.errors import RunStateError, TrainingDivergedError
+from antibackdoor.errors import ConfigError, RunStateError, TrainingDivergedError
 from antibackdoor.models import build_model
+from antibackdoor.precision import PLAIN
 from antibackdoor.training import TrainConfig, train
 
 CFG = TrainConfig(epochs=3, batch_size=64, optimizer="sgd", lr=0.05, schedule="step", milestones=(2,))
@@ -44,14 +47,53 @@ def test_resume_after_interrupt_is_identical(small_train, tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_adversarial_training_runs(small_train):
-    cfg = TrainConfig(epochs=1, batch_size=100, optimizer="sgd", lr=0.05,
-                      adversary=PGDConfig(eps=8 / 255, step=4 / 255, steps=2))
-    m = _model(small_train)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    hist = train(m, small_train, cfg)
-    assert hist[0]["train_acc"] <= 1.0
-    assert any(not torch.equal(before[k], v) for k, v in m.state_dict().items())
+@pytest.fixture(scope="module")
+def two_classes(mini):
+    """400 real images of two classes (airplane 0, frog 1): learnable in a few epochs of cnn-small."""
+    keep = ((mini.train.y == 0) | (mini.train.y == 6)).nonzero().squeeze(1)[:400]
+    data = mini.train.subset(keep)
+    return replace(data.with_labels((data.y == 6).long()), classes=["airplane", "frog"])
+
+
+def test_adversarial_training_makes_the_model_robust(two_classes):
+    """Same data, same initial weights, same batches: only the PGD adversary differs, and it must raise the
+    accuracy under PGD-10 8/255. Measured (fp32, seeds 0-4): the gap is 0.33-0.47 natively and 0.32-0.47 with
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2; the margins asserted (0.15 per seed, 0.2 on average)
+    are far below it, so the test does not hinge on how a CPU rounds floats."""
+    from antibackdoor.metrics import EvalConfig, robust_accuracy
+    from antibackdoor.seeding import seeded_rng
+
+    adv = PGDConfig(eps=8 / 255, step=4 / 255, steps=2)
+    gaps = []
+    for seed in range(3):
+        ra = {}
+        for name, adversary in (("plain", None), ("adv", adv)):
+            with seeded_rng(seed, "init"):
+                m = build_model("cnn-small", 2, mean=two_classes.mean, std=two_classes.std)
+            cfg = TrainConfig(epochs=4, batch_size=64, optimizer="adam", lr=2e-3, crop=0, flip=False,
+                              adversary=adversary)
+            train(m, two_classes, cfg, seed=seed, precision=PLAIN)
+            ra[name] = robust_accuracy(m, two_classes, EvalConfig().pgd(), seed=0)
+        assert ra["adv"] > ra["plain"] + 0.15, (seed, ra)
+        gaps.append(ra["adv"] - ra["plain"])
+    assert sum(gaps) / len(gaps) > 0.2, gaps
+
+
+def test_adam_applies_weight_decay():
+    """``optimizer: adam`` with ``weight_decay`` is AdamW: with zero gradients every weight shrinks by
+    lr * weight_decay per step (plain Adam silently ignored the configured decay)."""
+    from antibackdoor.training import make_optimizer
+
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(model, TrainConfig(optimizer="adam", lr=0.1, weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for b, p in zip(before, model.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), b * (1 - 0.1 * 0.5))
+    with pytest.raises(ConfigError, match="weight_decay"):
+        TrainConfig(weight_decay=-1.0).validate()
 
 
 def test_nan_loss_is_reported(small_train):

@@ -1,4 +1,4 @@
-"""Command line: ``antibackdoor run | bench | report | suites | datasets | models | attacks | defenses``.
+"""Command line: ``antibackdoor run | bench | report | suites | doctor | datasets | models | attacks | defenses``.
 
 Errors caused by input (files, options, data) end with one line ``antibackdoor: error: ...`` and exit 2.
 """
@@ -22,7 +22,7 @@ log = logging.getLogger("antibackdoor")
 RUN_FLAGS = {
     "dataset": "dataset", "attack": "attack", "defense": "defense", "model": "model",
     "poison_rate": "poison_rate", "target": "target", "seed": "seed", "preset": "preset", "out": "out",
-    "data_root": "data_root", "device": "device",
+    "data_root": "data_root", "device": "device", "precision": "precision",
 }
 
 
@@ -51,26 +51,46 @@ def _nest(pairs: list[str], option: str) -> dict[str, Any]:
     return out
 
 
+def _names(registry: dict, default: str | None = None, extra: tuple[str, ...] = ()) -> str:
+    """``a, b (default), c`` from a registry's names: the help lists what is registered, nothing typed here."""
+    names = sorted([*registry, *extra])
+    return ", ".join(f"{n} (default)" if n == default else n for n in names)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .attacks import ATTACKS
+    from .data import DATASETS
+    from .defenses import DEFENSES
+    from .experiment import PRESETS, QUICK_MODEL, ExperimentConfig
+    from .models import MODELS
+
+    d = ExperimentConfig()
+    datasets = ", ".join(f"{n}:ARG" if e.takes_argument else (f"{n} (default)" if n == d.dataset else n)
+                         for n, e in sorted(DATASETS.items()))
     p = argparse.ArgumentParser(prog="antibackdoor", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
 
     r = sub.add_parser("run", help="poison a dataset, train with a defense, report ACC/ASR/RA and split metrics")
     r.add_argument("--config", help="YAML file with any ExperimentConfig field; flags given here override it")
-    r.add_argument("--dataset", help="cifar10-mini (default), cifar10, fashion-mnist, npz:PATH, ...")
+    r.add_argument("--dataset", help=datasets)
     r.add_argument("--data-root",
                    help="where datasets are looked for (default $ANTIBACKDOOR_DATA or ~/.cache/antibackdoor)")
-    r.add_argument("--attack", help="badnets (default), blend, ... or none for clean data")
-    r.add_argument("--defense", help="a-abl (default), none, adv-train, aibd")
-    r.add_argument("--model", help="model name (default: cnn in quick, resnet18 in paper)")
-    r.add_argument("--poison-rate", type=float, help="fraction of poisoned training samples (default 0.1)")
-    r.add_argument("--target", type=int, help="target class (default 0)")
-    r.add_argument("--seed", type=int, help="random seed (default 0)")
-    r.add_argument("--preset", choices=["quick", "paper"], help="quick: small CPU setting; paper: the papers' setting")
+    r.add_argument("--attack", help=_names(ATTACKS, d.attack, ("none",)) + "; none trains on clean data")
+    r.add_argument("--defense", help=_names(DEFENSES, d.defense))
+    r.add_argument("--model", help=f"{_names(MODELS)} (default: {QUICK_MODEL} in quick, the dataset's paper model "
+                                   "in paper)")
+    r.add_argument("--poison-rate", type=float, help=f"fraction of poisoned training samples (default {d.poison_rate})")
+    r.add_argument("--target", type=int, help=f"target class (default {d.target})")
+    r.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    r.add_argument("--preset", choices=list(PRESETS), help="quick (default): small CPU setting; paper: the papers' "
+                                                           "setting")
     r.add_argument("--out", help="parent folder of run directories (default runs)")
     r.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where the hardware runs it natively, else fp32 "
+                        "(see antibackdoor doctor); fp16 only when asked, with a gradient scaler")
     r.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="attack parameter, e.g. alpha=0.2 (repeatable)")
+                   help="attack parameter, e.g. alpha=0.2 (repeatable; `antibackdoor attacks` lists them)")
     r.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
                    help="defense parameter, dotted for nested ones, e.g. naive.epochs=40 (repeatable)")
     r.add_argument("--aibd-target-filter", action=argparse.BooleanOptionalAction, default=None,
@@ -79,9 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
     r.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
 
+    d = sub.add_parser("doctor", help="torch, devices, CPU features, the precision auto picks, measured speed")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--quick", action="store_true", help="tiny measurements (seconds; numbers only indicative)")
+    d.add_argument("--no-measure", action="store_true", help="only describe the machine, measure nothing")
+
     for name, text in [("datasets", "list datasets, where each is looked for and whether it is present"),
-                       ("models", "list models with parameter counts"), ("attacks", "list attacks"),
-                       ("defenses", "list defenses")]:
+                       ("models", "list models with parameter counts"),
+                       ("attacks", "list attacks with their parameters (type, quick default, paper value)"),
+                       ("defenses", "list defenses with their parameters (quick preset, paper value)")]:
         s = sub.add_parser(name, help=text)
         if name == "datasets":
             s.add_argument("--data-root", help="data root to check")
@@ -122,11 +148,20 @@ def _fmt(v: Any, pct: bool = True) -> str:
     return str(v)
 
 
+#: what ACC/ASR/RA read where no stage trained the final model (a split-only run)
+NOT_TRAINED = "n/a (split only: no final model trained)"
+
+
 def print_table(metrics: dict[str, Any], run_dir: Path) -> None:
+    trained = metrics.get("model_trained", True) is not False
+
+    def model_metric(k: str) -> str:
+        return _fmt(metrics.get(k)) if trained else NOT_TRAINED
+
     rows = [
-        ("clean accuracy (ACC)", _fmt(metrics.get("acc"))),
-        ("attack success rate (ASR)", _fmt(metrics.get("asr"))),
-        ("robust accuracy (RA, PGD-10 8/255)", _fmt(metrics.get("ra"))),
+        ("clean accuracy (ACC)", model_metric("acc")),
+        ("attack success rate (ASR)", model_metric("asr")),
+        (f"robust accuracy (RA, {metrics.get('ra_attack', 'PGD')})", model_metric("ra")),
         ("kept share gamma = |D_vul|/|D|", _fmt(metrics.get("gamma"))),
         ("poison share of kept rho_vul", _fmt(metrics.get("rho_vul"))),
         ("isolation TPR", _fmt(metrics.get("tpr"))),
@@ -158,6 +193,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import DEFAULT, QUICK, diagnose, format_report
+
+    report = diagnose(QUICK if args.quick else DEFAULT, measure=not args.no_measure)
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         from .data import DATASETS
@@ -180,13 +228,46 @@ def cmd_list(args: argparse.Namespace) -> int:
         from .attacks import ATTACKS
 
         for name, cls in sorted(ATTACKS.items()):
-            print(f"  {name:<10} {cls.label_mode:<6} {cls.description}  params: {cls.params}")
+            print(f"{name} ({cls.label_mode} label): {cls.description}")
+            _print_params(cls.presets, "--attack-param")
     elif args.command == "defenses":
         from .defenses import DEFENSES
 
         for name, cls in sorted(DEFENSES.items()):
-            print(f"  {name:<10} {cls.description}")
+            print(f"{name}: {cls.description}")
+            _print_params(cls.presets, "--defense-param")
     return 0
+
+
+def _print_params(presets: dict[str, Any], option: str) -> None:
+    """One line per parameter: name, type, quick value (paper value where it differs) and its doc. Fields of
+    nested settings (a stage's TrainConfig) appear under dotted names where a preset sets them."""
+    from .config import describe_fields
+
+    if "quick" not in presets:
+        return
+    quick = {f.name: f for f in describe_fields(presets["quick"])}
+    paper = {f.name: f for f in describe_fields(presets["paper"])} if "paper" in presets else {}
+    if not quick and not paper:
+        print(f"    (no {option})")
+    for name in [*quick, *(n for n in paper if n not in quick)]:
+        q, pp = quick.get(name), paper.get(name)
+        f = q or pp
+        if "." in name and all(x is None or x.value == x.default for x in (q, pp)):
+            continue  # a nested field at its declared default in both presets
+        value = _short(q.value) if q is not None else "-"
+        if pp is not None and (q is None or pp.value != q.value):
+            value += f" (paper: {_short(pp.value)})"
+        doc = f"  {f.doc}" if f.doc else ""
+        print(f"    {name}: {f.type} = {value}{doc}")
+    print()
+
+
+def _short(value: Any) -> str:
+    """A value as one YAML-like line (nested configs in flow style)."""
+    if isinstance(value, dict | list):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -229,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             from .report.cli import cmd_report
 
             return {"bench": cmd_bench, "suites": cmd_suites, "report": cmd_report}[args.command](args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         return cmd_list(args)
     except AntibackdoorError as exc:
         print(f"antibackdoor: error: {exc}", file=sys.stderr)

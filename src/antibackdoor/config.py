@@ -1,4 +1,5 @@
-"""Building nested config dataclasses from plain dicts (YAML), with errors that name the bad key."""
+"""Building nested config dataclasses from plain dicts (YAML), with errors that name the bad key, and
+describing them (type, default, one-line doc per field) for the CLI listings and docs."""
 
 from __future__ import annotations
 
@@ -16,9 +17,18 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def param(default: Any = dataclasses.MISSING, *, doc: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a one-line ``doc`` (shown by ``antibackdoor attacks`` / ``defenses``)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"doc": doc})
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Literal:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(str(a) for a in args)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -61,14 +71,17 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", sep: str = ".") -> T:
+    """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
+
+    Errors name the key as ``<where><sep><key>`` (nested keys joined by dots).
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    kwargs = {k: _coerce(hints[k], v, f"{where}{sep}{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -80,9 +93,9 @@ def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def merge(base: T, overrides: dict[str, Any], where: str = "config") -> T:
+def merge(base: T, overrides: dict[str, Any], where: str = "config", sep: str = ".") -> T:
     """A copy of dataclass ``base`` with (nested) ``overrides`` applied."""
-    return from_dict(type(base), deep_update(to_dict(base), overrides), where)
+    return from_dict(type(base), deep_update(to_dict(base), overrides), where, sep)
 
 
 def to_dict(obj: Any) -> Any:
@@ -94,3 +107,51 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def type_name(tp: Any) -> str:
+    """A short readable name of a field type: ``float``, ``str | None``, ``all|bottom-right``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is tuple:
+        return f"list of {type_name(args[0])}" if args else "list"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldInfo:
+    name: str  # dotted for fields of nested dataclasses: ``naive.epochs``
+    type: str
+    value: Any
+    doc: str
+    default: Any  # the field's declared default (``dataclasses.MISSING`` when it has none)
+
+
+def _declared_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return to_dict(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return to_dict(f.default_factory())
+    return dataclasses.MISSING
+
+
+def describe_fields(params: Any, prefix: str = "") -> list[FieldInfo]:
+    """Name, type, value (in ``params``, a dataclass instance), doc and declared default of each field, for
+    listings; the fields of nested dataclasses are listed one by one under dotted names (``naive.epochs``), the
+    names ``--defense-param`` takes."""
+    hints = typing.get_type_hints(type(params))
+    rows: list[FieldInfo] = []
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_fields(value, f"{prefix}{f.name}.")
+        else:
+            rows.append(FieldInfo(prefix + f.name, type_name(hints[f.name]), to_dict(value),
+                                  f.metadata.get("doc", ""), _declared_default(f)))
+    return rows

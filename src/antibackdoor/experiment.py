@@ -21,35 +21,24 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
-from .adversarial.pgd import PGDConfig
-from .attacks.base import ATTACKS, PoisonedSet, get_attack
-from .config import from_dict, to_dict
+from .attacks.base import ATTACKS, Attack, PoisonedSet, get_attack
+from .caching import atomic_write
+from .config import deep_update, from_dict, to_dict
 from .data.imageset import DatasetSplits, ImageSet
 from .data.registry import load_dataset
-from .defenses.base import DefenseContext, DefenseResult, get_defense
+from .defenses.base import Defense, DefenseContext, DefenseResult, get_defense
 from .errors import ConfigError, RunStateError
-from .metrics import accuracy, attack_success_rate, robust_accuracy, split_metrics
+from .metrics import EvalConfig, accuracy, attack_success_rate, robust_accuracy, split_metrics
 from .models.registry import MODELS, build_model
+from .precision import PRECISIONS, Precision, resolve_precision, use_precision
 
 log = logging.getLogger("antibackdoor")
 
 PRESETS = ("quick", "paper")
 QUICK_MODEL = "cnn"
 PAPER_MODEL = "resnet18"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Robust accuracy: PGD-10, eps 8/255, step 2/255, random start (both papers)."""
-
-    ra_eps: float = 8 / 255
-    ra_step: float = 2 / 255
-    ra_steps: int = 10
-    ra_samples: int = 0  # evaluate RA on the first N test images (0 = all)
-
-    def pgd(self) -> PGDConfig:
-        return PGDConfig(eps=self.ra_eps, step=self.ra_step, steps=self.ra_steps, random_start=True)
 
 
 @dataclass(frozen=True)
@@ -61,13 +50,16 @@ class ExperimentConfig:
     target: int = 0
     defense: str = "a-abl"
     defense_params: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None  # None: "cnn" in quick, the dataset's paper model (ResNet-18) in paper
+    model: str | None = None  # None: "cnn" in quick, the dataset's paper model (PaperSettings) in paper
     preset: str = "quick"
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs"
     data_root: str | None = None
     device: str = "auto"
+    #: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16; config.yaml and the
+    #: run id record what auto resolved to
+    precision: str = "auto"
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -78,10 +70,12 @@ class ExperimentConfig:
             raise ConfigError(f"--poison-rate {self.poison_rate}: must lie in (0, 1)")
         if self.target < 0:
             raise ConfigError(f"--target {self.target}: must be a class index >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 #: fields that do not change a run's results (excluded from its id)
-_NOT_IN_ID = ("out", "device", "data_root")
+_NOT_IN_ID = ("out", "device", "data_root", "precision_reason")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -108,18 +102,23 @@ def make_config(data: dict[str, Any], where: str = "config") -> ExperimentConfig
 
 @dataclass
 class Resolved:
-    """The config with everything a default decided written out (what config.yaml records)."""
+    """The config with everything a default decided: the model name and the attack and defense, built and
+    validated (what config.yaml records, and what the run uses)."""
 
     config: ExperimentConfig
     model: str
-    attack: dict[str, Any]
-    defense: dict[str, Any]
+    attack: Attack | None  # None: --attack none
+    defense: Defense
+    device: torch.device
+    precision: Precision
 
     def as_dict(self) -> dict[str, Any]:
         d = to_dict(self.config)
         d["model"] = self.model
-        d["attack_resolved"] = self.attack
-        d["defense_resolved"] = self.defense
+        d["precision"] = self.precision.name  # what auto resolved to: results differ by precision
+        d["precision_reason"] = self.precision.reason
+        d["attack_resolved"] = self.attack.describe() if self.attack is not None else {"name": "none"}
+        d["defense_resolved"] = self.defense.describe()
         return d
 
     def run_id(self) -> str:
@@ -184,26 +183,24 @@ class Experiment:
         return self.splits
 
     def resolve(self) -> Resolved:
+        """Decide every default and build (so validate) the attack and defense; changes nothing, writes nothing.
+
+        The dataset's paper settings (model, data-dependent defense parameters) apply under ``paper`` only;
+        ``quick`` uses the CPU model and the presets as they are on every dataset. The user's values win.
+        """
         c = self.config
         splits = self.load_data()
-        paper_model = splits.defaults.get(f"{c.defense.replace('-', '_')}_model",
-                                          splits.defaults.get("model", PAPER_MODEL))
-        model = c.model or (QUICK_MODEL if c.preset == "quick" else paper_model)
+        paper = splits.paper if c.preset == "paper" else None
+        model = c.model or (paper.model_for(c.defense) if paper is not None else QUICK_MODEL)
         if model not in MODELS:
             raise ConfigError(f"--model: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
-        attack = get_attack(c.attack, **self.attack_params()).describe() if c.attack != "none" else {"name": "none"}
-        defense_cls = get_defense(c.defense, c.preset)
-        fields_ = set(to_dict(defense_cls.params))
-        data_defaults = {k: v for k, v in splits.defaults.items() if k in fields_}
-        defense = get_defense(c.defense, c.preset, {**data_defaults, **c.defense_params})
-        self.defense = defense
-        return Resolved(c, model, attack, defense.describe())
-
-    def attack_params(self) -> dict[str, Any]:
-        """The attack's parameters: its paper settings under ``--preset paper``, then the user's overrides."""
-        c = self.config
-        base = dict(getattr(ATTACKS[c.attack], "paper_params", {}) or {}) if c.preset == "paper" else {}
-        return {**base, **c.attack_params}
+        attack = get_attack(c.attack, c.preset, c.attack_params) if c.attack != "none" else None
+        if attack is not None:
+            attack.check(splits.train, c.poison_rate, c.target)
+        data_params = paper.defense_params.get(c.defense, {}) if paper is not None else {}
+        defense = get_defense(c.defense, c.preset, deep_update(data_params, c.defense_params))
+        device = pick_device(c.device)
+        return Resolved(c, model, attack, defense, device, resolve_precision(c.precision, device))
 
     def run_dir(self, resolved: Resolved) -> Path:
         c = self.config
@@ -243,89 +240,127 @@ class Experiment:
         return out
 
     def _execute(self, resolved: Resolved, run_dir: Path, resume: bool) -> RunResult:
-        c = self.config
         t0 = time.time()
-        device = pick_device(c.device)
+        device = resolved.device
+        prec = resolved.precision
+        log.info("precision: %s", prec.describe())
+        with use_precision(prec):  # attacks that train networks in prepare() compute in it too
+            return self._execute_in(resolved, run_dir, resume, t0, device, prec)
+
+    def _execute_in(self, resolved: Resolved, run_dir: Path, resume: bool, t0: float, device: torch.device,
+                    prec: Precision) -> RunResult:
+        c = self.config
+        attack, defense = resolved.attack, resolved.defense
         splits = self.load_data()
         # on the compute device before poisoning, so attacks that train networks in prepare() use it too
         train_set, test_set = splits.train.to(device), splits.test.to(device)
         gen = torch.Generator().manual_seed(c.seed)
         log.info("data: %s (%d train, %d test, %d classes)", c.dataset, len(train_set), len(test_set),
                  train_set.num_classes)
-        if c.attack == "none":
-            attack = None
+        if attack is None:
             poisoned = no_poison(train_set, c.target)
         else:
-            attack = get_attack(c.attack, **self.attack_params())
             log.info("attack: %s at rate %g towards class %d", c.attack, c.poison_rate, c.target)
             poisoned = attack.poison(train_set, c.poison_rate, c.target, gen)
-        log.info("poisoned samples: %d of %d", poisoned.num_poison, len(train_set))
+        log.info("poisoned samples: %d of %d (and %d cover samples)", poisoned.num_poison, len(train_set),
+                 poisoned.num_cover)
 
         def factory():
             return build_model(resolved.model, train_set.num_classes, train_set.channels, train_set.image_size,
                                train_set.mean, train_set.std)
 
         ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume,
-                             stage_cache=self.stage_cache)
+                             precision=prec, stage_cache=self.stage_cache)
         log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, resolved.model, device)
-        result = self.defense.run(poisoned.data, ctx)
+        result = defense.run(poisoned.data, ctx)
         t_defense = time.time() - t0
 
-        log.info("evaluating")
-        model = result.model.eval()
-        metrics: dict[str, Any] = {"acc": accuracy(model, test_set, device)}
-        if attack is not None:
-            metrics["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device)
-        else:
-            metrics["asr"] = None
-        ra_set = test_set
-        if c.eval.ra_samples:
-            ra_set = test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
-        metrics["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed)
+        trained = ctx.is_trained(result.model)
+        metrics: dict[str, Any] = {"model_trained": trained}
+        if trained:
+            metrics.update(self._evaluate(result.model.eval(), test_set, attack, device, prec))
+        else:  # a split-only run: no stage trained the returned model, so it has no ACC/ASR/RA to report
+            log.info("no stage trained the final model (split only): ACC, ASR and RA are not applicable")
+            metrics.update({"acc": None, "asr": None, "ra": None})
+        metrics["ra_attack"] = c.eval.label()
         kept = result.kept if result.kept is not None else torch.ones(len(train_set), dtype=torch.bool)
         metrics.update(split_metrics(kept, poisoned.poison_mask))
         metrics["poisoned"] = poisoned.num_poison
         metrics["train_size"] = len(train_set)
+        metrics["precision"] = prec.name
         metrics["defense_info"] = result.info
         metrics["time_defense_s"] = round(t_defense, 1)
         metrics["time_total_s"] = round(time.time() - t0, 1)
         if self.stage_cache is not None:  # which stages were loaded instead of trained, and the seconds saved
             metrics["stage_cache"] = self.stage_cache.take_events()
-        self._write_artifacts(run_dir, result, poisoned, kept)
+        self._write_artifacts(run_dir, resolved, result, poisoned, kept, train_set, trained)
         write_json(run_dir / "history.json", result.history)
         write_json(run_dir / "metrics.json", metrics)
         write_json(run_dir / "status.json", {"state": "done", "finished": time.time()})
         return RunResult(run_dir, metrics, result=result, poisoned=poisoned)
 
-    def _write_artifacts(self, run_dir: Path, result: DefenseResult, poisoned: PoisonedSet,
-                         kept: torch.Tensor) -> None:
+    def _evaluate(self, model: nn.Module, test_set: ImageSet, attack: Attack | None, device: torch.device,
+                  prec: Precision) -> dict[str, Any]:
+        """ACC, ASR (None without an attack) and RA of the final model."""
+        c = self.config
+        out: dict[str, Any] = {"acc": accuracy(model, test_set, device, prec), "asr": None}
+        if attack is not None:
+            out["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device, prec)
+        ra_set = test_set
+        if c.eval.ra_samples:
+            ra_set = test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
+        out["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed, precision=prec)
+        return out
+
+    def _write_artifacts(self, run_dir: Path, resolved: Resolved, result: DefenseResult, poisoned: PoisonedSet,
+                         kept: torch.Tensor, like: ImageSet, trained: bool = True) -> None:
         from safetensors.torch import save_file
 
-        state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-        save_file(state, str(run_dir / "model.safetensors"), metadata={"model": str(self.config.model or "")})
-        scores = result.scores.cpu() if result.scores is not None else None
-        new_labels = result.new_labels.cpu() if result.new_labels is not None else None
-        tmp = run_dir / "isolation.csv.tmp"
+        if trained:  # an untrained model (split only) is not the run's model: no weights file claims it is
+            state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+            meta = model_metadata(resolved.model, like, self.config.dataset)
+            atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata=meta))
+        write_isolation_csv(run_dir / "isolation.csv", result, poisoned, kept)
+        if result.scores is not None:
+            from .plots import score_histogram
+
+            score_histogram(result.scores.cpu(), poisoned.poison_mask, run_dir / "scores_hist.png",
+                            xlabel=result.score_name or "score", threshold=result.info.get("threshold"),
+                            title=f"{self.config.attack} / {self.config.defense}")
+        resolved.defense.write_plots(result, poisoned.poison_mask, run_dir, true_labels=poisoned.true_labels.cpu())
+
+
+def model_metadata(model: str, like: ImageSet, dataset: str) -> dict[str, str]:
+    """What ``model.safetensors`` records besides the weights, so that they describe themselves: the resolved
+    model name and everything ``build_model`` needs (classes, channels, image size, normalisation)."""
+    return {
+        "format": "antibackdoor-model/1", "model": model, "num_classes": str(like.num_classes),
+        "channels": str(like.channels), "image_size": str(like.image_size), "mean": json.dumps(list(like.mean)),
+        "std": json.dumps(list(like.std)), "classes": json.dumps(list(like.classes)), "dataset": dataset,
+    }
+
+
+def write_isolation_csv(path: Path, result: DefenseResult, poisoned: PoisonedSet, kept: torch.Tensor) -> None:
+    """One row per training sample: its score, whether the defense kept it, the ground truth (poisoned, cover
+    sample) and its new label where the defense relabelled."""
+    scores = result.scores.cpu() if result.scores is not None else None
+    new_labels = result.new_labels.cpu() if result.new_labels is not None else None
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            header = ["index", result.score_name or "score", "kept", "is_poison"]
+            header = ["index", result.score_name or "score", "kept", "is_poison", "is_cover"]
             if new_labels is not None:
                 header.append("new_label")
             w.writerow(header)
             for i in range(len(kept)):
                 row = [i, f"{float(scores[i]):.6g}" if scores is not None else "", int(kept[i]),
-                       int(poisoned.poison_mask[i])]
+                       int(poisoned.poison_mask[i]), int(poisoned.cover_mask[i])]
                 if new_labels is not None:
                     row.append(int(new_labels[i]))
                 w.writerow(row)
-        os.replace(tmp, run_dir / "isolation.csv")
-        if scores is not None:
-            from .plots import score_histogram
 
-            score_histogram(scores, poisoned.poison_mask, run_dir / "scores_hist.png",
-                            xlabel=result.score_name or "score", threshold=result.info.get("threshold"),
-                            title=f"{self.config.attack} / {self.config.defense}")
-        self.defense.write_plots(result, poisoned.poison_mask, run_dir, true_labels=poisoned.true_labels.cpu())
+    atomic_write(path, write)
 
 
 def _read_status(run_dir: Path) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from .caching import atomic_write
 
 
 def jsonable(obj: Any) -> Any:
@@ -38,11 +39,6 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as strict, indented JSON atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(dumps(data, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` as strict, indented JSON atomically (``caching.atomic_write``)."""
+    text = dumps(data, indent=2)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))

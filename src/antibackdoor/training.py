@@ -1,15 +1,16 @@
 """The one training loop: SGD/Adam, step/cosine schedules, on-device augmentation, optional PGD adversary,
-bf16 autocast and channels_last, a checkpoint after every epoch and exact resume.
+the precision of ``precision.py`` (bf16/fp16 autocast, channels_last), a checkpoint after every epoch and
+exact resume.
 
-Randomness (shuffling, augmentation, PGD random starts) comes from a generator seeded by (seed, epoch),
-so an epoch replayed after a resume draws the same numbers as it would have without the interruption.
+Randomness (shuffling, augmentation, PGD random starts) comes from a generator seeded by
+``derive_seed(seed, "epoch", epoch)``, so an epoch replayed after a resume draws the same numbers as it would
+have without the interruption.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +19,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adversarial.pgd import PGDConfig, pgd
+from .adversarial.pgd import PGDConfig, adversarial_examples
+from .caching import atomic_write
 from .data.augment import augment
 from .data.imageset import ImageSet
 from .errors import ConfigError, RunStateError, TrainingDivergedError
+from .precision import Precision, as_precision
 from .progress import bar
+from .seeding import generator
 
 log = logging.getLogger("antibackdoor")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training run. ``optimizer`` is ``sgd`` (Nesterov momentum, L2 weight decay in the gradient) or
+    ``adam``, which is AdamW: Adam with ``weight_decay`` decoupled from the gradient (Loshchilov & Hutter), so
+    the decay means the same shrinkage whatever the gradients' scale."""
+
     epochs: int = 20
     batch_size: int = 128
-    optimizer: str = "adam"  # "sgd" or "adam"
+    optimizer: str = "adam"  # "sgd" or "adam" (AdamW)
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -41,8 +49,6 @@ class TrainConfig:
     crop: int = 4  # random-crop padding in pixels (0 = off)
     flip: bool = True
     adversary: PGDConfig | None = None  # PGD adversarial training when set
-    amp: bool = True  # bf16 autocast (CPU with AVX512-BF16/AMX and CUDA)
-    channels_last: bool = True
 
     def validate(self, where: str = "train") -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -51,6 +57,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.schedule: {self.schedule!r} is not 'none', 'step' or 'cosine'")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(f"{where}: epochs >= 0, batch_size >= 1 and lr > 0 are required")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"{where}.weight_decay: {self.weight_decay} must be >= 0")
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "step":
@@ -64,19 +72,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919) % (2**63 - 1))
+    return generator(seed, "epoch", epoch)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically: a killed process leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -87,19 +92,15 @@ def load_checkpoint(path: Path) -> dict:
             f"{path}: unreadable checkpoint ({exc.__class__.__name__}); delete it or use --force") from None
 
 
-def autocast_ctx(device: torch.device, enabled: bool):
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
           device: torch.device | str = "cpu", checkpoint: Path | None = None, resume: bool = False,
           desc: str = "train", sample_weight: torch.Tensor | None = None,
-          on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None) -> list[dict]:
+          on_epoch_end: Callable[[int, nn.Module], dict | None] | None = None,
+          precision: Precision | str | None = None) -> list[dict]:
     """Train ``model`` in place on ``data`` and return one dict of statistics per epoch.
+
+    ``precision`` (a Precision or auto/fp32/bf16/fp16; None: the active one, see ``precision.py``) sets the
+    autocast dtype and memory layout of the model, the adversary and the batches.
 
     ``sample_weight`` (N floats) scales each sample's loss; negative weights give gradient ascent
     (unlearning). ``on_epoch_end(epoch, model)`` may return extra numbers for the history, and returning
@@ -107,10 +108,10 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
     """
     cfg.validate(desc)
     device = torch.device(device)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    prec = as_precision(precision, device)
+    prec.prepare(model.to(device))
     opt = make_optimizer(model, cfg)
+    scaler = prec.scaler()
     history: list[dict] = []
     start = 0
     if checkpoint is not None and checkpoint.exists():
@@ -119,6 +120,8 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
         state = load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = list(state["history"])
         start = int(state["epoch"])
         log.info("%s: resumed from %s at epoch %d", desc, checkpoint, start)
@@ -138,20 +141,19 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
             idx = order[s:s + cfg.batch_size]
             if idx.numel() < 2 and n >= 2:  # BatchNorm needs two samples
                 continue
-            xb = augment(x_all[idx], cfg.crop, cfg.flip, gen).float().div_(255.0)
+            xb = prec.batch(augment(x_all[idx], cfg.crop, cfg.flip, gen).float().div_(255.0))
             yb = y_all[idx]
-            if cfg.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
             if cfg.adversary is not None:
-                xb = pgd(model, xb, yb, cfg.adversary, generator=gen, amp=cfg.amp).x_adv
+                xb = adversarial_examples(model, xb, yb, cfg.adversary, generator=gen, precision=prec)
                 model.train()
-            with autocast_ctx(device, cfg.amp):
+            with prec.autocast():
                 logits = model(xb)
             per = F.cross_entropy(logits.float(), yb, reduction="none")
             loss = (per * w_all[idx]).mean() if w_all is not None else per.mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += per.detach().sum()
             correct += (logits.argmax(1) == yb).sum()
         stats = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "loss": float(loss_sum) / max(n, 1),
@@ -159,7 +161,7 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
         if not math.isfinite(stats["loss"]):
             raise TrainingDivergedError(
                 f"{desc}: the loss became {stats['loss']} in epoch {epoch + 1}; lower the learning rate "
-                "or turn off amp")
+                "or use --precision fp32")
         stop = False
         if on_epoch_end is not None:
             extra = on_epoch_end(epoch, model) or {}
@@ -171,7 +173,8 @@ def train(model: nn.Module, data: ImageSet, cfg: TrainConfig, *, seed: int = 0,
         log.debug("%s epoch %d: %s", desc, epoch + 1, {k: round(v, 4) for k, v in stats.items()})
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": model.state_dict(),
-                                         "optimizer": opt.state_dict(), "history": history})
+                                         "optimizer": opt.state_dict(), "history": history,
+                                         "scaler": scaler.state_dict()})
         if stop:
             break
     model.eval()

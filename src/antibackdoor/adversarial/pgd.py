@@ -15,12 +15,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..precision import PLAIN, Precision
 from .losses import per_sample_loss
 
 
 @dataclass(frozen=True)
 class PGDConfig:
-    """L-inf PGD. ``eps=math.inf`` leaves only the [0, 1] box (AIBD's unbounded flip counting)."""
+    """L-inf PGD. ``eps=math.inf`` leaves only the [0, 1] box (AIBD's unbounded flip counting).
+
+    Single-step adversaries for fast adversarial training are PGD with one step: FGSM with a random start
+    (``fgsm_rs``; Wong et al., ICLR 2020) and N-FGSM (``n_fgsm``; de Jorge et al., NeurIPS 2022: a larger
+    noise, no projection back onto the eps-ball).
+    """
 
     eps: float = 8 / 255
     step: float = 2 / 255
@@ -31,12 +37,25 @@ class PGDConfig:
     sce_alpha: float = 0.1
     sce_beta: float = 1.0
     grad_norm_p: float = 1.0  # norm of the clean-input gradient reported as grad_norm (1 = L1, 2 = L2)
+    start_eps: float | None = None  # radius of the uniform random start (None: eps)
+    project: bool = True  # project each step back onto the eps-ball (always onto the [0, 1] box)
 
     @classmethod
     def ifgsm(cls, eps: float, steps: int, step: float | None = None, loss: str = "ce") -> PGDConfig:
         """Iterative FGSM: PGD without random start; step defaults to eps / steps."""
         return cls(eps=eps, step=eps / steps if step is None else step, steps=steps, random_start=False,
                    loss=loss)
+
+    @classmethod
+    def fgsm_rs(cls, eps: float, step: float | None = None) -> PGDConfig:
+        """FGSM from a uniform random start in the eps-ball, step 1.25 eps, projected (Wong et al.)."""
+        return cls(eps=eps, step=1.25 * eps if step is None else step, steps=1, random_start=True)
+
+    @classmethod
+    def n_fgsm(cls, eps: float, noise: float = 2.0, step: float | None = None) -> PGDConfig:
+        """N-FGSM: start noise of radius ``noise * eps``, one step of ``eps``, not projected (de Jorge et al.)."""
+        return cls(eps=eps, step=eps if step is None else step, steps=1, random_start=True,
+                   start_eps=noise * eps, project=False)
 
 
 @dataclass
@@ -60,43 +79,38 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _autocast(x: torch.Tensor, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(x.device.type, dtype=torch.bfloat16)
-
-
-def _forward(model: nn.Module, x: torch.Tensor, amp: bool, channels_last: bool) -> torch.Tensor:
-    """Logits of ``x``; bf16 autocast and channels_last are the fast path on GPUs (the loss stays fp32)."""
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(x, amp):
-        return model(x)
+def _forward(model: nn.Module, x: torch.Tensor, prec: Precision) -> torch.Tensor:
+    """Logits of ``x`` in the given precision (the per-sample losses are computed in fp32 from them)."""
+    with prec.autocast():
+        return model(prec.batch(x))
 
 
 def _start(x0: torch.Tensor, cfg: PGDConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """The attack's starting point: ``x0``, or a uniform random point of the eps-ball with random start."""
-    if cfg.random_start and math.isfinite(cfg.eps) and cfg.eps > 0:
+    """The attack's starting point: ``x0``, or a uniform random point of the start ball with random start."""
+    radius = cfg.eps if cfg.start_eps is None else cfg.start_eps
+    if cfg.random_start and math.isfinite(radius) and radius > 0:
         noise = torch.rand(x0.shape, generator=generator).to(x0.device, x0.dtype) * 2 - 1
-        return (x0 + cfg.eps * noise).clamp_(0, 1)
+        return (x0 + radius * noise).clamp_(0, 1)
     return x0.clone()
 
 
 def _step(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, cfg: PGDConfig) -> torch.Tensor:
     """One sign-gradient ascent step, projected onto the eps-ball around ``x0`` and the [0, 1] box."""
     stepped = x + cfg.step * grad.sign()
-    if math.isfinite(cfg.eps):
+    if cfg.project and math.isfinite(cfg.eps):
         stepped = torch.max(torch.min(stepped, x0 + cfg.eps), x0 - cfg.eps)
     return stepped.clamp_(0, 1)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
-        generator: torch.Generator | None = None, amp: bool = False, channels_last: bool = False) -> PGDResult:
+        generator: torch.Generator | None = None, precision: Precision | None = None) -> PGDResult:
     """Attack a batch ``x`` (float, [0, 1]) with labels ``y``; the model is put in eval mode meanwhile.
 
     Runs ``steps`` sign-gradient ascent steps and one final forward pass. With ``early_stop`` only the
     samples whose prediction still equals their label are updated, and the loop ends when none is left.
+    ``precision`` sets autocast and the batch layout (None: plain fp32 as given).
     """
+    prec = PLAIN if precision is None else precision
     n = x.shape[0]
     dev = x.device
     x0 = x.detach() if x.is_floating_point() else x.float()
@@ -112,7 +126,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
         for t in range(cfg.steps + 1):
             xa = x_adv[active].requires_grad_(t < cfg.steps)
             ya = y[active]
-            logits = _forward(model, xa, amp, channels_last)
+            logits = _forward(model, xa, prec)
             per = per_sample_loss(cfg.loss, logits, ya, cfg.sce_alpha, cfg.sce_beta)
             pred = logits.argmax(1)
             newly = (pred != ya) & (flip_step[active] < 0)
@@ -137,6 +151,25 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
     return PGDResult(x_adv.detach(), loss, flip_step, flip_label, grad_norm, pred_out)
 
 
+def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
+                         generator: torch.Generator | None = None,
+                         precision: Precision | None = None) -> torch.Tensor:
+    """Only the adversarial batch, for adversarial training: the iterates of ``pgd`` without its
+    statistics and without its final forward pass (a third of the attack's cost for PGD-2)."""
+    if cfg.early_stop:
+        return pgd(model, x, y, cfg, generator, precision).x_adv
+    prec = PLAIN if precision is None else precision
+    x0 = x.detach() if x.is_floating_point() else x.float()
+    xa = _start(x0, cfg, generator)
+    with eval_mode(model), torch.enable_grad():
+        for _ in range(cfg.steps):
+            xa.requires_grad_(True)
+            per = per_sample_loss(cfg.loss, _forward(model, xa, prec), y, cfg.sce_alpha, cfg.sce_beta)
+            (grad,) = torch.autograd.grad(per.sum(), xa)
+            xa = _step(xa.detach(), grad, x0, cfg)
+    return xa.detach()
+
+
 @dataclass
 class PGDStats:
     """Per-sample statistics over a whole dataset (all on CPU)."""
@@ -151,25 +184,26 @@ class PGDStats:
 def pgd_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig,
                    device: torch.device | str = "cpu", batch_size: int = 512,
                    generator: torch.Generator | None = None, progress: str | None = None,
-                   dtype: torch.dtype = torch.float32, amp: bool = False,
-                   channels_last: bool = False) -> PGDStats:
+                   dtype: torch.dtype = torch.float32, precision: Precision | None = None) -> PGDStats:
     """Run the attack over uint8 ``images`` in batches and gather the per-sample statistics.
 
     With ``cfg.early_stop`` the batch is a pool that is refilled as samples flip (see ``_streaming``), so a
-    few slow samples never leave the rest of a batch idle. ``amp`` runs the model under bf16 autocast and
-    ``channels_last`` feeds it NHWC batches (both for GPUs; the per-sample losses stay fp32).
+    few slow samples never leave the rest of a batch idle. ``precision`` sets autocast and the memory
+    layout (the model is put in that layout; None: plain fp32); the per-sample losses stay fp32.
     """
     from ..progress import bar
 
+    prec = PLAIN if precision is None else precision
+    prec.prepare(model)
     if cfg.early_stop:
         return _streaming(model, images, labels, cfg, torch.device(device), batch_size, generator, progress,
-                          dtype, amp, channels_last)
+                          dtype, prec)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "flip_step", "flip_label", "grad_norm", "pred")}
     starts = range(0, images.shape[0], batch_size)
     for s in bar(starts, desc=progress, total=len(starts), unit="batch"):
         xb = images[s:s + batch_size].to(device).to(dtype).div_(255.0)
         yb = labels[s:s + batch_size].to(device)
-        r = pgd(model, xb, yb, cfg, generator=generator, amp=amp, channels_last=channels_last)
+        r = pgd(model, xb, yb, cfg, generator=generator, precision=prec)
         for k in parts:
             parts[k].append(getattr(r, k).cpu())
     return PGDStats(**{k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()})
@@ -177,7 +211,7 @@ def pgd_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def _streaming(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: PGDConfig,
                device: torch.device, pool_size: int, generator: torch.Generator | None, progress: str | None,
-               dtype: torch.dtype, amp: bool, channels_last: bool) -> PGDStats:
+               dtype: torch.dtype, prec: Precision) -> PGDStats:
     """Early-stopped PGD over a whole dataset with a refilled pool ("continuous batching").
 
     Flip counts are long-tailed (AIBD: most samples flip within a few steps, a few never do within the
@@ -213,7 +247,7 @@ def _streaming(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
                 x_adv = torch.cat([x_adv, start])
                 y = torch.cat([y, labels[new].to(device)])
             xa = x_adv.requires_grad_(True)
-            logits = _forward(model, xa, amp, channels_last)
+            logits = _forward(model, xa, prec)
             per = per_sample_loss(cfg.loss, logits, y, cfg.sce_alpha, cfg.sce_beta)
             pred = logits.argmax(1)
             (grad,) = torch.autograd.grad(per.sum(), xa)

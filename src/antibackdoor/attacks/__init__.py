@@ -1,12 +1,8 @@
 """Poisoning attacks, one module each, registered by name (every submodule is imported here)."""
 
-import importlib
-import pkgutil
+from ..registry import import_submodules
+from .base import ATTACKS, Attack, PoisonedSet, get_attack, map_uint8, param_error, quantize, register_attack
 
-from .base import ATTACKS, Attack, PoisonedSet, get_attack, quantize, register_attack
+import_submodules(__name__, __path__)
 
-for _m in pkgutil.iter_modules(__path__):
-    if not _m.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_m.name}")
-
-__all__ = ["ATTACKS", "Attack", "PoisonedSet", "get_attack", "quantize", "register_attack"]
+__all__ = ["ATTACKS", "Attack", "PoisonedSet", "get_attack", "map_uint8", "param_error", "quantize", "register_attack"]

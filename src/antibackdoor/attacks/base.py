@@ -1,16 +1,20 @@
 """The attack interface and registry.
 
-An attack turns a clean training set into a ``PoisonedSet`` (with the ground-truth poison mask that only
-the evaluation may see) and applies its trigger to test images for the attack success rate.
+An attack turns a clean training set into a ``PoisonedSet`` (with the ground truth that only the evaluation
+may see) and applies its trigger to test images for the attack success rate. Its hyper-parameters are a
+frozen dataclass ``Params`` with one instance per preset (``quick``, ``paper``), as for defenses; values are
+type-checked once, when the attack is built, with errors that name ``--attack-param KEY``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 
+from ..config import merge, to_dict
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 
@@ -20,14 +24,25 @@ class PoisonedSet:
     """A poisoned training set. Defenses get ``data`` only; the rest is ground truth for the metrics."""
 
     data: ImageSet  # images with triggers, observed (possibly flipped) labels
-    poison_mask: torch.Tensor  # bool, N: which samples carry the trigger
+    poison_mask: torch.Tensor  # bool, N: which samples carry the backdoor trigger (and, dirty label, the target)
     true_labels: torch.Tensor  # int64, N: labels before poisoning
     target: int
     attack: str
+    #: bool, N: samples the attack modified without making them backdoor samples (WaNet's noise-mode warps,
+    #: IAB's cross-trigger images); they keep their true labels and are not in ``poison_mask``
+    cover_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.cover_mask is None:
+            self.cover_mask = torch.zeros(len(self.poison_mask), dtype=torch.bool)
 
     @property
     def num_poison(self) -> int:
         return int(self.poison_mask.sum())
+
+    @property
+    def num_cover(self) -> int:
+        return int(self.cover_mask.sum())
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -35,11 +50,40 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255.0).round_().to(torch.uint8)
 
 
-class Attack:
-    """Base class: subclasses set ``name``/``label_mode`` and implement ``apply`` (and ``prepare`` if the
-    attack must learn something first).
+def map_uint8(fn: Callable[..., torch.Tensor], *images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """``fn`` over uint8 image batches (as floats in [0, 1]; several inputs are sliced alike), quantised back
+    to uint8: how every trigger is applied to stored images."""
+    first = images[0]
+    out = torch.empty_like(first)
+    for s in range(0, first.shape[0], batch_size):
+        out[s:s + batch_size] = quantize(fn(*(x[s:s + batch_size].float().div(255.0) for x in images)))
+    return out
 
-    Parameters are dataclass-like class attributes listed in ``params``; ``Attack(**overrides)`` sets them.
+
+def param_error(key: str, message: str) -> ConfigError:
+    """The one shape of an invalid attack parameter: ``--attack-param KEY: message``."""
+    return ConfigError(f"--attack-param {key}: {message}")
+
+
+def check_model(key: str, name: str) -> None:
+    """Raise ``param_error`` unless ``name`` is a registered model (for attacks that train one)."""
+    from ..models import MODELS
+
+    if name not in MODELS:
+        raise param_error(key, f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """An attack without parameters."""
+
+
+class Attack:
+    """Base class: subclasses set ``name``, ``label_mode``, ``description`` and ``Params`` (a frozen
+    dataclass; its defaults are the ``quick`` preset and, unless ``presets`` says otherwise, the ``paper``
+    one) and implement ``apply`` (and ``prepare`` if the attack must learn something first).
+
+    ``Params`` may define ``validate()`` (raise ``param_error``) for checks beyond the field types.
     ``label_mode`` is ``"dirty"`` (poisoned samples drawn from all classes and relabelled to the target) or
     ``"clean"`` (drawn from the target class only, labels kept; ``rate`` is then the fraction of the target
     class, as in A-ABL's CLB setting).
@@ -48,24 +92,38 @@ class Attack:
     name: ClassVar[str] = ""
     label_mode: ClassVar[str] = "dirty"
     description: ClassVar[str] = ""
-    params: ClassVar[dict[str, Any]] = {}
+    Params: ClassVar[type] = NoParams
+    presets: ClassVar[dict[str, Any]] = {}
+    #: the parameter that sets how many cover samples there are (named in the error when there are too few)
+    cover_param: ClassVar[str] = "cross_ratio"
 
-    def __init__(self, **overrides: Any):
-        unknown = set(overrides) - set(self.params)
-        if unknown:
-            raise ConfigError(
-                f"attack {self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(sorted(self.params)) or 'none'}"
-            )
-        self.config: dict[str, Any] = {**self.params, **overrides}
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "presets" not in cls.__dict__:  # the defaults are the paper's: both presets are the defaults
+            cls.presets = {"quick": cls.Params(), "paper": cls.Params()}
+
+    def __init__(self, preset: str = "quick", overrides: dict[str, Any] | None = None, params: Any = None,
+                 **kw: Any):
+        if params is None:
+            params = self.resolve_params(preset, {**(overrides or {}), **kw})
+        validate = getattr(params, "validate", None)
+        if validate is not None:
+            validate()
+        self.params = params
         self.prepared = False
         self.target: int | None = None
 
-    def __getattr__(self, key: str) -> Any:  # parameters read as attributes
-        config = self.__dict__.get("config", {})
-        if key in config:
-            return config[key]
-        raise AttributeError(key)
+    @classmethod
+    def resolve_params(cls, preset: str, overrides: dict[str, Any]) -> Any:
+        """The preset's Params with ``overrides`` applied; unknown keys and wrong types are ConfigErrors."""
+        if preset not in cls.presets:
+            raise ConfigError(f"--preset: {preset!r} unknown for attack {cls.name}; known: {', '.join(cls.presets)}")
+        base = cls.presets[preset]
+        known = sorted(f.name for f in fields(base))
+        for key in overrides:
+            if key not in known:
+                raise param_error(key, f"unknown parameter of attack {cls.name}; known: {', '.join(known) or 'none'}")
+        return merge(base, overrides, "--attack-param", sep=" ")
 
     # -- to implement -------------------------------------------------------------------------
     def prepare(self, train: ImageSet, target: int, generator: torch.Generator) -> None:
@@ -76,25 +134,48 @@ class Attack:
         """Add the trigger to a float batch in [0, 1] (N x C x H x W); returns a new batch in [0, 1]."""
         raise NotImplementedError
 
+    def cover_count(self, num_poison: int) -> int:
+        """How many cover samples (modified, true label kept, not poison) to add; default none."""
+        return 0
+
+    def cover_images(self, train: ImageSet, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The uint8 cover versions of ``train.x[idx]`` (attacks with ``cover_count`` > 0 implement it)."""
+        raise NotImplementedError
+
     # -- shared behaviour ---------------------------------------------------------------------
-    def select(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> torch.Tensor:
-        """Indices of the samples to poison (seeded, reproducible)."""
+    def _pool(self, train: ImageSet, target: int) -> torch.Tensor:
+        """The samples that may be poisoned: all (dirty label) or the target class (clean label)."""
         if self.label_mode == "clean":
-            pool = (train.y == target).nonzero().squeeze(1).cpu()
-        else:
-            pool = torch.arange(len(train))
-        n = int(round(rate * len(pool)))
+            return (train.y == target).nonzero().squeeze(1).cpu()
+        return torch.arange(len(train))
+
+    def check(self, train: ImageSet, rate: float, target: int) -> tuple[int, int]:
+        """Check rate, target and the sample budget before anything is drawn or trained (the experiment calls
+        it before creating the run directory); returns how many samples get poisoned and cover versions."""
+        if not 0.0 < rate < 1.0:
+            raise ConfigError(f"--poison-rate {rate}: must lie in (0, 1)")
+        if not 0 <= target < train.num_classes:
+            raise ConfigError(f"--target {target}: must be a class index in [0, {train.num_classes})")
+        pool = len(self._pool(train, target))
+        n = int(round(rate * pool))
         if n == 0:
-            raise ConfigError(f"--poison-rate {rate}: selects no sample out of {len(pool)}")
-        perm = torch.randperm(len(pool), generator=generator)[:n]
+            raise ConfigError(f"--poison-rate {rate}: selects no sample out of {pool}")
+        n_cover = self.cover_count(n)
+        if n + n_cover > len(train):
+            raise ConfigError(
+                f"--attack-param {self.cover_param}: attack {self.name} at --poison-rate {rate} needs {n} "
+                f"poisoned + {n_cover} cover samples, more than the {len(train)} there are; lower one of them")
+        return n, n_cover
+
+    def select(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices of the samples to poison (seeded, reproducible; ``check`` has validated the counts)."""
+        pool = self._pool(train, target)
+        perm = torch.randperm(len(pool), generator=generator)[:int(round(rate * len(pool)))]
         return pool[perm].sort().values
 
     def apply_uint8(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Apply the trigger to uint8 images in batches and quantise the result back to uint8."""
-        out = torch.empty_like(x)
-        for s in range(0, x.shape[0], batch_size):
-            out[s:s + batch_size] = quantize(self.apply(x[s:s + batch_size].float().div(255.0)))
-        return out
+        return map_uint8(self.apply, x, batch_size=batch_size)
 
     def poison_images(self, train: ImageSet, idx: torch.Tensor) -> torch.Tensor:
         """The poisoned uint8 versions of ``train.x[idx]``; attacks that do more than add the trigger to a
@@ -102,15 +183,15 @@ class Attack:
         return self.apply_uint8(train.x[idx.to(train.x.device)])
 
     def poison(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> PoisonedSet:
-        """Poison a fraction ``rate`` of ``train`` towards class ``target``."""
-        if not 0.0 < rate < 1.0:
-            raise ConfigError(f"--poison-rate {rate}: must lie in (0, 1)")
-        if not 0 <= target < train.num_classes:
-            raise ConfigError(f"--target {target}: must be a class index in [0, {train.num_classes})")
+        """Poison a fraction ``rate`` of ``train`` towards class ``target``, then add the cover samples.
+
+        Whether there are enough samples for both is checked before ``prepare`` (which may train for minutes).
+        """
+        _, n_cover = self.check(train, rate, target)
         self.target = target
+        idx = self.select(train, rate, target, generator)
         if not self.prepared:
             self.prepare(train, target, generator)
-        idx = self.select(train, rate, target, generator)
         x = train.x.clone()
         y = train.y.clone()
         x[idx.to(x.device)] = self.poison_images(train, idx).to(x.device)
@@ -118,8 +199,14 @@ class Attack:
             y[idx] = target
         mask = torch.zeros(len(train), dtype=torch.bool)
         mask[idx.cpu()] = True
+        cover = torch.zeros(len(train), dtype=torch.bool)
+        if n_cover:
+            pool = (~mask).nonzero().squeeze(1)
+            cover_idx = pool[torch.randperm(len(pool), generator=generator)[:n_cover]].sort().values
+            x[cover_idx.to(x.device)] = self.cover_images(train, cover_idx, generator).to(x.device)
+            cover[cover_idx] = True
         data = ImageSet(x, y, train.classes, train.mean, train.std, f"{train.name} + {self.name}")
-        return PoisonedSet(data, mask, train.y.clone(), target, self.name)
+        return PoisonedSet(data, mask, train.y.clone(), target, self.name, cover)
 
     def triggered_test(self, test: ImageSet, target: int) -> ImageSet:
         """Test images whose true class is not the target, with the trigger, labelled with the target."""
@@ -129,7 +216,7 @@ class Attack:
                         test.std, f"{test.name} + {self.name} trigger")
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "label_mode": self.label_mode, **self.config}
+        return {"name": self.name, "label_mode": self.label_mode, **to_dict(self.params)}
 
 
 ATTACKS: dict[str, type[Attack]] = {}
@@ -143,10 +230,9 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-def get_attack(name: str, **params: Any) -> Attack:
+def get_attack(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None, **params: Any) -> Attack:
+    """Attack ``name`` with the ``preset``'s parameters, updated by ``overrides`` and keyword ``params``."""
     cls = ATTACKS.get(name)
     if cls is None:
         raise ConfigError(f"--attack: unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
-    return cls(**params)
-
-
+    return cls(preset, {**(overrides or {}), **params})

@@ -7,13 +7,15 @@ what A-ABL uses on Tiny-ImageNet; an own image can be given as ``pattern_file`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import param
 from ..errors import DataError
-from .base import Attack, register_attack
+from .base import Attack, param_error, register_attack
 
 
 def noise_pattern(seed: int, channels: int, size: int) -> torch.Tensor:
@@ -34,21 +36,32 @@ def image_pattern(path: str, channels: int, size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+@dataclass(frozen=True)
+class BlendParams:
+    alpha: float = param(0.1, doc="opacity of the pattern in [0, 1]")
+    pattern_seed: int = param(0, doc="seed of the uniform-noise pattern")
+    pattern_file: str | None = param(None, doc="an image file to blend instead of the noise (resized)")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise param_error("alpha", f"{self.alpha} must lie in [0, 1]")
+        if self.pattern_file and not Path(self.pattern_file).expanduser().is_file():
+            raise param_error("pattern_file", f"{self.pattern_file}: no such file")
+
+
 @register_attack
 class Blend(Attack):
     name = "blend"
     label_mode = "dirty"
     description = "whole-image blend with a fixed pattern (seeded uniform noise by default), opacity 0.1"
-    params = {"alpha": 0.1, "pattern_seed": 0, "pattern_file": None}
+    Params = BlendParams
 
     def pattern(self, channels: int, size: int, device: torch.device) -> torch.Tensor:
-        if self.pattern_file:
-            p = image_pattern(self.pattern_file, channels, size)
-        else:
-            p = noise_pattern(int(self.pattern_seed), channels, size)
-        return p.to(device)
+        p = self.params
+        pattern = image_pattern(p.pattern_file, channels, size) if p.pattern_file else \
+            noise_pattern(p.pattern_seed, channels, size)
+        return pattern.to(device)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.pattern(x.shape[1], x.shape[-1], x.device)
-        a = float(self.alpha)
-        return (1 - a) * x + a * p
+        a = self.params.alpha
+        return (1 - a) * x + a * self.pattern(x.shape[1], x.shape[-1], x.device)

@@ -2,13 +2,13 @@
 encoder, an optimised trigger).
 
 Training an auxiliary network costs minutes on a CPU, and every run of the same attack on the same data needs
-the same one, so it is stored once under ``<data root>/cache/<attack>-<hash>.safetensors``. Nothing is
-downloaded: BackdoorBench users keep hitting missing SSBA ``.npy`` files or LC models, so everything here is
-produced locally. The hash covers the attack's own key (the config that decides the networks), a fingerprint
-of the training data and ``CACHE_VERSION``, so a changed parameter, dataset or training code never reuses a
-stale file. Files are written atomically (a temporary file, then ``os.replace``): a killed run or two
-concurrent runs never leave a half-written entry; they are read with safetensors, never pickle, so a cache
-file cannot execute code, and an unreadable one is rebuilt rather than trusted.
+the same one, so it is stored once under ``<data root>/cache/antibackdoor-cache-<attack>-<key>.safetensors``
+(the scheme of ``antibackdoor.caching``). Nothing is downloaded: BackdoorBench users keep hitting missing SSBA
+``.npy`` files or LC models, so everything here is produced locally. The key covers the attack's own key (the
+parameters that decide the networks), a fingerprint of the training data and the ``attack`` cache version,
+so a changed parameter, dataset or training code never reuses a stale file. Files are written atomically: a
+killed run or two concurrent runs never leave a half-written entry; they are read with safetensors, never
+pickle, so a cache file cannot execute code, and an unreadable one is rebuilt rather than trusted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..caching import atomic_write, cache_key
+from ..caching import cache_path as _cache_file
+from ..config import to_dict
 from ..data.imageset import ImageSet
 from ..data.registry import default_data_root
 from ..locking import file_lock
+from ..precision import active_precision
+from ..seeding import derive_seed, seeded_rng
 
 log = logging.getLogger("antibackdoor")
-
-#: bump when a change to an attack's training code makes old cache files wrong
-CACHE_VERSION = 1
 
 
 def cache_dir() -> Path:
@@ -50,10 +51,8 @@ def dataset_fingerprint(data: ImageSet) -> str:
 
 def cache_path(attack: str, key: Mapping[str, Any], data: ImageSet | None = None) -> Path:
     """Where the entry for ``key`` (JSON-serialisable) and ``data`` lives."""
-    payload = {"v": CACHE_VERSION, "key": dict(key),
-               "data": dataset_fingerprint(data) if data is not None else None}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return cache_dir() / f"{attack}-{digest}.safetensors"
+    payload = {"attack": attack, "key": dict(key), "data": dataset_fingerprint(data) if data is not None else None}
+    return _cache_file(cache_dir(), f"{attack}-{cache_key('attack', payload)}", ".safetensors")
 
 
 def pack(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -72,14 +71,9 @@ def unpack(tensors: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]
 def _save_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        meta = {k: json.dumps(v, default=str) for k, v in metadata.items()}
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    meta = {k: json.dumps(v, default=str) for k, v in metadata.items()}
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -131,19 +125,27 @@ def cached_tensors(attack: str, key: Mapping[str, Any], data: ImageSet | None,
     return tensors, bool(meta["cached"])
 
 
-def cached_state_dict(attack: str, key: Mapping[str, Any], data: ImageSet | None, model: nn.Module,
-                      fit: Callable[[nn.Module], None]) -> bool:
-    """Give ``model`` the cached weights for (attack, key, data), or ``fit`` it in place and cache them.
+def cached_model(attack: str, arch: str, cfg: Any, train: ImageSet, seed: int, desc: str) -> tuple[nn.Module, bool]:
+    """An auxiliary model (a clean or robust classifier an attack needs): architecture ``arch`` trained with
+    ``cfg`` (a ``TrainConfig``) on ``train``, seeded by ``seed`` alone, so every run on the same data shares
+    it; from the cache when it is there. Returns the model (eval mode, on ``train``'s device) and whether it
+    came from the cache."""
+    from .. import training  # training.train is looked up at call time (tests replace it)
+    from ..models import build_model
 
-    Returns True on a cache hit. ``model`` must be freshly built with the architecture ``key`` describes.
-    """
+    device = train.x.device  # the compute device: the experiment moves the data there first
+    prec = active_precision(device)  # the networks are trained in it, so it is part of the key
+    with seeded_rng(seed, attack, "model"):
+        model = build_model(arch, train.num_classes, train.channels, train.image_size, train.mean,
+                            train.std).to(device)
 
     def build() -> dict[str, torch.Tensor]:
-        fit(model)
+        training.train(model, train, cfg, seed=derive_seed(seed, attack, "train"), device=device, desc=desc,
+                       precision=prec)
         return dict(model.state_dict())
 
-    state, hit = cached_tensors(attack, key, data, build)
+    state, hit = cached_tensors(attack, {"model": arch, "train": to_dict(cfg), "seed": seed,
+                                              "precision": prec.name}, train, build)
     if hit:
         model.load_state_dict(state)
-    model.eval()
-    return hit
+    return model.eval(), hit

@@ -13,26 +13,30 @@ IAB learns, per input x, a pattern G(x) and a near-binary mask M(x); the trigger
 Like A-ABL, which uses IAB to poison a data set, ``poison`` then keeps only G and M: a fraction ``rate`` is
 triggered and relabelled to the target, and ``cross_ratio`` times as many other samples get a trigger made
 for another image and keep their label (so a victim learns that only an image's own trigger fires). The
-cross samples are not in the poison mask. Trained networks are cached (see ``cache.py``).
+cross samples are not in the poison mask but in the poisoned set's ``cover_mask``. Trained networks are
+cached (see ``cache.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import param, to_dict
 from ..data.augment import augment
 from ..data.imageset import ImageSet
-from ..errors import ConfigError
+from ..precision import Precision, active_precision
 from ..progress import bar
-from ..training import autocast_ctx
+from ..seeding import generator as seeded_generator
+from ..seeding import seeded_rng
 from . import cache
-from .base import Attack, PoisonedSet, quantize, register_attack
+from .base import Attack, PoisonedSet, check_model, map_uint8, param_error, register_attack
 
 log = logging.getLogger("antibackdoor")
 
@@ -106,66 +110,73 @@ def blend(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.T
     return x + (pattern - x) * mask
 
 
+@dataclass(frozen=True)
+class IABParams:
+    """CPU-sized defaults; the ``paper`` preset holds the paper's values (cost on mini CIFAR-10: see
+    docs/attacks_dynamic.md)."""
+
+    epochs: int = param(15, doc="joint G + classifier epochs")
+    mask_epochs: int = param(3, doc="mask-network epochs")
+    width: int = param(8, doc="generator width at full resolution")
+    depth: int = param(3, doc="generator levels (paper: 3 on CIFAR-10/GTSRB, 2 on MNIST)")
+    proxy_model: str = param("cnn", doc="classifier trained jointly with G")
+    batch_size: int = param(128, doc="joint-training batch size (paper: 128)")
+    mask_batch_size: int = param(32, doc="mask-training batch size: more, smaller steps converge in few "
+                                         "epochs")
+    proxy_optimizer: Literal["adam", "sgd"] = param("adam", doc="classifier optimizer (SGD: momentum 0.9, "
+                                                                "wd 5e-4)")
+    lr_c: float = param(1e-3, doc="classifier learning rate")
+    lr_g: float = param(0.01, doc="generator learning rate, Adam betas (0.5, 0.9) (paper)")
+    lr_m: float = param(0.01, doc="mask-network learning rate, Adam betas (0.5, 0.9) (paper)")
+    lambda_div: float = param(1.0, doc="weight of the diversity loss")
+    lambda_norm: float = param(100.0, doc="weight of the mask-density penalty")
+    mask_density: float = param(0.032, doc="mask density above which the penalty applies")
+    p_attack: float = param(0.1, doc="share of each joint-training batch with its own trigger")
+    p_cross: float = param(0.1, doc="share with another image's trigger")
+    cross_ratio: float = param(0.25, doc="poisoning: cross-trigger (cover) samples per backdoor sample "
+                                         "(1 leaves the quick victim at 63% ASR)")
+    crop: int = param(4, doc="random-crop padding while training G/M/C (the paper also rotates by 10)")
+    flip: bool = param(True, doc="horizontal flips while training G/M/C")
+    model_seed: int = param(0, doc="network initialisation and batch order (independent of the run's seed)")
+
+    def validate(self) -> None:
+        if not self.cross_ratio >= 0:
+            raise param_error("cross_ratio", f"{self.cross_ratio} must be >= 0")
+        if not (0 < self.p_attack and 0 <= self.p_cross and self.p_attack + self.p_cross < 1):
+            raise param_error("p_attack", "need 0 < p_attack, 0 <= p_cross and p_attack + p_cross < 1")
+        check_model("proxy_model", self.proxy_model)
+
+
 @register_attack
 class InputAware(Attack):
     name = "iab"
     label_mode = "dirty"
     description = "input-aware dynamic attack: learned per-image pattern + mask, plus cross-trigger samples"
-    # CPU-sized defaults (the paper's values in ``paper_params``); cost on mini CIFAR-10: see
-    # docs/attacks_dynamic.md.
-    params = {
-        "epochs": 15,  # joint G + classifier epochs (paper: 600)
-        "mask_epochs": 3,  # mask-network epochs (paper: 25)
-        "width": 8,  # generator width at full resolution (paper: 32)
-        "depth": 3,  # generator levels (paper: 3 on CIFAR-10/GTSRB, 2 on MNIST)
-        "proxy_model": "cnn",  # classifier trained jointly with G (paper: PreAct-ResNet18)
-        "batch_size": 128,  # joint training (paper: 128)
-        "mask_batch_size": 32,  # mask training: more, smaller steps converge in few epochs (paper: 128)
-        "proxy_optimizer": "adam",  # "adam" or "sgd" (paper: SGD, momentum 0.9, wd 5e-4)
-        "lr_c": 1e-3,  # classifier learning rate (paper: 0.01 with SGD)
-        "lr_g": 0.01,  # Adam, betas (0.5, 0.9) (paper)
-        "lr_m": 0.01,  # Adam, betas (0.5, 0.9) (paper)
-        "lambda_div": 1.0,
-        "lambda_norm": 100.0,
-        "mask_density": 0.032,
-        "p_attack": 0.1,  # share of each joint-training batch with their own trigger
-        "p_cross": 0.1,  # share with another image's trigger
-        # poisoning: cross-trigger samples per backdoor sample (paper: p_cross / p_attack = 1). 1 leaves the
-        # quick victim at 63% ASR: see docs/attacks_dynamic.md
-        "cross_ratio": 0.25,
-        "crop": 4,  # augmentation while training G/M/C (paper: crop 5, rotation 10, flip)
-        "flip": True,
-        "amp": True,  # bf16 autocast while training
-        "model_seed": 0,  # network initialisation and batch order (independent of the poisoning seed)
+    Params = IABParams
+    presets = {
+        "quick": IABParams(),
+        "paper": replace(IABParams(), epochs=600, mask_epochs=25, width=32, depth=3, proxy_model="preact-resnet18",
+                         mask_batch_size=128, proxy_optimizer="sgd", lr_c=0.01, crop=5, cross_ratio=1.0),
     }
-    paper_params: ClassVar[dict[str, Any]] = {
-        "epochs": 600, "mask_epochs": 25, "width": 32, "depth": 3, "proxy_model": "preact-resnet18",
-        "mask_batch_size": 128, "proxy_optimizer": "sgd", "lr_c": 0.01, "crop": 5, "cross_ratio": 1.0}
     # parameters that only change how the trained networks are used, not the networks themselves
     _USE_ONLY = ("cross_ratio",)
 
-    def __init__(self, **overrides: Any):
-        super().__init__(**overrides)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.gen_net: TriggerNet | None = None
         self.mask_net: TriggerNet | None = None
         self.train_info: dict[str, Any] = {}
-        self.cross_mask: torch.Tensor | None = None
         self.trained_target: int | None = None
-        if not float(self.cross_ratio) >= 0:
-            raise ConfigError(f"attack iab: cross_ratio {self.cross_ratio} must be >= 0")
-        if self.proxy_optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"attack iab: proxy_optimizer {self.proxy_optimizer!r} is not 'adam' or 'sgd'")
-        pa, pc = float(self.p_attack), float(self.p_cross)
-        if not (0 < pa and 0 <= pc and pa + pc < 1):
-            raise ConfigError("attack iab: need 0 < p_attack, 0 <= p_cross and p_attack + p_cross < 1")
 
     # -- training ---------------------------------------------------------------------------------
     def prepare(self, train: ImageSet, target: int, generator: torch.Generator) -> None:
         """Train (or load from the cache) the mask and pattern networks for ``target``."""
-        key = {k: v for k, v in self.config.items() if k not in self._USE_ONLY}
+        key = {k: v for k, v in to_dict(self.params).items() if k not in self._USE_ONLY}
         key["target"] = int(target)
+        prec = active_precision(train.device)
+        key["precision"] = prec.name  # the networks are trained in it
         tensors, meta = cache.load_or_build(
-            self.name, key, train, lambda: self._train(train, target))
+            self.name, key, train, lambda: self._train(train, target, prec))
         # trained or cached, the networks come from the stored tensors: both paths give the same trigger
         self.gen_net, self.mask_net = self._new_nets(train.channels)
         cache.unpack(tensors, {"G": self.gen_net, "M": self.mask_net})
@@ -176,31 +187,31 @@ class InputAware(Attack):
         self.prepared = True
 
     def _new_nets(self, channels: int) -> tuple[TriggerNet, TriggerNet]:
-        return (TriggerNet(channels, channels, int(self.width), int(self.depth)),
-                TriggerNet(channels, 1, int(self.width), int(self.depth)))
+        return (TriggerNet(channels, channels, self.params.width, self.params.depth),
+                TriggerNet(channels, 1, self.params.width, self.params.depth))
 
-    def _train(self, train: ImageSet, target: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _train(self, train: ImageSet, target: int,
+               prec: Precision) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         from ..models import build_model
 
         t0, c0 = time.time(), time.process_time()
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
-            torch.manual_seed(int(self.model_seed))
+        with seeded_rng(self.params.model_seed, self.name, "init"):  # the global RNG stays untouched
             dev = train.device
-            G, M = (net.to(dev) for net in self._new_nets(train.channels))
-            C = build_model(str(self.proxy_model), train.num_classes, train.channels, train.image_size,
+            G, M = (prec.prepare(net.to(dev)) for net in self._new_nets(train.channels))
+            C = build_model(self.params.proxy_model, train.num_classes, train.channels, train.image_size,
                             train.mean, train.std).to(dev)
-            gen = torch.Generator().manual_seed(int(self.model_seed))
+            gen = seeded_generator(self.params.model_seed, self.name, "batches")
             std = torch.tensor(train.std, device=dev).view(1, -1, 1, 1)
-            mask_stats = self._train_mask(M, train, gen, std)
+            mask_stats = self._train_mask(M, train, gen, std, prec)
             M.eval().requires_grad_(False)
-            joint_stats = self._train_joint(G, M, C, train, target, gen)
+            joint_stats = self._train_joint(G, M, C, train, target, gen, prec)
         info = {"train_time_s": round(time.time() - t0, 1), "train_cpu_s": round(time.process_time() - c0, 1),
                 "mask": mask_stats, "joint": joint_stats}
         log.info("iab: trained in %.0f s: %s", info["train_time_s"], info)
-        if mask_stats["density"] > 2 * float(self.mask_density):
+        if mask_stats["density"] > 2 * self.params.mask_density:
             log.warning("iab: the masks cover %.0f%% of the pixels (target %.0f%%); the mask network is "
                         "undertrained (raise mask_epochs)", 100 * mask_stats["density"],
-                        100 * float(self.mask_density))
+                        100 * self.params.mask_density)
         return cache.pack({"G": G.cpu(), "M": M.cpu()}), info
 
     def _batches(self, n: int, gen: torch.Generator, bs: int):
@@ -212,28 +223,30 @@ class InputAware(Attack):
 
     def _augmented(self, train: ImageSet, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = train.x[idx.to(train.device)]
-        return augment(x, int(self.crop), bool(self.flip), gen).float().div_(255.0)
+        return augment(x, self.params.crop, self.params.flip, gen).float().div_(255.0)
 
     def _train_mask(self, M: TriggerNet, train: ImageSet, gen: torch.Generator,
-                    std: torch.Tensor) -> dict[str, float]:
-        opt = torch.optim.Adam(M.parameters(), lr=float(self.lr_m), betas=(0.5, 0.9))
+                    std: torch.Tensor, prec: Precision) -> dict[str, float]:
+        opt = torch.optim.Adam(M.parameters(), lr=self.params.lr_m, betas=(0.5, 0.9))
+        scaler = prec.scaler()
         M.train()
         stats = {"density": float("nan"), "div": float("nan")}
-        for _ in bar(range(int(self.mask_epochs)), desc="iab: mask network", unit="ep"):
+        for _ in bar(range(self.params.mask_epochs), desc="iab: mask network", unit="ep"):
             dens, divs, k = 0.0, 0.0, 0
-            for i1, i2 in self._batches(len(train), gen, int(self.mask_batch_size)):
-                x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
+            for i1, i2 in self._batches(len(train), gen, self.params.mask_batch_size):
+                x1, x2 = (prec.batch(self._augmented(train, i, gen)) for i in (i1, i2))
                 m = min(len(x1), len(x2))
                 x1, x2 = x1[:m], x2[:m]
-                with autocast_ctx(x1.device, bool(self.amp)):
+                with prec.autocast():
                     m1, m2 = M.mask(x1), M.mask(x2)
                 # images compared after normalisation, as in the paper (which feeds normalised images)
                 div = diversity_loss(x1 / std, x2 / std, m1, m2)
-                norm = F.relu(m1 - float(self.mask_density)).mean()
-                loss = float(self.lambda_norm) * norm + float(self.lambda_div) * div
+                norm = F.relu(m1 - self.params.mask_density).mean()
+                loss = self.params.lambda_norm * norm + self.params.lambda_div * div
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 dens += float(m1.detach().mean())
                 divs += float(div.detach())
                 k += 1
@@ -241,31 +254,32 @@ class InputAware(Attack):
         return stats
 
     def _train_joint(self, G: TriggerNet, M: TriggerNet, C: nn.Module, train: ImageSet, target: int,
-                     gen: torch.Generator) -> dict[str, float]:
-        if self.proxy_optimizer == "sgd":
-            opt_c: torch.optim.Optimizer = torch.optim.SGD(C.parameters(), lr=float(self.lr_c), momentum=0.9,
+                     gen: torch.Generator, prec: Precision) -> dict[str, float]:
+        if self.params.proxy_optimizer == "sgd":
+            opt_c: torch.optim.Optimizer = torch.optim.SGD(C.parameters(), lr=self.params.lr_c, momentum=0.9,
                                                            weight_decay=5e-4)
         else:
-            opt_c = torch.optim.Adam(C.parameters(), lr=float(self.lr_c))
-        opt_g = torch.optim.Adam(G.parameters(), lr=float(self.lr_g), betas=(0.5, 0.9))
-        C.to(memory_format=torch.channels_last)
+            opt_c = torch.optim.Adam(C.parameters(), lr=self.params.lr_c)
+        opt_g = torch.optim.Adam(G.parameters(), lr=self.params.lr_g, betas=(0.5, 0.9))
+        prec.prepare(C)
+        scaler = prec.scaler()
         G.train()
         C.train()
         y_all = train.y.to(train.device)
         stats: dict[str, float] = {}
-        for _ in bar(range(int(self.epochs)), desc="iab: generator + classifier", unit="ep"):
+        for _ in bar(range(self.params.epochs), desc="iab: generator + classifier", unit="ep"):
             tot = {"clean": [0, 0], "bd": [0, 0], "cross": [0, 0]}
             div_sum, steps = 0.0, 0
-            for i1, i2 in self._batches(len(train), gen, int(self.batch_size)):
-                x1, x2 = self._augmented(train, i1, gen), self._augmented(train, i2, gen)
+            for i1, i2 in self._batches(len(train), gen, self.params.batch_size):
+                x1, x2 = (prec.batch(self._augmented(train, i, gen)) for i in (i1, i2))
                 y1 = y_all[i1.to(train.device)]
                 bs = len(x1)
                 # at least two images per generator call (BatchNorm); no cross part if it would be empty
-                nb = max(2, int(float(self.p_attack) * bs))
-                nc = int(float(self.p_cross) * bs)
+                nb = max(2, int(self.params.p_attack * bs))
+                nc = int(self.params.p_cross * bs)
                 nc = min(max(nc, 2), len(x2) - nb) if nc else 0
                 nc = nc if nc >= 2 else 0
-                with autocast_ctx(x1.device, bool(self.amp)):
+                with prec.autocast():
                     with torch.no_grad():
                         m1, m2 = M.mask(x1[:nb]), M.mask(x2[nb:nb + nc])
                     pat1 = G.pattern(x1[:nb])
@@ -273,19 +287,19 @@ class InputAware(Attack):
                     x_bd = blend(x1[:nb], pat1, m1)
                     x_cross = blend(x1[nb:nb + nc], pat2, m2)
                     inputs = torch.cat([x_bd, x_cross, x1[nb + nc:]])
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                    logits = C(inputs).float()
+                    logits = C(prec.batch(inputs)).float()
                 targets = torch.cat([torch.full((nb,), target, dtype=torch.long, device=y1.device), y1[nb:]])
                 loss_ce = F.cross_entropy(logits, targets)
                 k = min(nb, nc)
                 div = diversity_loss(x1[:k], x2[nb:nb + k], pat1[:k], pat2[:k]) if k else logits.new_zeros(())
-                loss = loss_ce + float(self.lambda_div) * div
+                loss = loss_ce + self.params.lambda_div * div
                 # (the release zeroes only the classifier's gradients, letting G's accumulate; we zero both)
                 opt_c.zero_grad(set_to_none=True)
                 opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_c.step()
-                opt_g.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt_c)
+                scaler.step(opt_g)
+                scaler.update()
                 hit = (logits.argmax(1) == targets).detach()
                 parts = (("bd", slice(0, nb)), ("cross", slice(nb, nb + nc)), ("clean", slice(nb + nc, bs)))
                 for name, sl in parts:
@@ -316,21 +330,17 @@ class InputAware(Attack):
         return blend(x, G.pattern(other), M.mask(other)).clamp_(0, 1)
 
     def poison(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> PoisonedSet:
-        """Backdoor samples as usual, then ``cross_ratio`` x as many cross-trigger samples (true labels)."""
+        """Backdoor samples as usual, then ``cross_ratio`` x as many cross-trigger (cover) samples."""
         if self.prepared and self.trained_target != target:
             self.prepared = False  # the networks were trained for another target class
-        ps = super().poison(train, rate, target, generator)
-        pool = (~ps.poison_mask).nonzero().squeeze(1)
-        n_cross = min(int(round(float(self.cross_ratio) * ps.num_poison)), len(pool))
-        cross = pool[torch.randperm(len(pool), generator=generator)[:n_cross]].sort().values
-        # partner images: any other training image (never the sample itself)
-        partner = torch.randint(0, len(train) - 1, (n_cross,), generator=generator)
-        partner += (partner >= cross).long()
-        x = ps.data.x
-        dev = x.device
-        for s in range(0, n_cross, 1024):
-            ci, pi = cross[s:s + 1024].to(dev), partner[s:s + 1024].to(dev)
-            x[ci] = quantize(self.apply_cross(train.x[ci].float() / 255.0, train.x[pi].float() / 255.0))
-        self.cross_mask = torch.zeros(len(train), dtype=torch.bool)
-        self.cross_mask[cross] = True
-        return ps
+        return super().poison(train, rate, target, generator)
+
+    def cover_count(self, num_poison: int) -> int:
+        return int(round(self.params.cross_ratio * num_poison))
+
+    def cover_images(self, train: ImageSet, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``train.x[idx]`` with the triggers of partner images: any other training image, never itself."""
+        partner = torch.randint(0, len(train) - 1, (len(idx),), generator=generator)
+        partner += (partner >= idx).long()
+        dev = train.x.device
+        return map_uint8(self.apply_cross, train.x[idx.to(dev)], train.x[partner.to(dev)])

@@ -8,8 +8,8 @@ learns to map "carries the code" to the target class.
 BackdoorBench ships SSBA as pre-generated ``.npy`` files that users keep failing to find; here ``prepare``
 trains the encoder/decoder on the training images themselves (as BackdoorBench's own recipe does: random
 100-bit codes, BCE on the decoded bits + an L2 image loss switched on after a delay and ramped up), then
-caches them (see ``cache.py``). ``apply`` encodes ``secret`` (UTF-8 bits, repeated to ``n_bits``; a
-repetition code in place of the recipe's BCH code) into any batch.
+caches them (see ``cache.py``); the ``paper`` preset is that recipe's size. ``apply`` encodes ``secret``
+(UTF-8 bits, repeated to ``n_bits``; a repetition code in place of the recipe's BCH code) into any batch.
 
 Its triggers are low-amplitude, so adversarial perturbation overrides them easily: A-ABL's Category B (not
 isolated by the robustness split, suppressed by adversarial training instead).
@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import param, to_dict
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..precision import Precision, active_precision
 from ..progress import bar
-from ..training import autocast_ctx
+from ..seeding import generator as seeded_generator
+from ..seeding import seeded_rng
 from . import cache
-from .base import Attack, quantize, register_attack
+from .base import Attack, param_error, quantize, register_attack
 
 log = logging.getLogger("antibackdoor")
 
@@ -110,55 +114,66 @@ def secret_bits(secret: str, n_bits: int) -> torch.Tensor:
     return torch.tensor([bits[i % len(bits)] for i in range(n_bits)], dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class SSBAParams:
+    """CPU-sized defaults; the ``paper`` preset holds BackdoorBench's recipe on CIFAR-10 (15.6k steps; a fixed
+    L2 delay: ``l2_start_acc`` above 1 disables ours). Cost on mini CIFAR-10: see docs/attacks_dynamic.md."""
+
+    secret: str = param("abcd", doc="the string hidden in every poisoned image (BackdoorBench: abcd)")
+    n_bits: int = param(100, doc="code length (BackdoorBench: 100)")
+    epochs: int = param(15, doc="encoder/decoder epochs (BackdoorBench: 20 over 50k CIFAR-10 images)")
+    width: int = param(8, doc="encoder/decoder width (StegaStamp: 32)")
+    depth: int = param(3, doc="encoder U-Net levels (StegaStamp: 4 on 32x32)")
+    batch_size: int = param(64, doc="training batch size")
+    lr: float = param(1e-3, doc="Adam learning rate (BackdoorBench: 1e-4 for 15.6k steps; larger for our few hundred)")
+    l2_scale: float = param(10.0, doc="weight of the image L2 loss once ramped up")
+    # The L2 loss waits until the decoder reads the codes (running bit accuracy >= l2_start_acc) or until a
+    # fraction l2_await of the steps has passed, then its weight rises linearly over a fraction l2_ramp of the
+    # steps. BackdoorBench waits a fixed 1,000 of 15.6k steps and ramps over 3,000; our budget is a few hundred
+    # steps, too few to guess when the decoder will get there.
+    l2_start_acc: float = param(0.9, doc="running bit accuracy that starts the L2 loss (> 1: never)")
+    l2_await: float = param(0.5, doc="fraction of the steps after which the L2 loss starts at the latest")
+    l2_ramp: float = param(0.2, doc="fraction of the steps over which the L2 weight rises")
+    model_seed: int = param(0, doc="network initialisation and random codes (independent of the run's seed)")
+
+    def validate(self) -> None:
+        if self.n_bits < 1:
+            raise param_error("n_bits", f"{self.n_bits} must be >= 1")
+        if not self.secret:
+            raise param_error("secret", "must not be empty")
+
+
 @register_attack
 class SSBA(Attack):
     name = "ssba"
     label_mode = "dirty"
     description = "invisible sample-specific trigger: a fixed code hidden by a locally trained StegaStamp"
-    # CPU-sized defaults (BackdoorBench's recipe in ``paper_params``); cost on mini CIFAR-10: see
-    # docs/attacks_dynamic.md.
-    params = {
-        "secret": "abcd",  # the string hidden in every poisoned image (BackdoorBench: "abcd")
-        "n_bits": 100,  # code length (BackdoorBench: 100)
-        "epochs": 15,  # encoder/decoder epochs (BackdoorBench: 20 over 50k CIFAR-10 images)
-        "width": 8,  # encoder/decoder width (StegaStamp: 32)
-        "depth": 3,  # encoder U-Net levels (StegaStamp: 4 on 32x32)
-        "batch_size": 64,
-        "lr": 1e-3,  # Adam (BackdoorBench: 1e-4 for 15.6k steps; larger for our few hundred)
-        "l2_scale": 10.0,  # weight of the image L2 loss once ramped up
-        # The L2 loss waits until the decoder reads the codes (running bit accuracy >= l2_start_acc) or
-        # until a fraction l2_await of the steps has passed, then its weight rises linearly over a
-        # fraction l2_ramp of the steps. BackdoorBench waits a fixed 1,000 of 15.6k steps and ramps over
-        # 3,000; our budget is a few hundred steps, too few to guess when the decoder will get there.
-        "l2_start_acc": 0.9,
-        "l2_await": 0.5,
-        "l2_ramp": 0.2,
-        "amp": True,  # bf16 autocast while training
-        "model_seed": 0,  # network initialisation and random codes (independent of the poisoning seed)
+    Params = SSBAParams
+    presets = {
+        "quick": SSBAParams(),
+        "paper": replace(SSBAParams(), epochs=20, width=32, depth=4, lr=1e-4, l2_start_acc=2.0, l2_await=0.064,
+                         l2_ramp=0.19),
     }
-    # BackdoorBench's recipe on CIFAR-10 (15.6k steps; a fixed L2 delay: l2_start_acc above 1 disables ours)
-    paper_params: ClassVar[dict[str, Any]] = {"epochs": 20, "width": 32, "depth": 4, "lr": 1e-4,
-                                              "l2_start_acc": 2.0, "l2_await": 0.064, "l2_ramp": 0.19}
     # parameters that only change how the trained networks are used, not the networks themselves
     _USE_ONLY = ("secret",)
 
-    def __init__(self, **overrides: Any):
-        super().__init__(**overrides)
-        if int(self.n_bits) < 1:
-            raise ConfigError(f"attack ssba: n_bits {self.n_bits} must be >= 1")
-        self.bits = secret_bits(str(self.secret), int(self.n_bits))
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bits = secret_bits(self.params.secret, self.params.n_bits)
         self.encoder: StegaEncoder | None = None
         self.decoder: StegaDecoder | None = None
         self.train_info: dict[str, Any] = {}
 
     def _new_nets(self, channels: int) -> tuple[StegaEncoder, StegaDecoder]:
-        return (StegaEncoder(channels, int(self.n_bits), int(self.width), int(self.depth)),
-                StegaDecoder(channels, int(self.n_bits), int(self.width)))
+        return (StegaEncoder(channels, self.params.n_bits, self.params.width, self.params.depth),
+                StegaDecoder(channels, self.params.n_bits, self.params.width))
 
     def prepare(self, train: ImageSet, target: int, generator: torch.Generator) -> None:
         """Train (or load from the cache) the encoder/decoder; they do not depend on the target."""
-        key = {k: v for k, v in self.config.items() if k not in self._USE_ONLY}
-        tensors, meta = cache.load_or_build(self.name, key, train, lambda: self._train(train))
+        key = {k: v for k, v in to_dict(self.params).items() if k not in self._USE_ONLY}
+        prec = active_precision(train.device)
+        key["precision"] = prec.name  # the networks are trained in it
+        tensors, meta = cache.load_or_build(self.name, key, train, lambda: self._train(train, prec))
         self.encoder, self.decoder = self._new_nets(train.channels)
         cache.unpack(tensors, {"E": self.encoder, "D": self.decoder})
         self.encoder.eval().requires_grad_(False)
@@ -166,39 +181,40 @@ class SSBA(Attack):
         self.train_info = meta
         self.prepared = True
 
-    def _train(self, train: ImageSet) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _train(self, train: ImageSet, prec: Precision) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         t0, c0 = time.time(), time.process_time()
         dev = train.device
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
-            torch.manual_seed(int(self.model_seed))
-            enc, dec = (m.to(dev) for m in self._new_nets(train.channels))
-        gen = torch.Generator().manual_seed(int(self.model_seed))
-        opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=float(self.lr))
-        n, bs = len(train), int(self.batch_size)
-        total = int(self.epochs) * max(1, -(-n // bs))
-        wait, ramp = float(self.l2_await) * total, max(float(self.l2_ramp) * total, 1.0)
+        with seeded_rng(self.params.model_seed, self.name, "init"):  # the global RNG stays untouched
+            enc, dec = (prec.prepare(m.to(dev)) for m in self._new_nets(train.channels))
+        gen = seeded_generator(self.params.model_seed, self.name, "batches")
+        opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=self.params.lr)
+        scaler = prec.scaler()
+        n, bs = len(train), self.params.batch_size
+        total = self.params.epochs * max(1, -(-n // bs))
+        wait, ramp = self.params.l2_await * total, max(self.params.l2_ramp * total, 1.0)
         step, running_acc = 0, 0.5
         stats: dict[str, float] = {}
-        for _ in bar(range(int(self.epochs)), desc="ssba: StegaStamp encoder/decoder", unit="ep"):
+        for _ in bar(range(self.params.epochs), desc="ssba: StegaStamp encoder/decoder", unit="ep"):
             acc_sum, l2_sum, k = 0.0, 0.0, 0
             order = torch.randperm(n, generator=gen)
             for s in range(0, n, bs):
                 if min(bs, n - s) < 2 <= n:  # the decoder's BatchNorm needs two samples
                     continue
-                x = train.x[order[s:s + bs].to(dev)].float().div_(255.0)
-                bits = torch.randint(0, 2, (len(x), int(self.n_bits)), generator=gen).float().to(dev)
-                with autocast_ctx(dev, bool(self.amp)):
+                x = prec.batch(train.x[order[s:s + bs].to(dev)].float().div_(255.0))
+                bits = torch.randint(0, 2, (len(x), self.params.n_bits), generator=gen).float().to(dev)
+                with prec.autocast():
                     encoded = (x + enc(x, bits).float()).clamp(0, 1)
-                    logits = dec(encoded).float()
+                    logits = dec(prec.batch(encoded)).float()
                 l2 = F.mse_loss(encoded, x)
                 bce = F.binary_cross_entropy_with_logits(logits, bits)
-                if running_acc >= float(self.l2_start_acc):
+                if running_acc >= self.params.l2_start_acc:
                     wait = min(wait, step)
-                weight = float(self.l2_scale) * min(max(0.0, (step - wait) / ramp), 1.0)
+                weight = self.params.l2_scale * min(max(0.0, (step - wait) / ramp), 1.0)
                 loss = bce + weight * l2
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 step += 1
                 acc = float(((logits.detach() > 0).float() == bits).float().mean())
                 running_acc = 0.9 * running_acc + 0.1 * acc
@@ -226,7 +242,7 @@ class SSBA(Attack):
         poisoned = quantize(_hide(enc, x, self.bits)).float() / 255.0
         pred = (dec(poisoned) > 0).float()
         mse = float(F.mse_loss(poisoned, x))
-        codes = torch.randint(0, 2, (len(x), int(self.n_bits)), generator=torch.Generator().manual_seed(1))
+        codes = torch.randint(0, 2, (len(x), self.params.n_bits), generator=torch.Generator().manual_seed(1))
         coded = quantize(_hide(enc, x, codes.float())).float() / 255.0
         random_acc = float(((dec(coded) > 0).float() == codes.to(x.device)).float().mean())
         return {"secret_bit_acc": round(float((pred == self.bits.to(pred.device)).float().mean()), 4),

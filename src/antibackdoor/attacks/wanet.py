@@ -9,17 +9,20 @@ the mini CIFAR-10 quick setting it reaches ~36% ASR, s = 3 ~88% (docs/attacks.md
 Noise mode: besides the ``rate * N`` backdoor samples (warped, relabelled to the target), ``cross_ratio``
 times as many other samples are warped with the trigger field plus per-sample random noise (up to one pixel)
 and keep their true labels. They teach the network that only the exact field means "target", which makes the
-trigger hard to detect; they are not in the poison mask (they carry no backdoor trigger).
+trigger hard to detect; they are not in the poison mask (they carry no backdoor trigger) but in the poisoned set's
+``cover_mask``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ..config import param
 from ..data.imageset import ImageSet
-from ..errors import ConfigError
-from .base import Attack, PoisonedSet, quantize, register_attack
+from .base import Attack, map_uint8, param_error, register_attack
 
 
 def warp_field(height: int, width: int, k: int, s: float, grid_rescale: float, seed: int,
@@ -43,21 +46,31 @@ def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
+@dataclass(frozen=True)
+class WaNetParams:
+    k: int = param(4, doc="control grid size (paper, CIFAR-10)")
+    s: float = param(0.5, doc="warping strength (paper); 3 is the strong quick setting, see docs/attacks.md")
+    grid_rescale: float = param(1.0, doc="scale of the warped grid (paper)")
+    cross_ratio: float = param(2.0, doc="noise-mode (cover) samples per backdoor sample (paper)")
+    grid_seed: int = param(0, doc="seed of the warping field (the trigger)")
+
+    def validate(self) -> None:
+        if self.k < 2:
+            raise param_error("k", f"{self.k} must be >= 2")
+        if not self.cross_ratio >= 0:
+            raise param_error("cross_ratio", f"{self.cross_ratio} must be >= 0")
+
+
 @register_attack
 class WaNet(Attack):
     name = "wanet"
     label_mode = "dirty"
-    description = "smooth warping field (k 4, s 0.5), dirty label, plus 2x noise-mode warps with true labels"
-    params = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0, "grid_seed": 0}
-
-    def __init__(self, **overrides):
-        super().__init__(**overrides)
-        #: indices of the noise-mode samples of the last ``poison`` call (ground truth, like the mask)
-        self.noise_index: torch.Tensor | None = None
+    description = "smooth warping field (k 4, s 0.5), plus 2x noise-mode warps with true labels"
+    Params = WaNetParams
 
     def grid(self, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-        return warp_field(height, width, int(self.k), float(self.s), float(self.grid_rescale),
-                          int(self.grid_seed), device)
+        p = self.params
+        return warp_field(height, width, p.k, p.s, p.grid_rescale, p.grid_seed, device)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return warp(x, self.grid(x.shape[-2], x.shape[-1], x.device))
@@ -69,19 +82,9 @@ class WaNet(Attack):
         grid = (self.grid(h, w, x.device) + noise / h).clamp(-1, 1)
         return warp(x, grid)
 
-    def poison(self, train: ImageSet, rate: float, target: int, generator: torch.Generator) -> PoisonedSet:
-        """Backdoor samples as the base does, then ``cross_ratio`` times as many noise-mode samples."""
-        poisoned = super().poison(train, rate, target, generator)
-        pool = (~poisoned.poison_mask).nonzero().squeeze(1)
-        n_cross = int(round(float(self.cross_ratio) * poisoned.num_poison))
-        if n_cross > len(pool):
-            raise ConfigError(f"attack wanet: --poison-rate {rate} with cross_ratio {self.cross_ratio} needs "
-                              f"{poisoned.num_poison + n_cross} of {len(train)} samples")
-        cross = pool[torch.randperm(len(pool), generator=generator)[:n_cross]].sort().values
-        x = poisoned.data.x.clone()
-        for s in range(0, n_cross, 1024):
-            idx = cross[s:s + 1024].to(x.device)
-            x[idx] = quantize(self.noisy(train.x[idx].float().div(255.0), generator))
-        self.noise_index = cross
-        poisoned.data = poisoned.data.with_images(x)
-        return poisoned
+    def cover_count(self, num_poison: int) -> int:
+        return int(round(self.params.cross_ratio * num_poison))
+
+    def cover_images(self, train: ImageSet, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Noise-mode warps of ``train.x[idx]`` (they keep their true labels)."""
+        return map_uint8(lambda x: self.noisy(x, generator), train.x[idx.to(train.x.device)])

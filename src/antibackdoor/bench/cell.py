@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 #: metrics copied into a cell's result for the progress lines
-SUMMARY = ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr")
+SUMMARY = ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr", "model_trained")
 
 
 def set_threads(threads: int | None) -> None:

@@ -176,6 +176,19 @@ def _label(p: Planned) -> str:
     return " / ".join(parts)
 
 
+def summary_line(m: dict[str, Any]) -> str:
+    """A finished cell's headline numbers (%); ACC/ASR/RA read n/a where no stage trained the final model
+    (split-only cells: their untrained model's numbers would mean nothing)."""
+    parts = []
+    for k in ("acc", "asr", "ra", "gamma", "rho_vul"):
+        v = m.get(k)
+        if k in ("acc", "asr", "ra") and m.get("model_trained") is False:
+            parts.append(f"{k.upper()} n/a")
+        elif isinstance(v, float):
+            parts.append(f"{k.upper()} {100 * v:.1f}")
+    return " ".join(parts)
+
+
 class _Progress:
     """A bar over cells with an ETA (on a terminal), and one line per finished cell."""
 
@@ -191,9 +204,7 @@ class _Progress:
         self.done += 1
         elapsed = time.time() - self.t0
         eta = elapsed / self.done * (self.total - self.done)
-        m = r.get("metrics") or {}
-        shown = " ".join(f"{k.upper()} {100 * v:.1f}" for k, v in m.items()
-                         if k in ("acc", "asr", "ra", "rho_vul") and isinstance(v, float))
+        shown = summary_line(r.get("metrics") or {})
         state = r.get("state", "failed")
         what = shown if state == "done" else (r.get("error") or "")
         line = (f"[{self.done}/{self.total}] {state} {_label(p)} ({r.get('seconds', 0):.0f} s) {what} | "

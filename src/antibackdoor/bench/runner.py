@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,15 +119,28 @@ def find_registered(name: str, registry: dict[str, Any]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def detector_registry() -> dict[str, Any] | None:
-    """The detectors' registry, once a detectors package exists (None before)."""
-    try:
-        import importlib
+@dataclass(frozen=True)
+class Detectors:
+    """The detectors' registry: ``registry`` maps names to detector classes, ``get(name, preset, overrides)``
+    builds one (``antibackdoor.detectors.get_detector``), raising ConfigError for parameters it rejects."""
 
-        mod = importlib.import_module("antibackdoor.detectors")
-    except ImportError:
+    registry: Mapping[str, Any]
+    get: Callable[[str, str, dict[str, Any] | None], Any] | None = None
+
+
+def detector_registry() -> Detectors | None:
+    """The detectors' registry (``antibackdoor.detectors``: ``DETECTORS`` and ``get_detector``), or None while
+    no detectors package exists. A package that exists but fails to import is an error, not 'missing'."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("antibackdoor.detectors") is None:
         return None
-    return getattr(mod, "DETECTORS", None)
+    mod = importlib.import_module("antibackdoor.detectors")
+    registry = getattr(mod, "DETECTORS", None)
+    if registry is None:
+        return None
+    return Detectors(registry, getattr(mod, "get_detector", None))
 
 
 def check_methods(cells: list[Cell], preset: str) -> tuple[list[Cell], dict[str, list[str]]]:
@@ -149,18 +163,23 @@ def check_methods(cells: list[Cell], preset: str) -> tuple[list[Cell], dict[str,
         if real is None:
             continue
         c["defense"] = real
-        det = c["defense_params"].get("detector") if isinstance(c["defense_params"], dict) else None
+        det = _detector_of(c)
         if det is not None and detectors is not None:
-            c["defense_params"]["detector"] = find_registered(det, detectors) or det
+            c["defense_params"]["detector"] = find_registered(det, detectors.registry) or det
         kept.append(cell)
     return kept, {k: sorted(v) for k, v in missing.items()}
 
 
-def _check_defense(c: dict, preset: str, defenses: dict, detectors: dict | None, get_defense: Any,
+def _detector_of(c: dict) -> str | None:
+    return c["defense_params"].get("detector") if isinstance(c["defense_params"], dict) else None
+
+
+def _check_defense(c: dict, preset: str, defenses: dict, detectors: Detectors | None, get_defense: Any,
                    missing: dict[str, set[str]]) -> str | None:
     real = find_registered(c["defense"], defenses)
-    det = c["defense_params"].get("detector") if isinstance(c["defense_params"], dict) else None
-    if det is not None and (detectors is None or find_registered(det, detectors) is None):
+    det = _detector_of(c)
+    det_real = find_registered(det, detectors.registry) if det is not None and detectors is not None else None
+    if det is not None and det_real is None:
         missing.setdefault("detectors not available yet", set()).add(det)
         if real is None:
             missing.setdefault("defenses not available yet", set()).add(c["defense"])
@@ -169,8 +188,14 @@ def _check_defense(c: dict, preset: str, defenses: dict, detectors: dict | None,
         missing.setdefault("defenses not available yet", set()).add(c["defense"])
         return None
     params = dict(c["defense_params"])
-    if det is not None:
-        params["detector"] = find_registered(det, detectors) or det
+    if det_real is not None and detectors is not None:
+        params["detector"] = det_real
+        try:
+            if detectors.get is not None:  # the detector's own parameters, checked on their own
+                detectors.get(det_real, preset, params.get("detector_params") or None)
+        except AntibackdoorError as exc:
+            missing.setdefault("detectors that reject the suite's parameters", set()).add(f"{det_real} ({exc})")
+            return None
     try:
         get_defense(real, preset, params)
     except AntibackdoorError as exc:
@@ -237,7 +262,10 @@ def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> P
             raise ConfigError(f"cell {_where(cell)}: target {cfg.target} is not a class of {cfg.dataset} "
                               f"({n} classes)")
         exp.splits = splits
-        resolved = exp.resolve()
+        try:  # the attack checks its rate, target and sample budget against the data here
+            resolved = exp.resolve()
+        except ConfigError as exc:
+            raise ConfigError(f"cell {_where(cell)}: {exc}") from exc
         run_dir = exp.run_dir(resolved)
         rid = resolved.run_id()
         where = runs.get(rid, run_dir)
@@ -330,7 +358,8 @@ def write_manifest(out: Path, plan: Plan, extra: dict[str, Any] | None = None) -
     return path
 
 
-def print_status(plan: Plan, file: Any = sys.stdout) -> None:
+def print_status(plan: Plan, file: Any = None) -> None:
+    file = file if file is not None else sys.stdout  # looked up now: sys.stdout may be replaced after import
     counts = {s: plan.count(s) for s in STATES}
     print(f"{plan.name} ({plan.preset}): {len(plan.cells)} cells: {counts['done']} done, {counts['failed']} failed, "
           f"{counts['running']} running or interrupted, {counts['pending']} pending", file=file)

@@ -10,14 +10,16 @@ cache stores the trained weights under a key made of everything that decides the
   a defense trains on),
 - the initial weights and the architecture (the model's ``repr`` and a hash of its freshly seeded state, so
   the model name, the class count and the seed of the initialisation are all covered),
-- the training config (epochs, optimiser, schedule, augmentation, adversary, amp), the training seed, the
-  per-sample loss weights, the device type, the precision where the context names one, the torch version.
+- the training config (epochs, optimiser, schedule, augmentation, adversary), the training seed, the
+  per-sample loss weights, the device type, the resolved precision (fp32 / bf16 / fp16 and the memory
+  layout, see ``precision.py``: a bf16 model is not an fp32 one) and the torch version.
 
 A stage is looked up in :func:`antibackdoor.defenses.stages.train_stage` when the defense context carries a
 cache (the bench gives every cell one; ``antibackdoor run`` does not). Stages with an epoch callback (which
-may stop early or depend on held-out data) are never cached. Entries are safetensors files (never pickle),
-written to a temporary name and renamed; a worker that is about to train a stage holds a lock on its key,
-so a second worker asking for the same stage waits and then loads it instead of training it again.
+may stop early or depend on held-out data) are never cached. Entries are safetensors files (never pickle)
+named and written by ``caching.py`` (versioned key, atomic write); a worker that is about to train a stage
+holds a lock on its key, so a second worker asking for the same stage waits and then loads it instead of
+training it again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,15 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attacks.cache import dataset_fingerprint
+from ..caching import atomic_write, cache_hasher, cache_path
 from ..config import to_dict
 from ..data.imageset import ImageSet
 from ..locking import file_lock
+from ..precision import Precision
 
 log = logging.getLogger("antibackdoor")
-
-#: bump when a change to the training code makes stored stage models wrong
-CACHE_VERSION = 1
-
 
 def default_stage_cache_dir() -> Path:
     """``<data root>/cache/stages`` (``$ANTIBACKDOOR_DATA`` or ``~/.cache/antibackdoor``)."""
@@ -56,14 +56,6 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
     h.update(f"{tuple(t.shape)}{t.dtype}".encode())
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def data_fingerprint(data: ImageSet) -> str:
-    """SHA-256 of the images, labels and class count a stage trains on."""
-    h = hashlib.sha256(f"classes={data.num_classes}".encode())
-    _hash_tensor(h, data.x)
-    _hash_tensor(h, data.y)
-    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -86,34 +78,36 @@ class StageCache:
         self.root = Path(root).expanduser() if root is not None else default_stage_cache_dir()
         self.events: list[dict[str, Any]] = []
 
-    def key(self, model: nn.Module, data: ImageSet, cfg: Any, seed: int,
-            sample_weight: torch.Tensor | None = None, context: dict[str, Any] | None = None) -> str:
-        """The entry's address (64 hex digits)."""
-        h = hashlib.sha256()
-        fixed = {"v": CACHE_VERSION, "torch": torch.__version__, "cfg": to_dict(cfg), "seed": int(seed),
-                 "context": context or {}}
+    def key(self, model: nn.Module, data: ImageSet, cfg: Any, seed: int, precision: Precision,
+            sample_weight: torch.Tensor | None = None) -> str:
+        """The entry's address (64 hex digits; ``caching.CACHE_VERSIONS["stage"]`` is part of it)."""
+        h = cache_hasher("stage")
+        fixed = {"torch": torch.__version__, "cfg": to_dict(cfg), "seed": int(seed),
+                 "device": precision.device_type, "precision": precision.name,
+                 "channels_last": precision.channels_last}
         h.update(json.dumps(fixed, sort_keys=True, default=str).encode())
-        h.update(data_fingerprint(data).encode())
+        h.update(dataset_fingerprint(data).encode())
         h.update(model_fingerprint(model).encode())
         if sample_weight is not None:
             _hash_tensor(h, sample_weight.float())
         return h.hexdigest()
 
     def path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
+        return cache_path(self.root, f"stage-{key}", ".safetensors")
 
     def train_or_load(self, model: nn.Module, data: ImageSet, cfg: Any, *, seed: int, stage: str,
-                      fit: Callable[[], list[dict]], sample_weight: torch.Tensor | None = None,
-                      context: dict[str, Any] | None = None, describe: dict[str, Any] | None = None) -> list[dict]:
+                      fit: Callable[[], list[dict]], precision: Precision,
+                      sample_weight: torch.Tensor | None = None, describe: dict[str, Any] | None = None,
+                      ) -> list[dict]:
         """Give ``model`` (freshly initialised, not yet trained) the stored weights for this stage, or run
-        ``fit()`` (which trains ``model`` in place and returns its history) and store them. Returns the
-        stage's training history either way."""
-        key = self.key(model, data, cfg, seed, sample_weight, context)
+        ``fit()`` (which trains ``model`` in place, in ``precision``, and returns its history) and store
+        them. Returns the stage's training history either way."""
+        key = self.key(model, data, cfg, seed, precision, sample_weight)
         path = self.path(key)
-        hit = self._load(path, model, cfg)
+        hit = self._load(path, model, precision)
         if hit is None:
             with file_lock(self.root / f".{key}.lock"):
-                hit = self._load(path, model, cfg)  # another worker may have stored it while we waited
+                hit = self._load(path, model, precision)  # another worker may have stored it while we waited
                 if hit is None:
                     t0 = time.time()
                     history = fit()
@@ -133,20 +127,15 @@ class StageCache:
 
         from ..jsonutil import dumps
 
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         meta = {"history": dumps(history), "seconds": f"{seconds:.3f}", "stage": stage,
                 "created": f"{time.time():.0f}", "describe": dumps(describe or {})}
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(tmp), metadata=meta)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
         except OSError as exc:  # a full or read-only disk costs a retraining later, not this run
             log.warning("stage cache: cannot write %s (%s)", path, exc)
-        finally:
-            tmp.unlink(missing_ok=True)
 
-    def _load(self, path: Path, model: nn.Module, cfg: Any) -> tuple[list[dict], float] | None:
+    def _load(self, path: Path, model: nn.Module, precision: Precision) -> tuple[list[dict], float] | None:
         """Load an entry into ``model``; None when missing or unusable (then it is trained again)."""
         if not path.is_file():
             return None
@@ -162,8 +151,7 @@ class StageCache:
         except Exception as exc:  # noqa: BLE001 - any failure means an unusable entry
             log.warning("stage cache: ignoring unreadable entry %s (%s)", path, exc.__class__.__name__)
             return None
-        if getattr(cfg, "channels_last", False):
-            model.to(memory_format=torch.channels_last)
+        precision.prepare(model)  # the memory layout a trained model leaves training with
         model.eval()
         return history, seconds
 

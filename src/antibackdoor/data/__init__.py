@@ -4,15 +4,11 @@ Loader modules in this package register themselves; every submodule is imported 
 needs only its own file.
 """
 
-import importlib
-import pkgutil
-
-from .imageset import DatasetSplits, ImageSet, from_numpy_nhwc
+from ..registry import import_submodules
+from .imageset import DatasetSplits, ImageSet, PaperSettings, from_numpy_nhwc
 from .registry import DATASETS, default_data_root, load_dataset, register_dataset
 
-for _m in pkgutil.iter_modules(__path__):
-    if not _m.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_m.name}")
+import_submodules(__name__, __path__)
 
-__all__ = ["DATASETS", "DatasetSplits", "ImageSet", "default_data_root", "from_numpy_nhwc", "load_dataset",
-           "register_dataset"]
+__all__ = ["DATASETS", "DatasetSplits", "ImageSet", "PaperSettings", "default_data_root", "from_numpy_nhwc",
+           "load_dataset", "register_dataset"]

@@ -53,7 +53,6 @@ def load_npz(path: Path, name: str, classes=None, mean=None, std=None) -> Datase
 def _cifar10_mini(arg, root) -> DatasetSplits:
     splits = load_npz(BUNDLED_MINI, "cifar10-mini", CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD)
     splits.train.name, splits.test.name = "cifar10-mini (train)", "cifar10-mini (test)"
-    splits.defaults = {"split_eps": 2 / 255, "model": "resnet18", "aibd_model": "resnet18"}
     return splits
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import DataError
 from .images import Arrays, Box, cached_arrays, decode_images, int_field, is_image, read_table
+from .imageset import PaperSettings
 from .registry import register_dataset
 
 GTSRB_SIZE = 32
@@ -41,8 +42,8 @@ ROI = ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2")
 TEST_GT = "GT-final_test.csv"
 #: A-ABL: ResNet-18 and split eps 2/255 on GTSRB, CLB poisons 50% of the target class, Blend uses the
 #: Hello-Kitty pattern; AIBD: WRN-16-1 on GTSRB.
-GTSRB_DEFAULTS = {"model": "resnet18", "aibd_model": "wrn16-1", "split_eps": 2 / 255, "clb_poison_rate": 0.5,
-                  "blend_pattern": "hello-kitty"}
+#: A-ABL trains ResNet-18 on GTSRB, AIBD WRN-16-1
+GTSRB_PAPER = PaperSettings(model="resnet18", models={"aibd": "wrn16-1"})
 LAYOUT = ("GTSRB/Final_Training/Images/000NN/*.ppm with GT-000NN.csv and GTSRB/Final_Test/Images/*.ppm with "
           f"{TEST_GT}, or GTSRB/Train/<class>/*.png with GTSRB/Test.csv")
 
@@ -186,10 +187,10 @@ def _present(root: Path) -> bool:
 @register_dataset("gtsrb", "GTSRB, 43 traffic-sign classes (39,209 / 12,630), whole images resized to 32x32",
                   where=_where, present=_present)
 def _gtsrb(arg, root: Path):
-    return load_gtsrb(root).splits("gtsrb", GTSRB_DEFAULTS)
+    return load_gtsrb(root).splits("gtsrb", GTSRB_PAPER)
 
 
 @register_dataset("gtsrb-roi", "GTSRB cropped to each sign's ROI box (from the CSVs), then resized to 32x32",
                   where=_where, present=_present)
 def _gtsrb_roi(arg, root: Path):
-    return load_gtsrb(root, roi=True).splits("gtsrb-roi", GTSRB_DEFAULTS)
+    return load_gtsrb(root, roi=True).splits("gtsrb-roi", GTSRB_PAPER)

@@ -10,10 +10,8 @@ format (x_train, y_train, x_test, y_test; NHWC uint8), so a cache file is also a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import uuid
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,17 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..caching import CACHE_PREFIX, atomic_write, cache_hasher, cache_path
 from ..errors import DataError
 from ..progress import bar
-from .imageset import DatasetSplits, from_numpy_nhwc
+from .imageset import DatasetSplits, PaperSettings, from_numpy_nhwc
 
 log = logging.getLogger("antibackdoor")
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff",
                             ".webp"})
-CACHE_PREFIX = "antibackdoor-cache-"
-#: bump when decoding changes (resampling, colour conversion) so old caches are rebuilt
-CACHE_VERSION = 1
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
 Box = tuple[int, int, int, int]
@@ -115,25 +111,26 @@ class Arrays:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
-    def splits(self, name: str, defaults: dict | None = None) -> DatasetSplits:
+    def splits(self, name: str, paper: PaperSettings | None = None) -> DatasetSplits:
         if self.mean is None or self.std is None:
             self.mean, self.std = channel_stats(self.x_train)
         m, s = self.mean, self.std
         train = from_numpy_nhwc(self.x_train, self.y_train, f"{name} (train)", self.classes, m, s)
         test = from_numpy_nhwc(self.x_test, self.y_test, f"{name} (test)", self.classes, m, s)
-        return DatasetSplits(train, test, dict(defaults or {}))
+        return DatasetSplits(train, test, paper or PaperSettings())
 
 
 def tree_fingerprint(folder: Path, options: str) -> str:
     """Hash of every folder and file below ``folder`` (path, size, mtime) but our caches, and ``options``."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}\0{options}\0".encode())
+    h = cache_hasher("dataset")  # the "dataset" version in caching.CACHE_VERSIONS: bump it when decoding changes
+    h.update(f"{options}\0".encode())
     entries = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         rel = os.path.relpath(dirpath, folder)
         entries.append(f"{rel}/\n")  # folders count too: an empty class folder changes the data
         for f in filenames:
-            if f.startswith(CACHE_PREFIX):
+            if f.lstrip(".").startswith(CACHE_PREFIX):  # our caches and their temporary files
                 continue
             try:
                 st = os.stat(os.path.join(dirpath, f))
@@ -145,8 +142,8 @@ def tree_fingerprint(folder: Path, options: str) -> str:
     return h.hexdigest()
 
 
-def cache_path(folder: Path, tag: str) -> Path:
-    return folder / f"{CACHE_PREFIX}{tag}.npz"
+def dataset_cache_path(folder: Path, tag: str) -> Path:
+    return cache_path(folder, tag, ".npz")
 
 
 def _read_cache(path: Path, fingerprint: str) -> Arrays | None:
@@ -166,27 +163,22 @@ def _read_cache(path: Path, fingerprint: str) -> Arrays | None:
 
 
 def _write_cache(path: Path, arrays: Arrays, fingerprint: str) -> None:
-    tmp = None
-    try:
-        # a unique name beside the target (same file system, so the rename is atomic); "x" mode honours the
-        # umask, unlike mkstemp's 0600, so others sharing the data folder can read the cache too
-        tmp = path.parent / f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    def write(tmp: Path) -> None:
+        # "x" mode honours the umask, unlike mkstemp's 0600, so others sharing the data folder can read it
         with open(tmp, "xb") as out:
             np.savez(out, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test,
                      y_test=arrays.y_test, classes=np.array(arrays.classes, dtype=str),
                      mean=np.array(arrays.mean), std=np.array(arrays.std), fingerprint=np.array(fingerprint))
-        os.replace(tmp, path)
-        tmp = None
+
+    try:
+        atomic_write(path, write)
     except OSError as exc:  # read-only data folder, full disk: loading still works, only slower next time
         log.warning("%s: cannot write the decoded-image cache (%s); the next load decodes again", path, exc)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def cached_arrays(folder: Path, tag: str, options: str, build: Callable[[], Arrays]) -> Arrays:
     """``build()``'s arrays, from ``folder/antibackdoor-cache-<tag>.npz`` when it matches the data there."""
-    path = cache_path(folder, tag)
+    path = dataset_cache_path(folder, tag)
     fingerprint = tree_fingerprint(folder, options)
     arrays = _read_cache(path, fingerprint)
     if arrays is None:

@@ -8,6 +8,7 @@ quantised exactly as a real poisoned file would be.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -100,13 +101,29 @@ class ImageSet:
                 raise DataError(f"{self.name}: no sample of class(es) {', '.join(missing)}")
 
 
+@dataclass(frozen=True)
+class PaperSettings:
+    """What the papers used on a dataset: facts about the data that the ``paper`` preset applies, and only it
+    (``quick`` keeps its CPU model and its presets' values on every dataset).
+
+    ``defense_params`` are keyed by defense name, so a setting reaches only the defense it was meant for.
+    """
+
+    model: str = "resnet18"  # the papers' architecture on this dataset
+    models: dict[str, str] = field(default_factory=dict)  # defense name -> model, where a paper used another
+    defense_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # defense name -> overrides
+
+    def model_for(self, defense: str) -> str:
+        return self.models.get(defense, self.model)
+
+
 @dataclass
 class DatasetSplits:
-    """A train/test pair plus the dataset's defaults used by `--preset paper`."""
+    """A train/test pair plus what the papers used on this dataset (applied by ``--preset paper``)."""
 
     train: ImageSet
     test: ImageSet
-    defaults: dict = field(default_factory=dict)
+    paper: PaperSettings = field(default_factory=PaperSettings)
 
     def validate(self) -> None:
         self.train.validate(require_all_classes=True)

@@ -20,12 +20,14 @@ import numpy as np
 
 from ..errors import DataError
 from .images import Arrays, cached_arrays, decode_images, is_image
+from .imageset import PaperSettings
 from .registry import register_dataset
 
 TINY_DIR = "tiny-imagenet-200"
 TINY_SIZE = 64
 #: A-ABL: ResNet-34, split eps 1/255 (larger images), CLB poisons all of the target class, Blend uses noise.
-TINY_DEFAULTS = {"model": "resnet34", "split_eps": 1 / 255, "clb_poison_rate": 1.0, "blend_pattern": "noise"}
+#: A-ABL on Tiny-ImageNet: ResNet-34 and a smaller split eps for the 64x64 images
+TINY_PAPER = PaperSettings(model="resnet34", defense_params={"a-abl": {"split_eps": 1 / 255}})
 LAYOUT = ("wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
           f"in {TINY_DIR}/")
 
@@ -125,4 +127,4 @@ def load_tiny_imagenet(root: Path, size: int = TINY_SIZE) -> Arrays:
     present=lambda root: (root / TINY_DIR / "wnids.txt").is_file(),
 )
 def _tiny(arg, root: Path):
-    return load_tiny_imagenet(root).splits("tiny-imagenet", TINY_DEFAULTS)
+    return load_tiny_imagenet(root).splits("tiny-imagenet", TINY_PAPER)

@@ -15,7 +15,7 @@
 The defender has no clean test set, so ACC and ACC_p are measured on a random held-out slice of the
 training data (``holdout``) that neither f_p nor the fine-tuned models see, minus the slice's samples in
 the (unfiltered) top-max(qs): the slice holds poisoned samples too, and counting their target labels as
-correct would reward the backdoor. Deviations from the official code (ediltwwj/AIBD-main) are listed in
+correct would reward the backdoor. Deviations from the official code (the authors' release) are listed in
 docs/aibd.md.
 """
 
@@ -32,9 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adversarial.pgd import PGDConfig, PGDStats, eval_mode
+from ..adversarial.pgd import PGDConfig, PGDStats
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..metrics import predict
+from ..plots import plot_k_distribution
+from ..seeding import generator
 from ..training import TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .stages import adversarial_scores, train_stage
@@ -150,13 +153,45 @@ def treated_labels(y: torch.Tensor, adv_label: torch.Tensor, isolated: torch.Ten
     return labels, weight
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> torch.Tensor:
-    out = []
-    with eval_mode(model):
-        for s in range(0, len(data), batch_size):
-            out.append(model(data.x[s:s + batch_size].float().div_(255.0)).argmax(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+@dataclass
+class HeldOut:
+    """The defender's stand-in for a clean test set: a held-out slice of the training data that neither f_p
+    nor the fine-tuned models see, judged only on its samples outside the unfiltered top-max(qs) (``judge``):
+    that drops most held-out poison, whose target label would reward the backdoor, without hiding what a
+    class-filtered D^t does to the clean samples of the target class."""
+
+    holdout: torch.Tensor  # bool, N: the held-out slice
+    data: ImageSet  # the held-out samples
+    judge: torch.Tensor  # bool, over the held-out samples: the ones that count
+    acc_p: float  # ACC_p: f_p's accuracy on the judged samples
+    acc_infected: float  # f_p's accuracy on every held-out sample (for the record)
+    device: torch.device
+
+    @classmethod
+    def build(cls, infected: nn.Module, data: ImageSet, holdout: torch.Tensor, order: torch.Tensor, q_max: float,
+              device: torch.device) -> HeldOut:
+        held = data.subset(holdout)
+        judge = ~isolate(order, q_max)[holdout]
+        pred = predict(infected, held, device)
+        y = held.y.cpu()
+        return cls(holdout, held, judge, _masked_acc(pred, y, judge), float((pred == y).float().mean()), device)
+
+    def accuracy(self, model: nn.Module) -> float:
+        return _masked_acc(predict(model, self.data, self.device), self.data.y.cpu(), self.judge)
+
+
+@dataclass
+class QSearch:
+    """The progressive top-q search so far: every q's record, and the last trained q (the chosen one, or the
+    fallback when none is stable)."""
+
+    trials: list[dict] = field(default_factory=list)
+    history: dict[str, list[dict]] = field(default_factory=dict)
+    model: nn.Module | None = None
+    q: float = float("nan")
+    isolated: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
 
 # -- the defense -------------------------------------------------------------------------------------------
@@ -185,129 +220,142 @@ class AIBD(Defense):
         ),
     }
 
-    def __init__(self, preset: str = "quick", overrides=None, params=None):
-        super().__init__(preset, overrides, params)
-        self.params.validate()
-        #: per-sample flip statistics of the last run (for plot_k_distribution); None before a run
-        self.last_stats: dict[str, torch.Tensor] | None = None
-
-    # The runner calls this after the run when the defense has it (the poison mask is evaluation-only).
+    # The runner calls this after the run; the poison mask and true labels are evaluation-only.
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:
-        if self.last_stats is None or result.scores is None:
+        stats = result.sample_stats
+        if "k" not in stats or result.scores is None:
             return []
         path = plot_k_distribution(
-            result.scores, poison_mask, run_dir / "k_distribution.png", raw_k=self.last_stats["k"],
-            adv_label=self.last_stats["adv_label"], true_labels=true_labels,
-            cut=result.info.get("threshold"), cap=self.params.pgd_cap)
+            result.scores, poison_mask, run_dir / "k_distribution.png", raw_k=stats["k"],
+            adv_label=stats.get("adv_label"), true_labels=true_labels, cut=result.info.get("threshold"),
+            cap=result.info.get("pgd_cap"))
         return [path]
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        """Algorithm 1: infected model, flip counts, Eq. 4, progressive top-q with relabelling."""
         p = self.params
-        n = len(data)
-        y = data.y.cpu()
-        holdout = self.holdout_mask(n, ctx.seed)
-        train_part = ~holdout
-
-        # Step 1: the infected model.
-        infected, infected_hist = train_stage(ctx, data.subset(train_part), p.infected, "infected")
-        # Step 2: flip counting on every sample (held-out ones included: they are ranked like the rest).
+        holdout = self.holdout_mask(len(data), ctx.seed)
+        # Step 1: the infected model f_p, on everything but the held-out slice.
+        infected, infected_hist = train_stage(ctx, data.subset(~holdout), p.infected, "infected")
+        # Steps 2 and 3: flip counts k on every sample (held-out ones are ranked like the rest), Eq. 4.
         stats = self.flip_statistics(infected, data, ctx)
         k = flip_counts(stats, p.pgd_cap)
         scores = amplified_scores(k, stats.grad_norm) if p.amplify else k.double()
         order = rank_desc(scores)
-        self.last_stats = {"k": k, "adv_label": stats.flip_label, "grad_norm": stats.grad_norm}
-        candidates, target, vote_count = None, None, 0
-        if p.target_filter:
-            target, vote_count = guess_target(order, y, p.target_fraction, data.num_classes)
-            candidates = y == target
+        candidates, target, vote_count = self.target_candidates(order, data)
+        # Step 4: progressive top-q, judged on the held-out slice.
+        judge = HeldOut.build(infected, data, holdout, order, max(p.qs), ctx.device)
+        search = self.progressive_q(data, ctx, infected, judge, order, candidates, stats.flip_label)
+        search.history = {"infected": infected_hist, **search.history}
+        return self.result(scores, stats, k, judge, search, target, vote_count)
 
-        # Step 4: progressive top-q.
-        held = data.subset(holdout)
-        held_y = y[holdout]
-        pred_p = _predict(infected, held)
-        # ACC and ACC_p are judged on one fixed set: the held-out samples outside the unfiltered top-max(qs).
-        # That drops most held-out poison (whose given label is the target: counting it would reward the
-        # backdoor) without hiding what a class-filtered D^t does to the clean samples of the target class.
-        judge = ~isolate(order, max(p.qs))[holdout]
-        acc_p = _masked_acc(pred_p, held_y, judge)
+    # -- the steps of Algorithm 1 --------------------------------------------------------------------------
+    def target_candidates(self, order: torch.Tensor, data: ImageSet) -> tuple[torch.Tensor | None, int | None, int]:
+        """With ``target_filter``: the samples whose given label is the guessed target class, the guess and how
+        many samples voted; otherwise (None, None, 0)."""
+        if not self.params.target_filter:
+            return None, None, 0
+        y = data.y.cpu()
+        target, votes = guess_target(order, y, self.params.target_fraction, data.num_classes)
+        return y == target, target, votes
+
+    def progressive_q(self, data: ImageSet, ctx: DefenseContext, infected: nn.Module, judge: HeldOut,
+                      order: torch.Tensor, candidates: torch.Tensor | None, adv_label: torch.Tensor) -> QSearch:
+        """Try each q, largest first, until one keeps the held-out accuracy; the last one is the fallback.
+
+        A resumed run skips the q's already rejected (their records are kept in the work folder).
+        """
+        p = self.params
+        n = len(data)
         state = self._load_state(ctx)
-        history: dict[str, list[dict]] = {"infected": infected_hist}
-        trials: list[dict] = []
-        chosen_model, chosen = None, None
+        search = QSearch()
         for i, q in enumerate(p.qs):
             stage = f"q{round(q * 1000):03d}"
             last = i == len(p.qs) - 1  # the fallback model: never skipped, its checkpoint is kept
             if candidates is not None and round(q * n) >= int(candidates.sum()) and not last:
                 # as the official code: a q that would isolate every sample of the guessed class is skipped
-                trials.append({"q": q, "decision": "skipped", "isolated": int(candidates.sum())})
+                search.trials.append({"q": q, "decision": "skipped", "isolated": int(candidates.sum())})
                 continue
-            isolated = isolate(order, q, candidates)
-            gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + i)  # per q: a resume draws the same
-            labels, weight = treated_labels(y, stats.flip_label, isolated, p.treatment, data.num_classes, gen,
-                                            p.unlearn_weight)
             record = state.get(stage)
             if record is not None and not last and record["decision"] in ("abandoned", "rejected"):
-                trials.append(record)
-                history[stage] = record.get("history", [])
+                search.trials.append(record)
+                search.history[stage] = record.get("history", [])
                 continue
-            use = train_part & (weight != 0)
-            sw = weight[use] if p.treatment == "unlearn" else None
-
-            def on_epoch_end(epoch: int, model: nn.Module) -> dict:
-                acc = _masked_acc(_predict(model, held), held_y, judge)
-                out: dict = {"holdout_acc": acc, "holdout_acc_p": acc_p}
-                if p.abandon_epoch and epoch + 1 == p.abandon_epoch and epoch + 1 < p.retrain.epochs \
-                        and acc < acc_p - p.abandon_drop:
-                    out.update(stop=True, abandoned=True)
-                return out
-
-            start = ctx.fresh_model(1 + i) if p.from_scratch else copy.deepcopy(infected)
-            model, hist = train_stage(ctx, data.subset(use).with_labels(labels[use]), p.retrain, stage,
-                                      sample_weight=sw, seed_offset=1 + i, on_epoch_end=on_epoch_end,
-                                      model=start)
-            acc = hist[-1].get("holdout_acc", float("nan")) if hist else float("nan")
-            abandoned = any(h.get("abandoned") for h in hist)
-            stable = not abandoned and acc >= acc_p - p.tolerance
-            decision = "chosen" if stable else ("abandoned" if abandoned else "rejected")
-            record = {"q": q, "decision": decision, "acc": acc, "acc_p": acc_p, "epochs": len(hist),
-                      "isolated": int(isolated.sum()), "history": hist}
-            trials.append(record)
-            history[stage] = hist
-            log.info("aibd q=%.2f: holdout acc %.4f vs infected %.4f after %d epochs -> %s", q, acc, acc_p,
-                     len(hist), decision)
-            if decision != "chosen" and not last:
+            isolated = isolate(order, q, candidates)
+            gen = generator(ctx.seed, "aibd", "treatment", stage)  # per q: a resume draws the same labels
+            labels, weight = treated_labels(data.y.cpu(), adv_label, isolated, p.treatment, data.num_classes, gen,
+                                            p.unlearn_weight)
+            model, record = self.fine_tune(data, ctx, infected, judge, stage, isolated, labels, weight)
+            record = {"q": q, **record}
+            search.trials.append(record)
+            search.history[stage] = record["history"]
+            log.info("aibd q=%.2f: holdout acc %.4f vs infected %.4f after %d epochs -> %s", q, record["acc"],
+                     judge.acc_p, record["epochs"], record["decision"])
+            if record["decision"] != "chosen" and not last:
                 self._save_state(ctx, stage, record)
                 _remove(ctx.checkpoint(stage))
-            chosen_model, chosen = model, (q, isolated, labels, weight)
-            if stable:
+            search.model, search.q, search.isolated, search.labels, search.weight = model, q, isolated, labels, weight
+            if record["decision"] == "chosen":
                 break
-        assert chosen is not None and chosen_model is not None
-        q, isolated, labels, weight = chosen
-        stable = trials[-1]["decision"] == "chosen"
+        return search
+
+    def fine_tune(self, data: ImageSet, ctx: DefenseContext, infected: nn.Module, judge: HeldOut, stage: str,
+                  isolated: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> tuple[nn.Module, dict]:
+        """Train on D^c + relabelled D^t (Eq. 6) from f_p (or from scratch) and judge the result: "chosen"
+        when its held-out accuracy stays within ``tolerance`` of ACC_p, "abandoned" when it collapsed by
+        ``abandon_epoch``, else "rejected"."""
+        p = self.params
+        use = ~judge.holdout & (weight != 0)
+        sw = weight[use] if p.treatment == "unlearn" else None
+
+        def on_epoch_end(epoch: int, model: nn.Module) -> dict:
+            acc = judge.accuracy(model)
+            out: dict = {"holdout_acc": acc, "holdout_acc_p": judge.acc_p}
+            if p.abandon_epoch and epoch + 1 == p.abandon_epoch and epoch + 1 < p.retrain.epochs \
+                    and acc < judge.acc_p - p.abandon_drop:
+                out.update(stop=True, abandoned=True)
+            return out
+
+        start = ctx.fresh_model(stage) if p.from_scratch else copy.deepcopy(infected)
+        model, hist = train_stage(ctx, data.subset(use).with_labels(labels[use]), p.retrain, stage,
+                                  sample_weight=sw, seed_offset=stage, on_epoch_end=on_epoch_end, model=start)
+        acc = hist[-1].get("holdout_acc", float("nan")) if hist else float("nan")
+        abandoned = any(h.get("abandoned") for h in hist)
+        stable = not abandoned and acc >= judge.acc_p - p.tolerance
+        decision = "chosen" if stable else ("abandoned" if abandoned else "rejected")
+        return model, {"decision": decision, "acc": acc, "acc_p": judge.acc_p, "epochs": len(hist),
+                       "isolated": int(isolated.sum()), "history": hist}
+
+    def result(self, scores: torch.Tensor, stats: PGDStats, k: torch.Tensor, judge: HeldOut, search: QSearch,
+               target: int | None, vote_count: int) -> DefenseResult:
+        """The chosen q's model and split, with what the run measured (info and per-sample statistics)."""
+        p = self.params
+        assert search.model is not None and search.isolated is not None
+        isolated, q = search.isolated, search.q
+        stable = search.trials[-1]["decision"] == "chosen"
         if not stable:
             log.warning("aibd: no q in %s kept the held-out accuracy within %.3f of the infected model's; "
                         "using the smallest, q=%.2f", list(p.qs), p.tolerance, q)
-        threshold = float(scores[isolated].min()) if isolated.any() else None
         info = {
-            "q": q, "stable": stable, "threshold": threshold, "isolated": int(isolated.sum()),
-            "kept": int((~isolated).sum()), "holdout": int(holdout.sum()), "treatment": p.treatment,
-            "acc_infected_holdout": float((pred_p == held_y).float().mean()), "acc_p": acc_p,
-            "judge_samples": int(judge.sum()),
-            "never_flipped": int((stats.flip_step < 0).sum()),
-            "dropped_unflipped": int((isolated & (weight == 0)).sum()),
+            "q": q, "stable": stable, "threshold": float(scores[isolated].min()) if isolated.any() else None,
+            "isolated": int(isolated.sum()), "kept": int((~isolated).sum()), "holdout": int(judge.holdout.sum()),
+            "treatment": p.treatment, "acc_infected_holdout": judge.acc_infected, "acc_p": judge.acc_p,
+            "judge_samples": int(judge.judge.sum()), "never_flipped": int((stats.flip_step < 0).sum()),
+            "dropped_unflipped": int((isolated & (search.weight == 0)).sum()), "pgd_cap": p.pgd_cap,
             "grad_norm_p": p.grad_norm_p, "target": target, "target_vote_count": vote_count,
-            "trials": [{k_: v for k_, v in t.items() if k_ != "history"} for t in trials],
+            "trials": [{k_: v for k_, v in t.items() if k_ != "history"} for t in search.trials],
         }
-        new_labels = None if p.treatment == "unlearn" else labels
-        return DefenseResult(chosen_model, kept=~isolated, scores=scores, score_name="aibd_k_amplified",
-                             higher_is_suspicious=True, new_labels=new_labels, info=info, history=history)
+        new_labels = None if p.treatment == "unlearn" else search.labels
+        return DefenseResult(search.model, kept=~isolated, scores=scores, score_name="aibd_k_amplified",
+                             higher_is_suspicious=True, new_labels=new_labels, info=info, history=search.history,
+                             sample_stats={"k": k, "adv_label": stats.flip_label, "grad_norm": stats.grad_norm})
 
     # -- helpers -----------------------------------------------------------------------------------------
     def holdout_mask(self, n: int, seed: int) -> torch.Tensor:
         """A seeded random ``holdout`` fraction (at least one sample, at most n - 2)."""
         count = min(max(1, round(self.params.holdout * n)), max(n - 2, 1))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + 17))
+        perm = torch.randperm(n, generator=generator(seed, "aibd", "holdout"))
         mask = torch.zeros(n, dtype=torch.bool)
         mask[perm[:count]] = True
         return mask
@@ -356,57 +404,3 @@ def _masked_acc(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> floa
 def _remove(path: Path | None) -> None:
     if path is not None and path.exists():
         path.unlink()
-
-
-# -- figure ------------------------------------------------------------------------------------------------
-def plot_k_distribution(scores: torch.Tensor, poison_mask: torch.Tensor, path: Path,
-                        raw_k: torch.Tensor | None = None, adv_label: torch.Tensor | None = None,
-                        true_labels: torch.Tensor | None = None, cut: float | None = None,
-                        cap: int | None = None) -> Path:
-    """AIBD Fig. 2 for one run: PGD iterations k (raw and Eq. 4-amplified) of clean vs poisoned samples,
-    and, given the true labels, how often a poisoned sample's adversarial label is its true label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    p = poison_mask.bool().cpu().numpy()
-    panels = [("amplified k (Eq. 4)", scores.double().cpu().numpy(), cut)]
-    if raw_k is not None:
-        panels.insert(0, ("PGD iterations k", raw_k.double().cpu().numpy(), None))
-    show_labels = adv_label is not None and true_labels is not None and p.any()
-    ncols = len(panels) + int(show_labels)
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4), dpi=120, squeeze=False)
-    for ax, (xlabel, s, line) in zip(axes[0], panels, strict=False):
-        if np.all(s == np.round(s)) and s.max() - s.min() <= 300:  # integer counts: one bar per k
-            bins = np.arange(s.min() - 0.5, s.max() + 1.5)
-        else:
-            bins = np.linspace(s.min(), s.max() if s.max() > s.min() else s.min() + 1, 60)
-        ax.hist(s[~p], bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({int((~p).sum())})")
-        if p.any():
-            ax.hist(s[p], bins=bins, alpha=0.7, color="tab:red", label=f"poisoned ({int(p.sum())})")
-        if line is not None:
-            ax.axvline(line, color="black", linestyle="--", label="lowest isolated score")
-        if xlabel.startswith("PGD") and cap is not None:
-            ax.set_title(f"never flipped (k = cap = {cap}): {int((s >= cap).sum())}", fontsize=9)
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("samples")
-        ax.legend(fontsize=8)
-    if show_labels:
-        ax = axes[0][-1]
-        adv = adv_label.cpu().numpy()[p]
-        true = true_labels.cpu().numpy()[p]
-        flipped = adv >= 0
-        share = [(adv == true).mean(), ((adv != true) & flipped).mean(), (~flipped).mean()]
-        ax.bar(["true label", "other label", "never flipped"], share,
-               color=["tab:green", "tab:gray", "tab:red"])
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("share of poisoned samples")
-        ax.set_title("adversarial label of poisoned samples", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

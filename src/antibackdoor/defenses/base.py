@@ -19,6 +19,8 @@ from torch import nn
 from ..config import merge, to_dict
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..precision import Precision, as_precision
+from ..seeding import seeded_rng
 
 log = logging.getLogger("antibackdoor")
 
@@ -36,14 +38,38 @@ class DefenseContext:
     resume: bool = False
     #: trained stage models shared between runs (bench.stage_cache.StageCache); consulted by train_stage
     stage_cache: Any = None
+    #: the precision every stage computes in (None: the active one, see ``precision.py``)
+    precision: Precision | None = None
+
+    #: ids of models that ``train_stage`` handed out freshly initialised and never trained (0 epochs)
+    _untrained: set[int] = field(default_factory=set, init=False, repr=False)
+
+    def compute_precision(self) -> Precision:
+        """The resolved precision of this defense's training and scoring."""
+        return as_precision(self.precision, self.device)
+
+    def note_trained(self, model: nn.Module, trained: bool) -> None:
+        """Record whether a stage trained ``model`` (``train_stage`` calls this)."""
+        if trained:
+            self._untrained.discard(id(model))
+        else:
+            self._untrained.add(id(model))
+
+    def is_trained(self, model: nn.Module) -> bool:
+        """False for a model no stage trained: a split-only run (final epochs 0) returns its freshly
+        initialised final model, whose ACC/ASR/RA would describe random weights, so the run reports none."""
+        return id(model) not in self._untrained
 
     def checkpoint(self, stage: str) -> Path | None:
         return None if self.workdir is None else self.workdir / f"{stage}.ckpt"
 
-    def fresh_model(self, offset: int = 0) -> nn.Module:
-        """A newly initialised model, seeded so that reruns and resumes start from the same weights."""
-        torch.manual_seed(self.seed * 7 + offset)
-        return self.model_factory().to(self.device)
+    def fresh_model(self, offset: int | str = 0) -> nn.Module:
+        """A newly initialised model, seeded by ``derive_seed(seed, "model", offset)`` so that reruns and
+        resumes start from the same weights, different offsets (and seeds) from different ones; built under a
+        forked RNG, so the caller's global random state is left as it was."""
+        with seeded_rng(self.seed, "model", offset):
+            model = self.model_factory()
+        return model.to(self.device)
 
 
 @dataclass
@@ -62,6 +88,9 @@ class DefenseResult:
     info: dict[str, Any] = field(default_factory=dict)
     #: per-stage training histories
     history: dict[str, list[dict]] = field(default_factory=dict)
+    #: per-sample statistics the defense measured (one tensor of N values each, e.g. AIBD's flip counts), for
+    #: its figures and for analysis; like ``scores``, they describe the run, not the defense object
+    sample_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def isolated(self) -> torch.Tensor | None:
@@ -69,7 +98,8 @@ class DefenseResult:
 
 
 class Defense:
-    """Subclasses set ``name``, ``Params`` (a frozen dataclass) and ``presets``, and implement ``run``."""
+    """Subclasses set ``name``, ``Params`` (a frozen dataclass, which may define ``validate()``) and
+    ``presets`` (``quick`` and ``paper``), and implement ``run``."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -82,6 +112,9 @@ class Defense:
                 raise ConfigError(f"--preset: {preset!r} unknown for defense {self.name}; known: "
                                   f"{', '.join(self.presets)}")
             params = merge(self.presets[preset], overrides or {}, f"defense_params ({self.name})")
+        validate = getattr(params, "validate", None)
+        if validate is not None:
+            validate()
         self.params = params
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
@@ -89,7 +122,8 @@ class Defense:
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:
-        """Defense-specific figures for the run directory (the runner passes the ground truth)."""
+        """Defense-specific figures for the run directory, drawn from ``result`` alone (the runner passes the
+        ground truth, which the defense never saw)."""
         return []
 
     def describe(self) -> dict[str, Any]:

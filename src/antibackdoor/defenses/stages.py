@@ -13,6 +13,7 @@ from torch import nn
 
 from ..adversarial.pgd import PGDConfig, PGDStats, pgd_statistics
 from ..data.imageset import ImageSet
+from ..seeding import derive_seed
 from ..training import TrainConfig, train
 from .base import DefenseContext
 
@@ -20,39 +21,52 @@ log = logging.getLogger("antibackdoor")
 
 
 def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str,
-                sample_weight: torch.Tensor | None = None, seed_offset: int = 0,
+                sample_weight: torch.Tensor | None = None, seed_offset: int | str = 0,
                 on_epoch_end=None, model: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
     """Train a freshly initialised model (or ``model``) on ``data``, checkpointed under ``stage``.
 
+    ``seed_offset`` names the stage's random streams: its initial weights (``ctx.fresh_model(seed_offset)``)
+    and its batch order and augmentation (``derive_seed(ctx.seed, "train", seed_offset)``).
+
     With ``ctx.stage_cache`` set (bench cells), a stage that another run has already trained with the same
-    data, initial weights, config and seed is loaded instead of trained again; stages with an epoch
-    callback are always trained.
+    data, initial weights, config, seed and precision is loaded instead of trained again; stages with an
+    epoch callback are always trained.
     """
+    fresh = model is None
     model = model if model is not None else ctx.fresh_model(seed_offset)
-    seed = ctx.seed * 31 + seed_offset
+    if fresh or cfg.epochs > 0:  # a given model with 0 epochs keeps whatever training it had
+        ctx.note_trained(model, cfg.epochs > 0)
+    seed = derive_seed(ctx.seed, "train", seed_offset)
+    prec = ctx.compute_precision()
 
     def fit() -> list[dict]:
         return train(model, data, cfg, seed=seed, device=ctx.device, checkpoint=ctx.checkpoint(stage),
-                     resume=ctx.resume, desc=stage, sample_weight=sample_weight, on_epoch_end=on_epoch_end)
+                     resume=ctx.resume, desc=stage, sample_weight=sample_weight, on_epoch_end=on_epoch_end,
+                     precision=prec)
 
     cache = ctx.stage_cache
     if cache is None or on_epoch_end is not None:
         return model, fit()
-    context = {"device": ctx.device.type, "precision": getattr(ctx, "precision", None)}
     return model, cache.train_or_load(model, data, cfg, seed=seed, stage=stage, fit=fit,
-                                      sample_weight=sample_weight, context=context)
+                                      sample_weight=sample_weight, precision=prec)
 
 
 def adversarial_scores(model: nn.Module, data: ImageSet, cfg: PGDConfig, ctx: DefenseContext,
-                       desc: str = "scoring") -> PGDStats:
+                       desc: str | None = "scoring") -> PGDStats:
     """Attack every sample with ``cfg`` (eval mode, whole batches) and return per-sample statistics.
 
-    On a GPU the attack runs under bf16 autocast with channels_last batches (the losses stay fp32); on the
-    CPU in plain fp32, where the scores are those the tests compare with the batch-of-one reference.
+    The model runs in the context's precision (bf16 autocast where the hardware has it natively); the
+    per-sample losses are fp32 either way.
     """
-    gpu = ctx.device.type == "cuda"
-    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc, amp=gpu,
-                          channels_last=gpu)
+    return pgd_statistics(model, data.x, data.y, cfg, device=ctx.device, progress=desc,
+                          precision=ctx.compute_precision())
+
+
+def sample_losses(model: nn.Module, data: ImageSet, ctx: DefenseContext, loss: str = "ce") -> torch.Tensor:
+    """Per-sample loss (``ce`` or ``sce``) of ``model`` on the clean images, w.r.t. the given labels (eval mode,
+    whole batches): the PGD engine with zero steps."""
+    cfg = PGDConfig(eps=0.0, step=0.0, steps=0, random_start=False, loss=loss)
+    return adversarial_scores(model, data, cfg, ctx, desc=None).loss
 
 
 def otsu_threshold(scores: torch.Tensor) -> float:

@@ -3,13 +3,9 @@
 Every submodule is imported here, so a new architecture needs only its own file.
 """
 
-import importlib
-import pkgutil
-
+from ..registry import import_submodules
 from .registry import MODELS, Normalize, build_model, count_parameters, register_model
 
-for _m in pkgutil.iter_modules(__path__):
-    if not _m.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_m.name}")
+import_submodules(__name__, __path__)
 
 __all__ = ["MODELS", "Normalize", "build_model", "count_parameters", "register_model"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.suites import SUITES, TableSpec
+from ..caching import atomic_write
 from ..errors import ConfigError
 from . import figures as figs
 from . import published
@@ -192,9 +193,7 @@ def write_report(root: str | Path, title: str | None = None) -> dict[str, Path]:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 __all__ = ["isolation", "write_report"]

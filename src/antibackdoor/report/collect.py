@@ -13,10 +13,13 @@ from typing import Any
 import yaml
 
 from ..bench.labels import label
+from ..caching import atomic_write
 
 log = logging.getLogger("antibackdoor")
 
 METRICS = ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr")
+#: metrics of the final model: not applicable to runs where no stage trained it (split only)
+MODEL_METRICS = ("acc", "asr", "ra")
 #: score names whose *low* values are suspicious (the rest: high = suspicious)
 LOW_IS_SUSPICIOUS = {"sce_adv"}
 
@@ -35,7 +38,17 @@ class Record:
     manifests: list[str] = field(default_factory=list)
     order: tuple = ()
 
+    @property
+    def model_trained(self) -> bool:
+        """False for a split-only run (no stage trained the final model): it has no ACC/ASR/RA."""
+        return self.metrics.get("model_trained") is not False
+
+    def not_applicable(self, metric: str) -> bool:
+        return metric in MODEL_METRICS and not self.model_trained
+
     def value(self, metric: str) -> float | None:
+        if self.not_applicable(metric):
+            return None
         v = self.metrics.get(metric)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             return None
@@ -149,25 +162,31 @@ def isolation(rec: Record) -> dict[str, Any] | None:
 def write_results_csv(records: list[Record], path: Path) -> Path:
     """One row per run: coordinates, labels, state, metrics (fractions), times, stage-cache savings."""
     cols = ["run", "state", "dataset", "attack", "attack_label", "poison_rate", "target", "seed", "defense",
-            "defense_label", "model", "preset", *METRICS, "isolated", "poisoned", "train_size", "time_total_s",
-            "stage_cache_hits", "stage_cache_saved_s", "error"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in records:
-            c, m, a = r.config, r.metrics, r.axes
-            hits = [e for e in m.get("stage_cache") or [] if e.get("hit")]
-            row = [r.rel, r.state, c.get("dataset", a.get("dataset")), c.get("attack", a.get("attack_name")),
-                   a.get("attack"), c.get("poison_rate", a.get("poison_rate")), c.get("target", a.get("target")),
-                   c.get("seed", a.get("seed")), c.get("defense", a.get("defense_name")), a.get("defense"),
-                   c.get("model", a.get("model")), c.get("preset"),
-                   *[_fmt(r.value(k)) for k in METRICS], m.get("isolated"), m.get("poisoned"), m.get("train_size"),
-                   m.get("time_total_s"), len(hits), round(sum(e.get("seconds", 0) for e in hits), 1),
-                   (r.error or "").replace("\n", " ")]
-            w.writerow(["" if v is None else v for v in row])
-    tmp.replace(path)
+            "defense_label", "model", "preset", *METRICS, "model_trained", "isolated", "poisoned", "train_size",
+            "time_total_s", "stage_cache_hits", "stage_cache_saved_s", "error"]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for r in records:
+                w.writerow(["" if v is None else v for v in _csv_row(r)])
+
+    atomic_write(path, write)
     return path
+
+
+def _csv_row(r: Record) -> list[Any]:
+    c, m, a = r.config, r.metrics, r.axes
+    hits = [e for e in m.get("stage_cache") or [] if e.get("hit")]
+    return [r.rel, r.state, c.get("dataset", a.get("dataset")), c.get("attack", a.get("attack_name")),
+            a.get("attack"), c.get("poison_rate", a.get("poison_rate")), c.get("target", a.get("target")),
+            c.get("seed", a.get("seed")), c.get("defense", a.get("defense_name")), a.get("defense"),
+            c.get("model", a.get("model")), c.get("preset"),
+            *[_fmt(r.value(k)) for k in METRICS], r.model_trained, m.get("isolated"), m.get("poisoned"),
+            m.get("train_size"),
+            m.get("time_total_s"), len(hits), round(sum(e.get("seconds", 0) for e in hits), 1),
+            (r.error or "").replace("\n", " ")]
 
 
 def _fmt(v: float | None) -> str:

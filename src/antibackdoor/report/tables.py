@@ -28,10 +28,12 @@ class TCell:
     paper: float | None = None
     bold: bool = False
     fail: bool = False
+    #: every run of the cell is split-only and this is a metric of the final model, which none of them trained
+    na: bool = False
 
     def text(self) -> str:
         if self.mean is None:
-            return "–"
+            return "n/a" if self.na else "–"
         s = f"{self.mean:.1f}"
         if self.n > 1 and self.std is not None:
             s += f" ± {self.std:.1f}"
@@ -149,7 +151,7 @@ def _one(spec: TableSpec, rs: list[Record], block: Any, published: dict[tuple, f
                 mean, std, n = _stats([100 * v for v in (r.value(m) for r in lst) if v is not None])
                 ds = dataset_of(lst) if lst else None
                 paper = published.get((ds, join_key(spec.rows, rv), join_key(spec.cols, cv), m))
-                group.append(TCell(mean, std, n, paper))
+                group.append(TCell(mean, std, n, paper, na=_all_na(lst, m)))
             cells.append(group)
         rows.append(Row(axis_label(spec.rows, rv), "data", cells))
     groups = [axis_label(spec.cols, cv) for cv in col_vals]
@@ -181,6 +183,10 @@ def _one(spec: TableSpec, rs: list[Record], block: Any, published: dict[tuple, f
     _mark(spec, rows, groups, metrics)
     title = spec.title if block is None else f"{spec.title} — {axis_label(spec.blocks, block)}"
     return Table(title, spec.rows, groups, metrics, rows, block=None if block is None else str(block))
+
+
+def _all_na(records: list[Record], metric: str) -> bool:
+    return bool(records) and all(r.not_applicable(metric) for r in records)
 
 
 def _summary(kind: str, metric: str, vals: list[float]) -> float | None:
@@ -236,8 +242,8 @@ def by_target(records: list[Record], metrics: tuple[str, ...] = ("acc", "asr")) 
         cells = []
         for t in targets:
             lst = per_t.get(t, [])
-            cells.append([TCell(*_stats([100 * v for v in (r.value(m) for r in lst) if v is not None]))
-                          for m in metrics])
+            cells.append([TCell(*_stats([100 * v for v in (r.value(m) for r in lst) if v is not None]),
+                                na=_all_na(lst, m)) for m in metrics])
         label = " / ".join(axis_label(k, v) for k, v in zip(varying, key, strict=True))
         rows.append(Row(label, "data", cells))
     for row in rows:
