@@ -234,3 +234,19 @@ def test_ray_executor_on_a_real_local_instance(tmp_path, capsys):
     assert err.count("] done ") == 4
     assert len(list((out / "runs").glob("*/metrics.json"))) == 4
     print(f"ray bench of 4 tiny cells: {time.time() - t0:.1f} s")
+
+
+def test_plan_counts_each_cells_training_and_groups_equal_poisoned_data(tmp_path):
+    """The estimate counts every training stage of the resolved defense (epochs x images x (1 + PGD steps)),
+    the naive stage shared by `none` and A-ABL once, and cells on the same poisoned data share a group."""
+    from antibackdoor.bench.grid import Grid
+    from antibackdoor.bench.runner import make_plan
+
+    grid = Grid.from_dict(yaml.safe_load(_grid(tmp_path, epochs=2).read_text()))
+    plan = make_plan(grid, None, tmp_path / "out")
+    n_train = 240  # write_npz: 240 training images
+    by = {(p.cell.axes["attack_name"], p.cell.axes["defense_name"], p.cell.axes["target"]): p for p in plan.cells}
+    none, aabl = by[("badnets", "none", 0)], by[("badnets", "a-abl", 0)]
+    assert none.passes >= 2 * n_train and aabl.passes >= 2 * n_train + 1 * n_train * (1 + 1)
+    assert [k for k, _ in none.shared] == [k for k, _ in aabl.shared] and len(none.shared) == 1  # the naive stage
+    assert none.group == aabl.group != by[("badnets", "none", 1)].group

@@ -68,7 +68,10 @@ def cell_passes(defense: dict[str, Any], n_train: int, n_test: int,
         adv = cfg.get("adversary") or {}
         cost = float(cfg.get("epochs", 0)) * n_train * (1 + float(adv.get("steps", 0)))
         if key in SHARED_STAGES:
-            shared.append((key + json.dumps(cfg, sort_keys=True, default=str), cost))
+            # the stage cache matches data and recipe, not stage names: `none`'s "train" is A-ABL's "naive";
+            # AIBD's "infected" trains on a subset (its hold-out left out), so it is shared among AIBD cells only
+            data = "subset" if key == "infected" else "all"
+            shared.append((data + json.dumps(cfg, sort_keys=True, default=str), cost))
         total += cost
     total += 10 * n_train  # scoring passes (iFGSM split, flip counting): a rough allowance
     total += (1 + ra_steps) * n_test  # ACC, ASR and PGD-10 robust accuracy on the test set

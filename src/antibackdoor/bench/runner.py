@@ -272,9 +272,10 @@ def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> P
         state, error = cell_state(where) if where.exists() else ("pending", None)
         p = Planned(cell, run_dir.name, where, state, error)
         cell.axes["model"] = resolved.model
-        p.group = json.dumps([cfg.dataset, resolved.attack, cfg.poison_rate, cfg.target, cfg.seed, resolved.model,
+        attack = resolved.attack.describe() if resolved.attack is not None else "none"
+        p.group = json.dumps([cfg.dataset, attack, cfg.poison_rate, cfg.target, cfg.seed, resolved.model,
                               cfg.preset], sort_keys=True, default=str)
-        p.passes, p.shared = est.cell_passes(resolved.defense, len(splits.train), len(splits.test),
+        p.passes, p.shared = est.cell_passes(resolved.defense.describe(), len(splits.train), len(splits.test),
                                              cfg.eval.ra_steps)
         p.seconds_per_pass = est.seconds_per_pass(resolved.model, splits.train.channels,
                                                   splits.train.image_size, n, threads)
