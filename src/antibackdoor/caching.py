@@ -22,6 +22,7 @@ from typing import Any
 CACHE_VERSIONS = {
     "dataset": 2,  # data/images.py: decoding (resampling, colour conversion; 2: 16-bit images scaled, not clipped)
     "attack": 2,  # attacks/cache.py: networks an attack trains (2: AdamW weight decay, derive_seed)
+    "stage": 1,  # bench/stage_cache.py: defenses' trained stage models (training loop, precision handling)
 }
 CACHE_PREFIX = "antibackdoor-cache-"
 

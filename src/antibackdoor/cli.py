@@ -1,4 +1,5 @@
-"""Command line: ``antibackdoor run | defend | doctor | datasets | models | attacks | defenses | detectors``.
+"""Command line: ``antibackdoor run | defend | bench | report | suites | doctor | datasets | models | attacks |
+defenses | detectors``.
 
 Errors caused by input (files, options, data) end with one line ``antibackdoor: error: ...`` and exit 2.
 """
@@ -15,6 +16,7 @@ import yaml
 
 from .config import deep_update
 from .errors import AntibackdoorError, ConfigError
+from .jsonutil import dumps
 
 log = logging.getLogger("antibackdoor")
 
@@ -115,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         if name == "datasets":
             s.add_argument("--data-root", help="data root to check")
+    from .bench.cli import add_parsers as add_bench_parsers
+    from .report.cli import add_parser as add_report_parser
+
+    add_bench_parsers(sub)
+    add_report_parser(sub)
     return p
 
 
@@ -199,9 +206,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
         print(f"reusing finished run (same data and config): {result.run_dir}  (--force runs it again)",
               file=sys.stderr)
     if args.json:
-        import json
 
-        print(json.dumps(m, indent=2, default=str))
+        print(dumps(m, indent=2))
         return 0
     s = m.get("surplus", {})
     classes = [r["name"] for r in s.get("rows", [])]
@@ -261,11 +267,20 @@ def _fmt(v: Any, pct: bool = True) -> str:
     return str(v)
 
 
+#: what ACC/ASR/RA read where no stage trained the final model (a split-only run)
+NOT_TRAINED = "n/a (split only: no final model trained)"
+
+
 def print_table(metrics: dict[str, Any], run_dir: Path) -> None:
+    trained = metrics.get("model_trained", True) is not False
+
+    def model_metric(k: str) -> str:
+        return _fmt(metrics.get(k)) if trained else NOT_TRAINED
+
     rows = [
-        ("clean accuracy (ACC)", _fmt(metrics.get("acc"))),
-        ("attack success rate (ASR)", _fmt(metrics.get("asr"))),
-        (f"robust accuracy (RA, {metrics.get('ra_attack', 'PGD')})", _fmt(metrics.get("ra"))),
+        ("clean accuracy (ACC)", model_metric("acc")),
+        ("attack success rate (ASR)", model_metric("asr")),
+        (f"robust accuracy (RA, {metrics.get('ra_attack', 'PGD')})", model_metric("ra")),
         ("kept share gamma = |D_vul|/|D|", _fmt(metrics.get("gamma"))),
         ("poison share of kept rho_vul", _fmt(metrics.get("rho_vul"))),
         ("isolation TPR", _fmt(metrics.get("tpr"))),
@@ -289,9 +304,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.reused:
         print(f"reusing finished run (same config): {result.run_dir}  (--force runs it again)", file=sys.stderr)
     if args.json:
-        import json
 
-        print(json.dumps(result.metrics, indent=2))
+        print(dumps(result.metrics, indent=2))
     else:
         print_table(result.metrics, result.run_dir)
     return 0
@@ -302,9 +316,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     report = diagnose(QUICK if args.quick else DEFAULT, measure=not args.no_measure)
     if args.json:
-        import json
 
-        print(json.dumps(report, indent=2))
+        print(dumps(report, indent=2))
     else:
         print(format_report(report))
     return 0
@@ -420,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "defend":
             return cmd_defend(args)
+        if args.command in ("bench", "suites", "report"):
+            from .bench.cli import cmd_bench, cmd_suites
+            from .report.cli import cmd_report
+
+            return {"bench": cmd_bench, "suites": cmd_suites, "report": cmd_report}[args.command](args)
         if args.command == "doctor":
             return cmd_doctor(args)
         return cmd_list(args)

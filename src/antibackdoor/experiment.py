@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from .attacks.base import ATTACKS, Attack, PoisonedSet, get_attack
 from .caching import atomic_write
@@ -156,16 +157,10 @@ class RunResult:
 
 
 def write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, default=_json_default)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Strict JSON, written atomically: undefined metrics (NaN) are ``null`` (see jsonutil)."""
+    from .jsonutil import write_json as _write
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+    _write(path, data)
 
 
 def no_poison(train: ImageSet, target: int) -> PoisonedSet:
@@ -231,10 +226,12 @@ def run_in_dir(run_dir: Path, config: dict[str, Any], resume: bool, force: bool,
 class Experiment:
     """Prepares, runs and records one experiment. ``run()`` is the whole job."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, stage_cache: Any = None):
         config.validate()
         self.config = config
         self.splits: DatasetSplits | None = None
+        #: a bench.stage_cache.StageCache shared with other runs (None: every stage is trained here)
+        self.stage_cache = stage_cache
 
     # -- resolution ---------------------------------------------------------------------------
     def load_data(self) -> DatasetSplits:
@@ -321,22 +318,18 @@ class Experiment:
                                train_set.mean, train_set.std)
 
         ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume,
-                             precision=prec, trusted=trusted)
+                             precision=prec, trusted=trusted, stage_cache=self.stage_cache)
         log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, resolved.model, device)
         result = defense.run(poisoned.data, ctx)
         t_defense = time.time() - t0
 
-        log.info("evaluating")
-        model = result.model.eval()
-        metrics: dict[str, Any] = {"acc": accuracy(model, test_set, device, prec)}
-        if attack is not None:
-            metrics["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device, prec)
-        else:
-            metrics["asr"] = None
-        ra_set = test_set
-        if c.eval.ra_samples:
-            ra_set = test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
-        metrics["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed, precision=prec)
+        trained = ctx.is_trained(result.model)
+        metrics: dict[str, Any] = {"model_trained": trained}
+        if trained:
+            metrics.update(self._evaluate(result.model.eval(), test_set, attack, device, prec))
+        else:  # a split-only run: no stage trained the returned model, so it has no ACC/ASR/RA to report
+            log.info("no stage trained the final model (split only): ACC, ASR and RA are not applicable")
+            metrics.update({"acc": None, "asr": None, "ra": None})
         metrics["ra_attack"] = c.eval.label()
         kept = result.kept if result.kept is not None else torch.ones(len(train_set), dtype=torch.bool)
         metrics.update(split_metrics(kept, poisoned.poison_mask))
@@ -358,15 +351,32 @@ class Experiment:
         metrics["defense_info"] = result.info
         metrics["time_defense_s"] = round(t_defense, 1)
         metrics["time_total_s"] = round(time.time() - t0, 1)
-        self._write_artifacts(run_dir, resolved, result, poisoned, kept, train_set)
+        if self.stage_cache is not None:  # which stages were loaded instead of trained, and the seconds saved
+            metrics["stage_cache"] = self.stage_cache.take_events()
+        self._write_artifacts(run_dir, resolved, result, poisoned, kept, train_set, trained)
         write_json(run_dir / "history.json", result.history)
         write_json(run_dir / "metrics.json", metrics)
         write_json(run_dir / "status.json", {"state": "done", "finished": time.time()})
         return RunResult(run_dir, metrics, result=result, poisoned=poisoned)
 
+    def _evaluate(self, model: nn.Module, test_set: ImageSet, attack: Attack | None, device: torch.device,
+                  prec: Precision) -> dict[str, Any]:
+        """ACC, ASR (None without an attack) and RA of the final model."""
+        c = self.config
+        out: dict[str, Any] = {"acc": accuracy(model, test_set, device, prec), "asr": None}
+        if attack is not None:
+            out["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device, prec)
+        ra_set = test_set
+        if c.eval.ra_samples:
+            ra_set = test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
+        out["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed, precision=prec)
+        return out
+
     def _write_artifacts(self, run_dir: Path, resolved: Resolved, result: DefenseResult, poisoned: PoisonedSet,
-                         kept: torch.Tensor, like: ImageSet) -> None:
-        save_model(result.model, run_dir / "model.safetensors", resolved.model, like, dataset=self.config.dataset)
+                         kept: torch.Tensor, like: ImageSet, trained: bool = True) -> None:
+        if trained:  # an untrained model (split only) is not the run's model: no weights file claims it is
+            save_model(result.model, run_dir / "model.safetensors", resolved.model, like,
+                       dataset=self.config.dataset)
         write_isolation_csv(run_dir / "isolation.csv", result, poisoned, kept)
         if result.scores is not None:
             from .plots import score_histogram
@@ -429,11 +439,13 @@ def _attach_log(path: Path) -> logging.Handler:
 
 
 def run_experiment(config: ExperimentConfig | dict[str, Any], resume: bool = False,
-                   force: bool = False) -> RunResult:
-    """Run (or reuse) one experiment; ``config`` is an ExperimentConfig or a dict of its fields."""
+                   force: bool = False, stage_cache: Any = None) -> RunResult:
+    """Run (or reuse) one experiment; ``config`` is an ExperimentConfig or a dict of its fields.
+
+    ``stage_cache`` (a bench.stage_cache.StageCache) lets stages trained by other runs be reused."""
     if isinstance(config, dict):
         config = make_config(config)
-    return Experiment(config).run(resume=resume, force=force)
+    return Experiment(config, stage_cache=stage_cache).run(resume=resume, force=force)
 
 
 __all__ = ["EvalConfig", "Experiment", "ExperimentConfig", "RunResult", "load_config_file", "make_config",

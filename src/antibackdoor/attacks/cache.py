@@ -28,6 +28,7 @@ from ..caching import cache_path as _cache_file
 from ..config import to_dict
 from ..data.imageset import ImageSet
 from ..data.registry import default_data_root
+from ..locking import file_lock
 from ..precision import active_precision
 from ..seeding import derive_seed, seeded_rng
 
@@ -100,17 +101,21 @@ def load_or_build(attack: str, key: Mapping[str, Any], data: ImageSet | None,
     """
     path = cache_path(attack, key, data)
     hit = _load(path)
-    if hit is not None:
-        log.info("%s: reusing cached %s", attack, path)
-        return hit[0], {**hit[1], "cached": True}
-    log.info("%s: building what the attack needs (cached afterwards at %s)", attack, path)
-    tensors, info = build()
-    meta = {"attack": attack, "key": dict(key), **info}
-    try:
-        _save_atomic(path, tensors, meta)
-    except OSError as exc:  # a read-only data root costs a rebuild next time, not this run
-        log.warning("%s: cannot write the cache file %s (%s)", attack, path, exc)
-    return tensors, {**json.loads(json.dumps(meta, default=str)), "cached": False}
+    if hit is None:
+        # concurrent workers (bench) wanting the same entry: one builds it, the others wait and load it
+        with file_lock(path.with_name(f".{path.name}.lock")):
+            hit = _load(path)
+            if hit is None:
+                log.info("%s: building what the attack needs (cached afterwards at %s)", attack, path)
+                tensors, info = build()
+                meta = {"attack": attack, "key": dict(key), **info}
+                try:
+                    _save_atomic(path, tensors, meta)
+                except OSError as exc:  # a read-only data root costs a rebuild next time, not this run
+                    log.warning("%s: cannot write the cache file %s (%s)", attack, path, exc)
+                return tensors, {**json.loads(json.dumps(meta, default=str)), "cached": False}
+    log.info("%s: reusing cached %s", attack, path)
+    return hit[0], {**hit[1], "cached": True}
 
 
 def cached_tensors(attack: str, key: Mapping[str, Any], data: ImageSet | None,

@@ -32,7 +32,6 @@ import copy
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from torch import nn
 from ..adversarial.pgd import PGDConfig, PGDStats
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..jsonutil import write_json
 from ..metrics import predict
 from ..plots import plot_class_surplus, plot_k_distribution
 from ..seeding import generator
@@ -495,10 +495,7 @@ class AIBD(Defense):
             return
         state = json.loads(path.read_text()) if path.exists() else {}
         state[stage] = record
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+        write_json(path, state)
 
 
 def _masked_acc(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:

@@ -37,6 +37,8 @@ class DefenseContext:
     seed: int = 0
     workdir: Path | None = None  # checkpoints and stage outputs; None = no checkpoints
     resume: bool = False
+    #: trained stage models shared between runs (bench.stage_cache.StageCache); consulted by train_stage
+    stage_cache: Any = None
     #: the precision every stage computes in (None: the active one, see ``precision.py``)
     precision: Precision | None = None
     #: a small set of clean data the defender trusts: the slice ``run`` reserves before poisoning for defenses
@@ -44,9 +46,24 @@ class DefenseContext:
     #: the user vouches for (``defend --trusted``); None when there is none
     trusted: ImageSet | None = None
 
+    #: ids of models that ``train_stage`` handed out freshly initialised and never trained (0 epochs)
+    _untrained: set[int] = field(default_factory=set, init=False, repr=False)
+
     def compute_precision(self) -> Precision:
         """The resolved precision of this defense's training and scoring."""
         return as_precision(self.precision, self.device)
+
+    def note_trained(self, model: nn.Module, trained: bool) -> None:
+        """Record whether a stage trained ``model`` (``train_stage`` calls this)."""
+        if trained:
+            self._untrained.discard(id(model))
+        else:
+            self._untrained.add(id(model))
+
+    def is_trained(self, model: nn.Module) -> bool:
+        """False for a model no stage trained: a split-only run (final epochs 0) returns its freshly
+        initialised final model, whose ACC/ASR/RA would describe random weights, so the run reports none."""
+        return id(model) not in self._untrained
 
     def checkpoint(self, stage: str) -> Path | None:
         return None if self.workdir is None else self.workdir / f"{stage}.ckpt"

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..caching import atomic_write
 from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..jsonutil import write_json
 from ..models.features import capture
 from ..precision import Precision
 from ..seeding import generator
@@ -214,7 +214,6 @@ def write_separation(result: DefenseResult, poison_mask: torch.Tensor, run_dir: 
     if result.scores is None or "sd_part" not in result.sample_stats:
         return []
     result_info, scores, code = result.info, result.scores, result.sample_stats["sd_part"].cpu()
-    import json
 
     from ..plots import score_histogram
 
@@ -224,8 +223,7 @@ def write_separation(result: DefenseResult, poison_mask: torch.Tensor, run_dir: 
     summary["gamma_clean"] = result_info.get("gamma_clean")
     summary["gamma_poison"] = result_info.get("gamma_poison")
     path_json = run_dir / "separation.json"
-    text = json.dumps(summary, indent=2)
-    atomic_write(path_json, lambda tmp: tmp.write_text(text))
+    write_json(path_json, summary)
     lines = [(key, float(result_info[key]), style) for key, style in (("gamma_clean", ":"), ("gamma_poison", "--"))
              if result_info.get(key) is not None]
     path_png = score_histogram(scores, truth, run_dir / "fct_scores.png",

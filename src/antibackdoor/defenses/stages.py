@@ -34,13 +34,28 @@ def train_stage(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: st
     ``seed_offset`` names the stage's random streams: its initial weights (``ctx.fresh_model(seed_offset)``)
     and its batch order and augmentation (``derive_seed(ctx.seed, "train", seed_offset)``). ``loss_fn``
     replaces the cross-entropy (``training.train``).
+
+    With ``ctx.stage_cache`` set (bench cells), a stage that another run has already trained with the same
+    data, initial weights, config, seed and precision is loaded instead of trained again; stages with an
+    epoch callback or their own loss are always trained (the cache key cannot tell their objectives apart).
     """
+    fresh = model is None
     model = model if model is not None else ctx.fresh_model(seed_offset)
-    history = train(model, data, cfg, seed=derive_seed(ctx.seed, "train", seed_offset), device=ctx.device,
-                    checkpoint=ctx.checkpoint(stage), resume=ctx.resume, desc=stage,
-                    sample_weight=sample_weight, on_epoch_end=on_epoch_end, precision=ctx.compute_precision(),
-                    loss_fn=loss_fn)
-    return model, history
+    if fresh or cfg.epochs > 0:  # a given model with 0 epochs keeps whatever training it had
+        ctx.note_trained(model, cfg.epochs > 0)
+    seed = derive_seed(ctx.seed, "train", seed_offset)
+    prec = ctx.compute_precision()
+
+    def fit() -> list[dict]:
+        return train(model, data, cfg, seed=seed, device=ctx.device, checkpoint=ctx.checkpoint(stage),
+                     resume=ctx.resume, desc=stage, sample_weight=sample_weight, on_epoch_end=on_epoch_end,
+                     precision=prec, loss_fn=loss_fn)
+
+    cache = ctx.stage_cache
+    if cache is None or on_epoch_end is not None or loss_fn is not None:
+        return model, fit()
+    return model, cache.train_or_load(model, data, cfg, seed=seed, stage=stage, fit=fit,
+                                      sample_weight=sample_weight, precision=prec)
 
 
 def backdoored_model(ctx: DefenseContext, data: ImageSet, cfg: TrainConfig, stage: str = "backdoored",

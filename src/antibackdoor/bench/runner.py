@@ -1,0 +1,372 @@
+"""``antibackdoor bench``: plan a grid or suite against what ``--out`` already holds, run what is missing.
+
+The plan resolves every cell exactly as ``antibackdoor run`` would (same config, same run id), then looks
+for each run id anywhere under ``--out``: a finished run is reused, a failed one is retried (resumed from
+its checkpoints), the rest run. A manifest ``<out>/bench/<name>-<preset>.json`` records the grid and where
+each cell's run directory is; ``antibackdoor report`` reads it for the suite's table layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import AntibackdoorError, ConfigError, DataError
+from ..jsonutil import write_json
+from . import estimate as est
+from .grid import Cell, Grid
+from .suites import SUITES, Suite
+
+log = logging.getLogger("antibackdoor")
+
+STATES = ("done", "failed", "running", "pending")
+
+
+@dataclass
+class Planned:
+    """A cell with its run directory and current state."""
+
+    cell: Cell
+    run_name: str
+    run_dir: Path
+    state: str = "pending"
+    error: str | None = None
+    group: str = ""
+    passes: float = 0.0
+    seconds_per_pass: float = 0.0
+    shared: list = field(default_factory=list)
+    measured_s: float | None = None
+
+
+@dataclass
+class Plan:
+    name: str
+    preset: str
+    suite: Suite | None
+    grid: Grid
+    cells: list[Planned]
+    skipped: dict[str, list[str]]  # reason -> what (missing defenses, detectors, datasets)
+
+    def count(self, state: str) -> int:
+        return sum(c.state == state for c in self.cells)
+
+
+# -- what the spec is --------------------------------------------------------------------------------------
+def load_grid(spec: str, preset: str | None) -> tuple[Grid, Suite | None]:
+    """A suite name or a grid file, for ``preset`` (None: the grid file's, else quick)."""
+    path = Path(spec)
+    if spec in SUITES:
+        suite = SUITES[spec]
+        p = preset or "quick"
+        if p not in suite.grids:
+            raise ConfigError(f"--preset {p}: suite {spec} has sizes {', '.join(suite.grids)}")
+        return Grid.from_dict(suite.grid_dict(p), f"suite {spec}"), suite
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such grid file")
+        grid = Grid.load(path)
+        if preset:
+            grid.preset = preset
+        return grid, None
+    raise ConfigError(f"bench: {spec!r} is neither a suite ({', '.join(SUITES)}) nor a grid file (.yaml)")
+
+
+def restrict(grid: Grid, seeds: list[int] | None = None, targets: list[int] | None = None,
+             only: dict[str, list[str]] | None = None) -> Grid:
+    """Apply --seeds/--targets and the --attacks/--defenses/--datasets/--models filters (names or labels)."""
+    if seeds:
+        grid.seeds = list(seeds)
+    if targets:
+        grid.targets = list(targets)
+    for axis, wanted in (only or {}).items():
+        if not wanted:
+            continue
+        values = getattr(grid, axis)
+        keep = [v for v in values if _label_of(v) in wanted or _name_of(v) in wanted]
+        if not keep:
+            known = ", ".join(sorted({str(_name_of(v)) for v in values}))
+            raise ConfigError(f"--{axis} {','.join(wanted)}: none of these is in the grid (it has {known})")
+        setattr(grid, axis, keep)
+    return grid
+
+
+def _name_of(v: Any) -> Any:
+    return getattr(v, "name", v)
+
+
+def _label_of(v: Any) -> Any:
+    return getattr(v, "label", None) or _name_of(v)
+
+
+# -- which methods exist -----------------------------------------------------------------------------------
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def find_registered(name: str, registry: dict[str, Any]) -> str | None:
+    """The registered spelling of ``name`` (exact, else ignoring case and punctuation: d-st = dst = D_ST)."""
+    if name in registry:
+        return name
+    matches = [k for k in registry if _norm(k) == _norm(name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+@dataclass(frozen=True)
+class Detectors:
+    """The detectors' registry: ``registry`` maps names to detector classes, ``get(name, preset, overrides)``
+    builds one (``antibackdoor.detectors.get_detector``), raising ConfigError for parameters it rejects."""
+
+    registry: Mapping[str, Any]
+    get: Callable[[str, str, dict[str, Any] | None], Any] | None = None
+
+
+def detector_registry() -> Detectors | None:
+    """The detectors' registry (``antibackdoor.detectors``: ``DETECTORS`` and ``get_detector``), or None while
+    no detectors package exists. A package that exists but fails to import is an error, not 'missing'."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("antibackdoor.detectors") is None:
+        return None
+    mod = importlib.import_module("antibackdoor.detectors")
+    registry = getattr(mod, "DETECTORS", None)
+    if registry is None:
+        return None
+    return Detectors(registry, getattr(mod, "get_detector", None))
+
+
+def check_methods(cells: list[Cell], preset: str) -> tuple[list[Cell], dict[str, list[str]]]:
+    """Keep the cells whose defense (and detector) exist and accept the cell's parameters; say what is not."""
+    from ..attacks import ATTACKS
+    from ..defenses import DEFENSES, get_defense
+
+    detectors = detector_registry()
+    missing: dict[str, set[str]] = {}
+    kept: list[Cell] = []
+    verdict: dict[str, str | None] = {}
+    for cell in cells:
+        c = cell.config
+        if c["attack"] != "none" and c["attack"] not in ATTACKS:
+            raise ConfigError(f"attack {c['attack']!r} is not registered; known: none, {', '.join(sorted(ATTACKS))}")
+        key = json.dumps([c["defense"], c["defense_params"]], sort_keys=True, default=str)
+        if key not in verdict:
+            verdict[key] = _check_defense(c, preset, DEFENSES, detectors, get_defense, missing)
+        real = verdict[key]
+        if real is None:
+            continue
+        c["defense"] = real
+        det = _detector_of(c)
+        if det is not None and detectors is not None:
+            c["defense_params"]["detector"] = find_registered(det, detectors.registry) or det
+        kept.append(cell)
+    return kept, {k: sorted(v) for k, v in missing.items()}
+
+
+def _detector_of(c: dict) -> str | None:
+    return c["defense_params"].get("detector") if isinstance(c["defense_params"], dict) else None
+
+
+def _check_defense(c: dict, preset: str, defenses: dict, detectors: Detectors | None, get_defense: Any,
+                   missing: dict[str, set[str]]) -> str | None:
+    real = find_registered(c["defense"], defenses)
+    det = _detector_of(c)
+    det_real = find_registered(det, detectors.registry) if det is not None and detectors is not None else None
+    if det is not None and det_real is None:
+        missing.setdefault("detectors not available yet", set()).add(det)
+        if real is None:
+            missing.setdefault("defenses not available yet", set()).add(c["defense"])
+        return None
+    if real is None:
+        missing.setdefault("defenses not available yet", set()).add(c["defense"])
+        return None
+    params = dict(c["defense_params"])
+    if det_real is not None and detectors is not None:
+        params["detector"] = det_real
+        try:
+            if detectors.get is not None:  # the detector's own parameters, checked on their own
+                detectors.get(det_real, preset, params.get("detector_params") or None)
+        except AntibackdoorError as exc:
+            missing.setdefault("detectors that reject the suite's parameters", set()).add(f"{det_real} ({exc})")
+            return None
+    try:
+        get_defense(real, preset, params)
+    except AntibackdoorError as exc:
+        missing.setdefault("defenses that reject the suite's parameters", set()).add(f"{real} ({exc})")
+        return None
+    return real
+
+
+# -- the plan ----------------------------------------------------------------------------------------------
+def index_runs(out: Path) -> dict[str, Path]:
+    """Run id (the hash ending a run directory's name) -> directory, for every run under ``out``; a
+    finished copy wins over an unfinished one."""
+    found: dict[str, Path] = {}
+    if not out.is_dir():
+        return found
+    for marker in ("status.json", "metrics.json"):
+        for p in out.rglob(marker):
+            d = p.parent
+            if d.name == "checkpoints" or "-" not in d.name:
+                continue
+            rid = d.name.rsplit("-", 1)[-1]
+            if rid not in found or (d / "metrics.json").is_file():
+                found[rid] = d
+    return found
+
+
+def cell_state(run_dir: Path) -> tuple[str, str | None]:
+    if (run_dir / "metrics.json").is_file():
+        return "done", None
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return "pending", None
+    state = status.get("state")
+    if state == "failed":
+        return "failed", status.get("error")
+    if state == "running":
+        return "running", None
+    return "pending", status.get("error")
+
+
+def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> Plan:
+    from ..experiment import Experiment, make_config
+
+    cells, skipped = check_methods(grid.cells(), grid.preset)
+    runs = index_runs(out)
+    splits_cache: dict[tuple[str, str | None], Any] = {}
+    planned: list[Planned] = []
+    for cell in cells:
+        cfg = make_config({**cell.config, "out": str(out / "runs")}, where=f"cell {_where(cell)}")
+        exp = Experiment(cfg)
+        dkey = (cfg.dataset, cfg.data_root)
+        if dkey not in splits_cache:
+            try:
+                splits_cache[dkey] = exp.load_data()
+            except DataError as exc:
+                splits_cache[dkey] = exc
+        splits = splits_cache[dkey]
+        if isinstance(splits, DataError):
+            skipped.setdefault("datasets not available", []).append(f"{cfg.dataset} ({splits})")
+            continue
+        n = splits.train.num_classes
+        if cfg.target >= n:
+            raise ConfigError(f"cell {_where(cell)}: target {cfg.target} is not a class of {cfg.dataset} "
+                              f"({n} classes)")
+        exp.splits = splits
+        try:  # the attack checks its rate, target and sample budget against the data here
+            resolved = exp.resolve()
+        except ConfigError as exc:
+            raise ConfigError(f"cell {_where(cell)}: {exc}") from exc
+        run_dir = exp.run_dir(resolved)
+        rid = resolved.run_id()
+        where = runs.get(rid, run_dir)
+        state, error = cell_state(where) if where.exists() else ("pending", None)
+        p = Planned(cell, run_dir.name, where, state, error)
+        cell.axes["model"] = resolved.model
+        attack = resolved.attack.describe() if resolved.attack is not None else "none"
+        p.group = json.dumps([cfg.dataset, attack, cfg.poison_rate, cfg.target, cfg.seed, resolved.model,
+                              cfg.preset], sort_keys=True, default=str)
+        p.passes, p.shared = est.cell_passes(resolved.defense.describe(), len(splits.train), len(splits.test),
+                                             cfg.eval.ra_steps)
+        p.seconds_per_pass = est.seconds_per_pass(resolved.model, splits.train.channels,
+                                                  splits.train.image_size, n, threads)
+        if state == "done":
+            p.measured_s = _measured(where)
+        planned.append(p)
+    for k in list(skipped):
+        skipped[k] = sorted(set(skipped[k]))
+    return Plan(grid.name, grid.preset, suite, grid, planned, skipped)
+
+
+def _measured(run_dir: Path) -> float | None:
+    try:
+        m = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if any(e.get("hit") for e in m.get("stage_cache") or []):
+        return None  # a cell that loaded a stage says little about what the estimate counts
+    return m.get("time_total_s")
+
+
+def _where(cell: Cell) -> str:
+    a = cell.axes
+    return f"{a['dataset']}/{a['attack']}/{a['defense']}/model={a['model']}/rate={a['poison_rate']}" \
+           f"/target={a['target']}/seed={a['seed']}"
+
+
+def estimate_plan(plan: Plan, todo: list[Planned], workers: int) -> tuple[float, str]:
+    """Seconds the cells in ``todo`` should take with ``workers`` in parallel, and how that was judged.
+    A shared stage (stage cache) is counted for the first cell that needs it only."""
+    paid = {(p.group, k) for p in plan.cells if p.state == "done" for k, _ in p.shared}
+    total = 0.0
+    for p in todo:
+        passes = p.passes
+        for k, cost in p.shared:
+            if (p.group, k) in paid:
+                passes -= cost
+            else:
+                paid.add((p.group, k))
+        total += passes * p.seconds_per_pass
+    measured = [(p.measured_s, p.seconds_per_pass * p.passes) for p in plan.cells
+                if p.state == "done" and p.measured_s]
+    factor = est.calibration(measured)
+    how = (f"calibrated on {len(measured)} finished cell(s) here" if factor
+           else "from the quick cnn's speed on a 2-core CPU; attack preparation on first use not included")
+    return total * (factor or 1.0) / max(1, min(workers, len(todo) or 1)), how
+
+
+# -- running -----------------------------------------------------------------------------------------------
+def interleave(cells: list[Planned]) -> list[Planned]:
+    """Round-robin over groups (same poisoned data): concurrent workers then mostly train different
+    backdoored models, instead of one waiting for the stage another is training."""
+    groups: dict[str, list[Planned]] = {}
+    for p in cells:
+        groups.setdefault(p.group, []).append(p)
+    out: list[Planned] = []
+    lists = list(groups.values())
+    while any(lists):
+        for lst in lists:
+            if lst:
+                out.append(lst.pop(0))
+    return out
+
+
+def manifest_path(out: Path, plan: Plan) -> Path:
+    return out / "bench" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', plan.name)}-{plan.preset}.json"
+
+
+def write_manifest(out: Path, plan: Plan, extra: dict[str, Any] | None = None) -> Path:
+    path = manifest_path(out, plan)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "name": plan.name, "suite": plan.suite.name if plan.suite else None, "preset": plan.preset,
+        "updated": time.time(), "skipped": plan.skipped,
+        "cells": [{"run": os.path.relpath(p.run_dir, out), "axes": {k: v for k, v in p.cell.axes.items()
+                                                                     if not k.startswith("_")},
+                   "config": p.cell.config, "state": p.state, "error": p.error} for p in plan.cells],
+        **(extra or {}),
+    }
+    write_json(path, data)
+    return path
+
+
+def print_status(plan: Plan, file: Any = None) -> None:
+    file = file if file is not None else sys.stdout  # looked up now: sys.stdout may be replaced after import
+    counts = {s: plan.count(s) for s in STATES}
+    print(f"{plan.name} ({plan.preset}): {len(plan.cells)} cells: {counts['done']} done, {counts['failed']} failed, "
+          f"{counts['running']} running or interrupted, {counts['pending']} pending", file=file)
+    for p in plan.cells:
+        if p.state in ("failed", "running"):
+            extra = f": {p.error}" if p.error else ""
+            print(f"  {p.state:<8} {_where(p.cell)}  ({p.run_dir}){extra}", file=file)
+    for reason, what in plan.skipped.items():
+        print(f"  skipped, {reason}: {', '.join(what)}", file=file)

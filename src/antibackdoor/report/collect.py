@@ -1,0 +1,193 @@
+"""Reading a folder of run directories (and the bench manifests beside them) into flat records."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..bench.labels import label
+from ..caching import atomic_write
+
+log = logging.getLogger("antibackdoor")
+
+METRICS = ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr")
+#: metrics of the final model: not applicable to runs where no stage trained it (split only)
+MODEL_METRICS = ("acc", "asr", "ra")
+#: score names whose *low* values are suspicious (the rest: high = suspicious)
+LOW_IS_SUSPICIOUS = {"sce_adv"}
+
+
+@dataclass
+class Record:
+    """One run: its coordinates, labels, state and metrics (fractions; None where undefined)."""
+
+    run_dir: Path
+    rel: str
+    state: str
+    error: str | None
+    config: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    axes: dict[str, Any] = field(default_factory=dict)
+    manifests: list[str] = field(default_factory=list)
+    order: tuple = ()
+
+    @property
+    def model_trained(self) -> bool:
+        """False for a split-only run (no stage trained the final model): it has no ACC/ASR/RA."""
+        return self.metrics.get("model_trained") is not False
+
+    def not_applicable(self, metric: str) -> bool:
+        return metric in MODEL_METRICS and not self.model_trained
+
+    def value(self, metric: str) -> float | None:
+        if self.not_applicable(metric):
+            return None
+        v = self.metrics.get(metric)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return None
+        return float(v)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def default_axes(config: dict[str, Any]) -> dict[str, Any]:
+    attack, defense = config.get("attack", "?"), config.get("defense", "?")
+    return {"dataset": config.get("dataset"), "attack": label("attack", attack, config.get("attack_params")),
+            "attack_name": attack, "defense": label("defense", defense, config.get("defense_params")),
+            "defense_name": defense, "model": config.get("model"), "poison_rate": config.get("poison_rate"),
+            "target": config.get("target"), "seed": config.get("seed")}
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    dirs = set()
+    for marker in ("config.yaml", "status.json"):
+        for p in root.rglob(marker):
+            if p.parent.name != "checkpoints" and "-" in p.parent.name:
+                dirs.add(p.parent)
+    return sorted(dirs)
+
+
+def collect(root: Path) -> tuple[list[Record], list[dict[str, Any]]]:
+    """Every run under ``root`` as a Record, and the bench manifests found in ``root/bench``."""
+    root = Path(root)
+    manifests = [m for m in (_load_json(p) for p in sorted((root / "bench").glob("*.json"))) if m.get("cells")]
+    by_name: dict[str, tuple[dict[str, Any], tuple]] = {}
+    for mi, m in enumerate(manifests):
+        for ci, c in enumerate(m["cells"]):
+            by_name.setdefault(Path(c["run"]).name, (c["axes"], (mi, ci)))
+    records: list[Record] = []
+    seen: set[str] = set()
+    for d in find_run_dirs(root):
+        config = _load_yaml(d / "config.yaml")
+        metrics = _load_json(d / "metrics.json")
+        status = _load_json(d / "status.json")
+        state = "done" if metrics else {"failed": "failed", "running": "running"}.get(status.get("state"), "pending")
+        rec = Record(d, str(d.relative_to(root)), state, status.get("error"), config, metrics)
+        labelled = by_name.get(d.name)
+        rec.axes = dict(labelled[0]) if labelled else default_axes(config)
+        rec.order = labelled[1] if labelled else (len(manifests), d.name)
+        rec.axes["model"] = config.get("model", rec.axes.get("model"))
+        if labelled:
+            rec.manifests = [f"{m['name']}-{m['preset']}" for m in manifests
+                             if any(Path(c["run"]).name == d.name for c in m["cells"])]
+        records.append(rec)
+        seen.add(d.name)
+    # cells a manifest lists whose run directory does not exist yet (pending, or failed before starting)
+    for m in manifests:
+        for c in m["cells"]:
+            name = Path(c["run"]).name
+            if name in seen:
+                continue
+            seen.add(name)
+            rec = Record(root / c["run"], c["run"], c.get("state") or "pending", c.get("error"), c.get("config", {}))
+            rec.axes = dict(c["axes"])
+            rec.manifests = [f"{m['name']}-{m['preset']}"]
+            rec.order = by_name[name][1]
+            records.append(rec)
+    records.sort(key=lambda r: r.order)  # the grid's order (manifest cells), then other runs by name
+    return records, manifests
+
+
+def isolation(rec: Record) -> dict[str, Any] | None:
+    """Per-sample scores of a run (isolation.csv) with the direction that is suspicious; None without."""
+    path = rec.run_dir / "isolation.csv"
+    if not path.is_file():
+        return None
+    import numpy as np
+
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = [r for r in reader if len(r) >= 4]
+    if not header or not rows or rows[0][1] == "":
+        return None
+    scores = np.array([float(r[1]) for r in rows])
+    kept = np.array([r[2] == "1" for r in rows])
+    poison = np.array([r[3] == "1" for r in rows])
+    name = header[1]
+    higher = rec.metrics.get("higher_is_suspicious")
+    if higher is None:
+        if name in LOW_IS_SUSPICIOUS:
+            higher = False
+        elif (~kept).any() and kept.any():
+            higher = bool(scores[~kept].mean() > scores[kept].mean())
+        else:
+            higher = True
+    threshold = (rec.metrics.get("defense_info") or {}).get("threshold")
+    return {"scores": scores, "kept": kept, "poison": poison, "name": name, "higher": bool(higher),
+            "threshold": threshold}
+
+
+def write_results_csv(records: list[Record], path: Path) -> Path:
+    """One row per run: coordinates, labels, state, metrics (fractions), times, stage-cache savings."""
+    cols = ["run", "state", "dataset", "attack", "attack_label", "poison_rate", "target", "seed", "defense",
+            "defense_label", "model", "preset", *METRICS, "model_trained", "isolated", "poisoned", "train_size",
+            "time_total_s", "stage_cache_hits", "stage_cache_saved_s", "error"]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for r in records:
+                w.writerow(["" if v is None else v for v in _csv_row(r)])
+
+    atomic_write(path, write)
+    return path
+
+
+def _csv_row(r: Record) -> list[Any]:
+    c, m, a = r.config, r.metrics, r.axes
+    hits = [e for e in m.get("stage_cache") or [] if e.get("hit")]
+    return [r.rel, r.state, c.get("dataset", a.get("dataset")), c.get("attack", a.get("attack_name")),
+            a.get("attack"), c.get("poison_rate", a.get("poison_rate")), c.get("target", a.get("target")),
+            c.get("seed", a.get("seed")), c.get("defense", a.get("defense_name")), a.get("defense"),
+            c.get("model", a.get("model")), c.get("preset"),
+            *[_fmt(r.value(k)) for k in METRICS], r.model_trained, m.get("isolated"), m.get("poisoned"),
+            m.get("train_size"),
+            m.get("time_total_s"), len(hits), round(sum(e.get("seconds", 0) for e in hits), 1),
+            (r.error or "").replace("\n", " ")]
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.6g}"
