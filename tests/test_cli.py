@@ -244,3 +244,25 @@ def test_console_script_and_listing(tmp_path):
     out = subprocess.run([*exe, "run", "--poison-rate", "2"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["antibackdoor: error: --poison-rate 2.0: must lie in (0, 1)"]
+
+
+def _strict(text: str):
+    """Parse JSON as a strict parser would: the bare words NaN / Infinity are errors."""
+    def bad(token: str):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=bad)
+
+
+def test_every_json_file_of_a_clean_run_is_strict(tmp_path, tiny_npz, capsys):
+    """With --attack none the isolation TPR is undefined: metrics.json says null, not NaN (issue 17)."""
+    args = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "runs"), "--attack", "none",
+            "--defense", "a-abl", "--model", "cnn-small", "--defense-param", "naive.epochs=1",
+            "--defense-param", "final.epochs=1", "--json"]
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    files = sorted(run_dir.glob("*.json"))
+    assert {p.name for p in files} >= {"metrics.json", "history.json", "status.json"}
+    parsed = {p.name: _strict(p.read_text()) for p in files}
+    assert parsed["metrics.json"]["tpr"] is None and parsed["metrics.json"]["acc"] is not None
+    assert _strict(out[out.index("{"):])["tpr"] is None  # --json output too
