@@ -42,7 +42,7 @@ def test_registry_lists_every_detector(capsys):
     assert main(["detectors"]) == 0
     out = capsys.readouterr().out
     for name in ("ifgsm-sce", "aibd-flip", "activation-clustering", "spectral-signature", "scale-up",
-                 "randaugment-sce", "autoaugment-sce", "augmix-sce", "dbd-sce"):
+                 "randaugment-sce", "autoaugment-sce", "augmix-sce", "dbd-sce", "abl-loss", "dst-fct"):
         assert name in DETECTORS and name in out
     with pytest.raises(ConfigError, match="unknown detector"):
         get_detector("nope")

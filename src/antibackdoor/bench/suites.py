@@ -161,11 +161,11 @@ _add(Suite(
     "D-ST's separation into clean / suspicious / poisoned, then PGD adversarial training on the clean part or "
     "on clean + suspicious: adversarial training completes a split that misses whole-image triggers.",
     {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AABL_ATTACKS, only=("blend", "wanet")),
-               "defenses": [_detector("d-st", "Clean", split_only=False, keep="clean"),
-                            _detector("d-st", "Clean + Suspicious", split_only=False, keep="clean+suspicious")]},
+               "defenses": [_detector("dst-fct", "Clean", split_only=False, keep="clean"),
+                            _detector("dst-fct", "Clean + Suspicious", split_only=False, keep="clean+suspicious")]},
      "paper": {"datasets": ["cifar10", "gtsrb"], "attacks": _attacks(AABL_ATTACKS, only=("blend", "wanet")),
-               "defenses": [_detector("d-st", "Clean", split_only=False, keep="clean"),
-                            _detector("d-st", "Clean + Suspicious", split_only=False, keep="clean+suspicious")]}},
+               "defenses": [_detector("dst-fct", "Clean", split_only=False, keep="clean"),
+                            _detector("dst-fct", "Clean + Suspicious", split_only=False, keep="clean+suspicious")]}},
     (TableSpec("gamma / rho_vul / ACC / ASR (%)", rows="attack", cols="defense",
                metrics=("gamma", "rho_vul", "acc", "asr"), blocks="dataset", published="aabl_t4"),),
 ))
@@ -231,13 +231,13 @@ _add(Suite(
 ))
 
 _T2_ATTACKS = ("badnets", "blend", "sig", "iab", "trojan")
-_T2_SCHEMES = [_detector("activation-clustering", "Neural activation"), {"name": "abl", "label": "ABL"},
+_T2_SCHEMES = [_detector("activation-clustering", "Neural activation"), _detector("abl-loss", "ABL"),
                _detector("dbd-sce", "DBD"), _detector("scale-up", "SCALE-UP"), {"name": "aibd", "label": "AIBD"}]
 _add(Suite(
     "aibd-t2", "Isolation quality: TPR / FPR", "AIBD Table 2",
     "How well each scheme isolates the poisoned samples: activation clustering ('Neural activation'), ABL's "
-    "loss isolation (the ABL defense's isolated set), DBD's SCE split (the dbd-sce detector), SCALE-UP and AIBD "
-    "(its final top-q). Detector cells train nothing after the split.",
+    "loss isolation (the abl-loss detector: the ABL defense's isolation stage), DBD's SCE split (the dbd-sce "
+    "detector), SCALE-UP and AIBD (its final top-q). Detector cells train nothing after the split.",
     {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AIBD_ATTACKS, only=_T2_ATTACKS), "defenses": _T2_SCHEMES},
      "paper": {"datasets": ["cifar10"], "attacks": _attacks(AIBD_ATTACKS, only=_T2_ATTACKS),
                "defenses": _T2_SCHEMES}},
