@@ -106,10 +106,7 @@ class DBR(Defense):
                  int(sep.poisoned.sum()), int(sep.clean.sum()))
         hist_r = remove_backdoor(model, data, sep.poisoned, sep.clean, p.rounds, derive_seed(ctx.seed, "d-br"),
                                  ctx.device, p.unlearn_weight, ctx.compute_precision())
-        history = {**sep.history, "backdoored": hist_b, "removal": hist_r}
-        return DefenseResult(model, kept=~sep.poisoned, scores=sep.scores, score_name="fct",
-                             higher_is_suspicious=True, info=sep.info(), history=history,
-                             sample_stats={"sd_part": sep.part()})
+        return sep.result(model, {"backdoored": hist_b, "removal": hist_r})
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:

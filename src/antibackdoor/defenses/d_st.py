@@ -236,10 +236,7 @@ class DST(Defense):
                                 loss_fn=self.head_loss(aug, sep.clean[part].to(ctx.device),
                                                        sep.poisoned[part].to(ctx.device)))
         model = frozen.release().eval()
-        history = {**sep.history, "contrastive": hist_c, "head": hist_h}
-        return DefenseResult(model, kept=~sep.poisoned, scores=sep.scores, score_name="fct",
-                             higher_is_suspicious=True, info=sep.info(), history=history,
-                             sample_stats={"sd_part": sep.part()})
+        return sep.result(model, {"contrastive": hist_c, "head": hist_h})
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:

@@ -177,6 +177,13 @@ class Separation:
                 "clean": int(self.clean.sum()), "uncertain": int(self.uncertain.sum()),
                 "poisoned": int(self.poisoned.sum())}
 
+    def result(self, model: nn.Module, history: dict[str, list[dict]]) -> DefenseResult:
+        """D-BR's and D-ST's result: ``model`` after their treatment, with D_p isolated and the separation's
+        scores, facts and parts (``history`` adds the defense's own stages to the separation's)."""
+        return DefenseResult(model, kept=~self.poisoned, scores=self.scores, score_name="fct",
+                             higher_is_suspicious=True, info=self.info(), history={**self.history, **history},
+                             sample_stats={"sd_part": self.part()})
+
 
 def intra_loss_fn(num_classes: int):
     """The intra-class fine-tuning objective for train(loss_fn=...)."""
