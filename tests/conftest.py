@@ -52,3 +52,24 @@ def write_npz(path, n_train=240, n_test=60, size=16, classes=4, seed=0, **overri
 @pytest.fixture()
 def tiny_npz(tmp_path):
     return write_npz(tmp_path / "tiny.npz")
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test: tiny networks gain nothing from two and lose badly on a shared, busy CPU
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_set(n: int = 40, size: int = 16, classes: int = 4, seed: int = 0):
+    """``n`` random uint8 images of ``size`` x ``size``, labels cycling through ``classes``: data that only has to
+    flow through a defense, not be learned."""
+    from antibackdoor.data.imageset import ImageSet
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % classes
+    return ImageSet(x, y, [f"c{i}" for i in range(classes)], (0.5,) * 3, (0.25,) * 3, "tiny")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_set
 
 import antibackdoor as ab
 from antibackdoor.bench.runner import check_methods, load_grid
@@ -14,20 +15,9 @@ from antibackdoor.errors import ConfigError
 from antibackdoor.models import build_model
 from antibackdoor.precision import resolve_precision
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_set(n=48, size=16, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-    y = torch.arange(n) % classes
-    return ab.ImageSet(x, y, [f"c{i}" for i in range(classes)], (0.5,) * 3, (0.25,) * 3, "tiny")
 
 
 def ctx_for(seed=0, classes=4, size=16):
@@ -40,7 +30,7 @@ ABL_TINY = {"isolation": {"epochs": 2, "batch_size": 16}, "isolation_ratio": 0.1
 
 @pytest.mark.parametrize("seed", [0, 5])
 def test_abl_loss_is_the_abl_defenses_isolation(seed):
-    data = tiny_set()
+    data = tiny_set(48)
     ref = ab.get_defense("abl", "quick", {**ABL_TINY, "finetune": {"epochs": 0}, "unlearn": {"epochs": 1}}
                          ).run(data, ctx_for(seed))
     r = get_detector("abl-loss", overrides={"abl": ABL_TINY}).score(data, ctx_for(seed))
@@ -62,7 +52,7 @@ SEP_TINY = {"warmup": {"epochs": 1, "batch_size": 16}, "intra": {"epochs": 1, "b
 def test_dst_fct_is_the_d_st_and_d_br_split(seed):
     from antibackdoor.defenses.separation import PARTS
 
-    data = tiny_set()
+    data = tiny_set(48)
     ref = ab.get_defense("d-st", "quick", {"separation": SEP_TINY, "contrastive": {"epochs": 1, "batch_size": 16},
                                            "head": {"epochs": 1, "batch_size": 16}}).run(data, ctx_for(seed))
     part = ref.sample_stats["sd_part"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_set
 
 import antibackdoor as ab
 from antibackdoor.data.trusted import reserve_trusted, trusted_counts
@@ -26,20 +27,9 @@ from antibackdoor.models import build_model
 from antibackdoor.precision import PLAIN, resolve_precision
 from antibackdoor.training import StepOutput, TrainConfig, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_set(n=40, size=16, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-    y = torch.arange(n) % classes
-    return ab.ImageSet(x, y, [f"c{i}" for i in range(classes)], (0.5,) * 3, (0.25,) * 3, "tiny")
 
 
 # -- ABL ---------------------------------------------------------------------------------------------------

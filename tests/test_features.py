@@ -8,13 +8,7 @@ import torch
 from antibackdoor.models import MODELS, build_model
 from antibackdoor.models.features import capture, classifier_head, penultimate_features, stage_modules
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

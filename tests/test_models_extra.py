@@ -12,13 +12,7 @@ NEW = ["resnet34", "wrn16-1", "wrn16-2", "vgg16", "mobilenetv2", "densenet121"]
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: two threads on a busy shared CPU wait on each other at DenseNet's many small ops (60x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ours with 10 classes, 3 channels, 32 px (docs/models.md lists these)
