@@ -108,6 +108,6 @@ class AIBDFlip(Detector):
             surplus = guess_target(rank_desc(scores), y, list(data.classes), p.target_fractions, p.alpha)
             if surplus.target is not None:
                 scores = torch.where(y == surplus.target, scores, scores.min() - 1 - (scores.max() - scores))
-            info.update(target=surplus.target, target_best=surplus.best, target_p=surplus.p,
-                        target_filter_applied=surplus.target is not None)
+            info.update(target=surplus.target, target_best=surplus.best, target_p=surplus.p, target_filter=True,
+                        target_filter_applied=surplus.target is not None, target_surplus=surplus.as_dict())
         return scores, None, info
