@@ -192,6 +192,7 @@ def test_report_shows_what_a_person_needs(poisoned):
     assert "Otsu's threshold always cuts" in page.of("assumption-list")
     decisions = dict((r[0], r[1]) for r in page.rows["decisions"])
     assert float(decisions["threshold"]) > 0
+    assert "guess-table" not in page.rows  # A-ABL makes no target guess of its own
     md = (run_dir / "report.md").read_text()
     assert "Backdoor suspected" in md and "![score histogram](scores_hist.png)" in md
     for name in ("scores_hist.png", "suspicious_grid.png", "isolated_per_class.png", "clean_indices.txt",
@@ -357,6 +358,26 @@ def test_aibd_suggests_labels_and_the_surplus_test_reads_its_score_ranking(tmp_p
     suggested = [r for r in isolated if r["suggested_label"]]
     assert suggested and all(r["suggested_class"] != r["class"] for r in suggested)
     assert m["mask"]["auc"] >= 0.85, m["mask"]
+    # the report shows AIBD's own target guess: the class, its p-value, what the filter did, the surplus bars
+    from antibackdoor.surplus import fmt_p
+
+    info = m["defense_info"]
+    p_text = fmt_p(info["target_p"])
+    page = parse(run_dir / "report.html")
+    guess = page.of("guess-verdict")
+    assert "Target: class3 (3)" in guess and f"adjusted p = {p_text}" in guess and "filter applied" in guess
+    assert "restricted the isolated set to this class" in guess
+    table = page.rows["guess-table"]
+    assert len(table) == 1 + 10 and table[0][:2] == ["class", f"in top {info['target_surplus']['flagged']}"]
+    assert [int(r[1]) for r in table[1:]] == [row["flagged"] for row in info["target_surplus"]["rows"]]
+    assert next(r for r in table if r[0] == "class3")[3] == p_text
+    bars = [src for src in page.imgs if src.startswith("data:image/png;base64,")]
+    assert 'alt="per-class surplus behind the target guess"' in (run_dir / "report.html").read_text()
+    assert len(bars) == len(page.imgs) and (run_dir / "target_surplus.png").is_file()
+    md = (run_dir / "report.md").read_text()
+    assert f"**Target: class3 (3)** (adjusted p = {p_text}; threshold 0.01; target filter applied)" in md
+    assert "![per-class surplus behind the target guess](target_surplus.png)" in md
+    assert "| **class3** |" in md.split("## The defense's own target guess")[1]
 
 
 def test_npz_with_its_own_test_split_and_a_defense_that_isolates_nothing(tmp_path, tiny_npz):

@@ -91,3 +91,33 @@ def test_ranking_and_auc():
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 0, 2)
     assert m["tpr"] == 1.0 and np.isclose(m["fpr"], 1 / 3) and m["precision_at_1"] == 1.0
     assert np.isclose(m["precision_at_3"], 2 / 3) and m["precision_at_poisoned"] == 1.0
+
+
+def test_target_guess_says_what_the_filter_did():
+    """A defense's recorded target guess (AIBD's defense_info) read back for the reports: the class called, or
+    why none was, with the p-value and the filter's state."""
+    from antibackdoor.defenses.aibd import TARGET_FRACTIONS
+    from antibackdoor.surplus import TargetGuess, fmt_p
+
+    y = np.arange(1000) % 10
+    top = np.flatnonzero(y == 4)[:60]
+    order = np.concatenate([top, np.setdiff1d(np.random.default_rng(0).permutation(1000), top,
+                                              assume_unique=True)])
+    called = class_surplus(y, order, np.zeros(1000, bool), CLASSES, 0.01, TARGET_FRACTIONS)
+    plain = class_surplus(y, np.random.default_rng(1).permutation(1000), np.zeros(1000, bool), CLASSES, 0.01,
+                          TARGET_FRACTIONS)
+    assert called.target == 4 and plain.target is None
+    assert TargetGuess.from_info({"threshold": 0.5}) is None  # a defense that guesses nothing
+    g = TargetGuess.from_info({"target_filter": True, "target_filter_applied": True,
+                               "target_surplus": called.as_dict()})
+    assert (g.target, g.filter_state) == ("c4 (4)", "applied")
+    assert f"p = {fmt_p(called.p)} < 0.01" in g.text() and "restricted the isolated set to this class" in g.text()
+    off = TargetGuess.from_info({"target_filter": False, "target_filter_applied": False,
+                                 "target_surplus": called.as_dict()})
+    assert off.filter_state == "off" and "filter is off" in off.text()
+    declined = TargetGuess.from_info({"target_filter": True, "target_filter_applied": False,
+                                      "target_surplus": plain.as_dict()})
+    assert (declined.target, declined.filter_state) == ("none", "declined")
+    text = declined.text()
+    assert "No target guessed" in text and f"p = {fmt_p(plain.p)} >= 0.01" in text and declined.best in text
+    assert "target filter declined" in text and "none" in declined.title() and "declined" in declined.title()

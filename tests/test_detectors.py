@@ -241,6 +241,32 @@ def test_core_scorers_are_unchanged(small_train):
         assert (data.y[filtered.isolated] == target).all()
 
 
+def test_paper_settings_give_isolate_then_train_the_defenses_split(small_train):
+    """Under --preset paper a dataset's settings for A-ABL (split eps 1/255 on Tiny-ImageNet) and AIBD reach the
+    detector inside isolate-then-train, which then scores as the defenses themselves do on that dataset."""
+    from antibackdoor.adversarial.pgd import pgd_statistics
+    from antibackdoor.data.imageset import PaperSettings
+    from antibackdoor.data.tiny_imagenet import TINY_PAPER
+    from antibackdoor.defenses.aibd import amplified_scores, flip_config, flip_counts
+    from antibackdoor.experiment import resolve_defense
+
+    data = small_train.subset(torch.arange(64))
+    torch.manual_seed(0)
+    model = ab.build_model("cnn-small", 10)
+    ctx = DefenseContext(ab.model_factory("cnn-small", data))
+    aabl = resolve_defense("a-abl", "paper", {}, TINY_PAPER)
+    iso = resolve_defense("isolate-then-train", "paper", {}, TINY_PAPER)
+    ref = aabl.split_scores(model, data, ctx)
+    assert torch.equal(iso.detector.score(data, ctx, model=model).scores, ref.double())
+    assert not torch.equal(get_detector("ifgsm-sce", "paper").score(data, ctx, model=model).scores, ref.double())
+    paper = PaperSettings(defense_params={"aibd": {"pgd_step": 2 / 255, "pgd_cap": 20}})
+    aibd = resolve_defense("aibd", "paper", {}, paper)
+    flip = resolve_defense("isolate-then-train", "paper", {"detector": "aibd-flip"}, paper)
+    stats = pgd_statistics(model, data.x, data.y, flip_config(aibd.params))
+    want = amplified_scores(flip_counts(stats, aibd.params.pgd_cap), stats.grad_norm)
+    assert torch.equal(flip.detector.score(data, ctx, model=model).scores, want)
+
+
 def tiny_quick(extra=None):
     over = {"detector_params": {"model": {"epochs": 1}},
             "train": {"epochs": 1, "adversary": {"steps": 1}}}

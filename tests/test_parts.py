@@ -136,6 +136,47 @@ def test_user_values_win_over_the_dataset_and_reach_only_their_defense():
     assert r.model == "resnet34" and "split_eps" not in r.as_dict()["defense_resolved"]
 
 
+def test_paper_settings_reach_the_detector_inside_isolate_then_train():
+    """The dataset's A-ABL settings (split eps 1/255 on Tiny-ImageNet) reach ifgsm-sce inside isolate-then-train
+    as they reach A-ABL's own split, under ``paper`` only; the user's detector_params still win."""
+    aabl = _resolve(TINY_PAPER, defense="a-abl", preset="paper")
+    iso = _resolve(TINY_PAPER, defense="isolate-then-train", preset="paper")
+    a, det = aabl.defense.params, iso.defense.detector.params
+    assert (det.eps, det.steps, det.step, det.loss, det.model) == (a.split_eps, a.split_steps, a.split_step,
+                                                                   a.split_loss, a.naive)
+    assert det.eps == pytest.approx(1 / 255) and iso.model == aabl.model == "resnet34"
+    assert iso.as_dict()["defense_resolved"]["detector_resolved"]["eps"] == pytest.approx(1 / 255)  # run id too
+    quick = _resolve(TINY_PAPER, defense="isolate-then-train")
+    assert quick.defense.detector.params.eps == pytest.approx(2 / 255) and quick.model == "cnn"
+    mine = _resolve(TINY_PAPER, defense="isolate-then-train", preset="paper",
+                    defense_params={"detector_params": {"eps": 0.5 / 255}})
+    assert mine.defense.detector.params.eps == pytest.approx(0.5 / 255)
+
+
+def test_paper_settings_reach_aibd_flip_as_they_reach_aibd():
+    """A dataset's AIBD settings reach aibd-flip's flip counting and surplus test, not AIBD's training recipes
+    (the detector's suspect model is A-ABL's naive stage); the run trains AIBD's paper model (GTSRB: WRN-16-1)."""
+    from antibackdoor.detectors import DETECTORS
+    from antibackdoor.detectors.base import PAPER_SUSPECT
+
+    paper = replace(GTSRB_PAPER, defense_params={"aibd": {"pgd_step": 2 / 255, "pgd_cap": 60, "alpha": 0.01,
+                                                          "target_fractions": [0.05], "infected": {"epochs": 3}}})
+    aibd = _resolve(paper, defense="aibd", preset="paper")
+    flip = _resolve(paper, defense="isolate-then-train", preset="paper", defense_params={"detector": "aibd-flip"})
+    det = flip.defense.detector.params
+    for name in DETECTORS["aibd-flip"].paper_param_names:
+        assert getattr(det, name) == getattr(aibd.defense.params, name), name
+    assert det.pgd_cap == 60 and det.target_fractions == (0.05,) and det.model == PAPER_SUSPECT
+    assert flip.model == aibd.model == "wrn16-1"
+    # quick: the presets and the CPU model on every dataset
+    quick = _resolve(paper, defense="isolate-then-train", defense_params={"detector": "aibd-flip"})
+    assert quick.defense.detector.params.pgd_cap == 255 and quick.model == "cnn"
+    # detectors of other defenses take nothing of AIBD's
+    ac = _resolve(paper, defense="isolate-then-train", preset="paper",
+                  defense_params={"detector": "spectral-signature"})
+    assert ac.model == "resnet18"
+
+
 def test_resolve_decides_everything_and_changes_nothing(tmp_path):
     exp = Experiment(make_config({"attack": "blend", "out": str(tmp_path / "runs")}))
     exp.splits = _splits(PaperSettings())

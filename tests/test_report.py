@@ -161,6 +161,71 @@ def test_report_of_plain_runs_with_rates(tmp_path):
     assert "runs-rate_curves.png" in md and (tmp_path / "report_files" / "runs-rate_curves.png").is_file()
 
 
+def aibd_run(root: Path, attack: str, target: int, crowded: int | None, seed: int = 0) -> Path:
+    """A finished AIBD run whose defense_info holds its target guess, made by the real class-surplus test on a
+    ranking where class ``crowded`` fills the top 60 places (None: a ranking in random order)."""
+    from antibackdoor.defenses.aibd import TARGET_FRACTIONS
+    from antibackdoor.surplus import class_surplus
+
+    config = {"dataset": "cifar10-mini", "attack": attack, "attack_params": {}, "poison_rate": 0.1,
+              "target": target, "defense": "aibd", "defense_params": {}, "model": "cnn", "preset": "quick",
+              "seed": seed}
+    d = fake_run(root, config)
+    y = np.arange(1000) % 10
+    order = np.random.default_rng(seed).permutation(1000)
+    if crowded is not None:
+        first = np.flatnonzero(y == crowded)[:60]
+        order = np.concatenate([first, order[~np.isin(order, first)]])
+    s = class_surplus(y, order, np.zeros(1000, bool), [f"c{i}" for i in range(10)], 0.01, TARGET_FRACTIONS)
+    metrics = json.loads((d / "metrics.json").read_text())
+    metrics["defense_info"] = {"target": s.target, "target_best": s.best, "target_p": s.p, "target_filter": True,
+                               "target_filter_applied": s.target is not None, "target_surplus": s.as_dict()}
+    write_json(d / "metrics.json", metrics)
+    return d
+
+
+def test_report_shows_aibd_target_guesses(tmp_path):
+    """Each AIBD run's guessed target (or that the filter declined), its p-value and the per-class surplus bars,
+    in report.md and, inline, in report.html."""
+    aibd_run(tmp_path, "badnets", 3, crowded=3)  # right
+    aibd_run(tmp_path, "blend", 3, crowded=5, seed=1)  # a clean class crowds the top: a wrong guess
+    aibd_run(tmp_path, "none", 0, crowded=None, seed=2)  # clean data, no class called: the filter declines
+    fake_run(tmp_path, {"dataset": "cifar10-mini", "attack": "badnets", "attack_params": {}, "poison_rate": 0.1,
+                        "target": 3, "defense": "a-abl", "defense_params": {}, "model": "cnn", "preset": "quick",
+                        "seed": 0})  # no guess of its own: no row
+    from antibackdoor.report import write_report
+
+    paths = write_report(tmp_path)
+    md = paths["markdown"].read_text()
+    part = md.split("### Target guesses")[1].split("###")[0]
+    rows = {r[2]: r for r in ([c.strip() for c in ln.split("|")] for ln in part.splitlines()
+                              if ln.startswith("| `"))}
+    assert set(rows) == {"BadNets", "Blend", "clean"}
+    for attack, truth, guess, filt, right in (("BadNets", "c3 (3)", "c3 (3)", "applied", "yes"),
+                                              ("Blend", "c3 (3)", "c5 (5)", "applied", "**no**"),
+                                              ("clean", "none (clean data)", "none", "declined", "yes")):
+        assert rows[attack][5:7] == [truth, guess] and rows[attack][8:10] == [filt, right], rows[attack]
+    metrics = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("runs/*aibd*/metrics.json")}
+    from antibackdoor.surplus import fmt_p
+
+    for row in rows.values():
+        info = next(m["defense_info"] for name, m in metrics.items() if row[1].strip("`").endswith(name))
+        assert row[7] == fmt_p(info["target_p"])
+    assert float(rows["BadNets"][7]) < 0.01 <= float(rows["clean"][7])
+    assert "true target in 1 of 2 runs (no class called in 0); on clean data no class was called in 1 of 1" in part
+    # the bars: a PNG beside report.md, inline in report.html
+    assert "(report_files/runs-target_surplus.png)" in md
+    assert (tmp_path / "report_files" / "runs-target_surplus.png").is_file()
+    html = paths["html"].read_text()
+    page = _Page()
+    page.feed(html)
+    text = " ".join(page.text)
+    assert "Target guesses" in text and "declined" in text and "none (clean data)" in text
+    imgs = [m for m in re.finditer(r'<img alt="([^"]*)" src="([^"]*)"', html) if "class-surplus test" in m.group(1)]
+    assert len(imgs) == 1 and imgs[0].group(2).startswith("data:image/png;base64,")
+    assert not page.links
+
+
 def test_report_of_an_empty_folder_is_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err

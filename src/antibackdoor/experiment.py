@@ -26,7 +26,7 @@ from torch import nn
 
 from .attacks.base import ATTACKS, Attack, PoisonedSet, get_attack
 from .caching import atomic_write
-from .config import deep_update, from_dict, to_dict
+from .config import from_dict, to_dict
 from .data.imageset import DatasetSplits, ImageSet, PaperSettings
 from .data.registry import load_dataset
 from .data.trusted import reserve_trusted
@@ -190,7 +190,7 @@ def no_poison(train: ImageSet, target: int) -> PoisonedSet:
 
 def resolve_model(model: str | None, defense: str, paper: PaperSettings | None) -> str:
     """The model name a run uses: the one asked for, else the dataset's paper model under ``--preset paper``
-    (``paper`` given), else the CPU model."""
+    (``paper`` given) for ``defense`` (the resolved defense's ``paper_source``), else the CPU model."""
     name = model or (paper.model_for(defense) if paper is not None else QUICK_MODEL)
     if name not in MODELS:
         raise ConfigError(f"--model: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
@@ -200,12 +200,9 @@ def resolve_model(model: str | None, defense: str, paper: PaperSettings | None) 
 def resolve_defense(name: str, preset: str, overrides: dict[str, Any], paper: PaperSettings | None) -> Defense:
     """The defense with its preset, the dataset's paper settings for it (``paper`` given: ``--preset paper``
     only), then the user's overrides. A variant of a paper's defense takes that defense's settings
-    (``Defense.paper_settings_of``)."""
-    from .defenses.base import DEFENSES
-
-    key = getattr(DEFENSES.get(name), "paper_settings_of", "") or name
-    data_params = paper.defense_params.get(key, {}) if paper is not None else {}
-    return get_defense(name, preset, deep_update(data_params, overrides))
+    (``Defense.paper_settings_of``); the detector of ``isolate-then-train`` takes those of the defense whose
+    scorer it is (``Detector.paper_settings_of``)."""
+    return get_defense(name, preset, overrides, paper)
 
 
 def run_in_dir(run_dir: Path, config: dict[str, Any], resume: bool, force: bool,
@@ -272,8 +269,8 @@ class Experiment:
         c = self.config
         splits = self.load_data()
         paper = splits.paper if c.preset == "paper" else None
-        model = resolve_model(c.model, c.defense, paper)
         defense = resolve_defense(c.defense, c.preset, c.defense_params, paper)
+        model = resolve_model(c.model, defense.paper_source, paper)
         train = splits.train
         if defense.trusted_fraction() is not None:  # a fraction that leaves a class empty fails here
             train = train.subset(~self.trusted_mask(defense, train))

@@ -23,12 +23,16 @@ def _finish(fig, path: Path) -> Path:
     return path
 
 
-def class_surplus_figure(surplus, title: str | None = None):
+def class_surplus_figure(surplus, title: str | None = None, ax=None):
     """The class-surplus test as bars: each class's count among the top ``surplus.flagged`` of the ranking
     against its count at the other classes' rate (the called target, if any, in red). ``surplus`` is an
-    ``antibackdoor.surplus.Surplus``; returns the open figure."""
+    ``antibackdoor.surplus.Surplus``; drawn into ``ax`` when given (one panel of a grid), else into a new
+    figure; returns the open figure."""
     rows = list(surplus.rows)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.4), dpi=110)
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.4), dpi=110)
+    fig = ax.figure
     xs = np.arange(len(rows))
     colors = ["tab:red" if r.label == surplus.target else "tab:blue" for r in rows]
     ax.bar(xs, [r.flagged for r in rows], color=colors, label=f"among the {surplus.flagged} most suspicious")
@@ -37,9 +41,10 @@ def class_surplus_figure(surplus, title: str | None = None):
     ax.set_xticks(xs)
     ax.set_xticklabels([r.name[:12] for r in rows], rotation=45 if len(rows) > 6 else 0, ha="right", fontsize=8)
     ax.set_ylabel("samples")
-    ax.set_title(title or f"the {surplus.flagged} most suspicious samples by class", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_title(title or f"the {surplus.flagged} most suspicious samples by class", fontsize=10 if own else 8)
+    ax.legend(fontsize=8 if own else 6)
+    if own:
+        fig.tight_layout()
     return fig
 
 

@@ -149,4 +149,74 @@ def class_surplus(y: np.ndarray, score_order: np.ndarray, isolated: np.ndarray, 
     return Surplus(rows, depth, target, best, p, depths, alpha, dispersion, note)
 
 
-__all__ = ["ALPHA", "DEPTHS", "MIN_DEPTH", "ClassRow", "Surplus", "class_surplus", "scan_depths"]
+def fmt_p(p: float) -> str:
+    """A p-value for a reader: two decimals, or scientific notation below 0.01."""
+    if p >= 0.01:
+        return f"{p:.2f}"
+    return f"{p:.1e}" if p > 0 else "< 1e-300"
+
+
+@dataclass
+class TargetGuess:
+    """A defense's guess of the target class, as it recorded it in its info (AIBD's ``target``,
+    ``target_p``, ``target_filter``, ``target_filter_applied``, ``target_surplus``), for reports."""
+
+    surplus: Surplus
+    filter_on: bool  # the defense's target filter was switched on
+    applied: bool  # it restricted the isolation to the guessed class
+
+    @classmethod
+    def from_info(cls, info: dict | None) -> TargetGuess | None:
+        """The guess recorded in ``info`` (a run's ``defense_info``), None when it records none."""
+        if not info or not isinstance(info.get("target_surplus"), dict):
+            return None
+        surplus = Surplus.from_dict(info["target_surplus"])
+        return cls(surplus, bool(info.get("target_filter", True)), bool(info.get("target_filter_applied")))
+
+    def _name(self, label: int | None) -> str:
+        rows = {r.label: r for r in self.surplus.rows}
+        return "-" if label is None else f"{rows[label].name} ({label})" if label in rows else str(label)
+
+    @property
+    def target(self) -> str:
+        """The guessed class as 'name (label)', or 'none'."""
+        return "none" if self.surplus.target is None else self._name(self.surplus.target)
+
+    @property
+    def best(self) -> str:
+        """The strongest candidate as 'name (label)' (reported whether or not it was called)."""
+        return self._name(self.surplus.best)
+
+    @property
+    def filter_state(self) -> str:
+        """'applied', 'declined' (on, but no class had a significant surplus) or 'off'."""
+        return "applied" if self.applied else "declined" if self.filter_on else "off"
+
+    def title(self) -> str:
+        """A figure title: depth, guess, p-value, what the filter did."""
+        return (f"target guess (top {self.surplus.flagged} by amplified flip count): {self.target}, "
+                f"p = {fmt_p(self.surplus.p)}; filter {self.filter_state}")
+
+    def text(self) -> str:
+        """One paragraph: the guess, its evidence and what the filter did with it."""
+        s = self.surplus
+        rows = {r.label: r for r in s.rows}
+        if s.target is not None:
+            r = rows[s.target]
+            out = (f"Guessed target: class {self.target}. It holds {r.flagged} of the {s.flagged} samples ranked "
+                   f"highest by amplified flip count, {r.expected:.1f} at the other classes' rate (adjusted "
+                   f"p = {fmt_p(s.p)} < {s.alpha:g}). ")
+            return out + ("The target filter restricted the isolated set to this class." if self.applied else
+                          "The target filter is off, so the isolated set was not restricted to it.")
+        strongest = ""
+        if s.best is not None:
+            r = rows[s.best]
+            strongest = (f"; the strongest candidate, class {self.best}, holds {r.flagged} of the top {s.flagged} "
+                         f"against {r.expected:.1f} at the other classes' rate")
+        out = ("No target guessed: no class has a significant surplus at the top of the ranking by amplified flip "
+               f"count (adjusted p = {fmt_p(s.p)} >= {s.alpha:g}{strongest}). ")
+        return out + ("The target filter declined: the isolated set was not restricted to a class." if self.filter_on
+                      else "The target filter is off.")
+
+__all__ = ["ALPHA", "DEPTHS", "MIN_DEPTH", "ClassRow", "Surplus", "TargetGuess", "class_surplus", "fmt_p",
+           "scan_depths"]

@@ -7,11 +7,13 @@ quantised exactly as a real poisoned file would be.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from ..config import deep_update
 from ..errors import DataError
 
 
@@ -106,7 +108,9 @@ class PaperSettings:
     """What the papers used on a dataset: facts about the data that the ``paper`` preset applies, and only it
     (``quick`` keeps its CPU model and its presets' values on every dataset).
 
-    ``defense_params`` are keyed by defense name, so a setting reaches only the defense it was meant for.
+    ``defense_params`` are keyed by defense name, so a setting reaches only the defense it was meant for, and
+    the parts that declare themselves its own (``params_for``): a variant of it (``a-abl+``) or the detector
+    that is its scorer (``ifgsm-sce`` takes A-ABL's split settings, ``aibd-flip`` AIBD's flip counting).
     """
 
     model: str = "resnet18"  # the papers' architecture on this dataset
@@ -115,6 +119,40 @@ class PaperSettings:
 
     def model_for(self, defense: str) -> str:
         return self.models.get(defense, self.model)
+
+    def params_for(self, part: Any) -> dict[str, Any]:
+        """The settings for ``part`` (a defense or detector, class or instance), as overrides of its preset.
+
+        They are those of the defense named by ``part.paper_settings_of`` (empty: ``part.name``). A part with a
+        ``paper_param_names`` mapping (the defense's parameter -> the part's, dotted for a nested field; ``*``:
+        every other parameter, under that field) takes only the parameters it maps, renamed: a detector shares
+        a defense's scoring, not its training.
+        """
+        source = getattr(part, "paper_settings_of", "") or part.name
+        params = copy.deepcopy(self.defense_params.get(source, {}))
+        names = getattr(part, "paper_param_names", None)
+        if names is None:
+            return params
+        out: dict[str, Any] = {}
+        for key, value in params.items():
+            target = names.get(key) or (f"{names['*']}.{key}" if "*" in names else None)
+            if target is None:
+                continue
+            *parents, leaf = target.split(".")
+            node = out
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+        return out
+
+
+def with_paper_settings(part: Any, overrides: dict[str, Any] | None,
+                        paper: PaperSettings | None) -> dict[str, Any]:
+    """``overrides`` (the user's) on top of the dataset's paper settings for ``part`` (``paper`` given:
+    ``--preset paper`` only): the one resolution order of defenses and detectors, preset < data < user."""
+    if paper is None:
+        return dict(overrides or {})
+    return deep_update(paper.params_for(part), overrides or {})
 
 
 @dataclass

@@ -141,7 +141,7 @@ class Defender:
             self.trusted = conform(t, like, "--trusted", use_test=False)
         paper = data.paper if c.preset == "paper" else None
         self.defense = resolve_defense(c.defense, c.preset, c.defense_params, paper)
-        self.model_name = resolve_model(c.model, c.defense, paper)
+        self.model_name = resolve_model(c.model, self.defense.paper_source, paper)
         self.device = pick_device(c.device)
         self.precision: Precision = resolve_precision(c.precision, self.device)
         uses_trusted = self.defense.uses_trusted or self.defense.needs_trusted

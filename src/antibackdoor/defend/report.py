@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..caching import atomic_write
+from ..surplus import TargetGuess, fmt_p
 
 if TYPE_CHECKING:
     from ..defenses.base import DefenseResult
@@ -44,12 +45,6 @@ def pct(v: float | None, digits: int = 1) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{100 * v:.{digits}f} %"
-
-
-def fmt_p(p: float) -> str:
-    if p >= 0.01:
-        return f"{p:.2f}"
-    return f"{p:.1e}" if p > 0 else "< 1e-300"
 
 
 def verdict(surplus, defense: str, isolated: int, inspected: int) -> dict[str, str]:
@@ -100,6 +95,13 @@ def class_figure(surplus) -> bytes:
     from ..plots import class_surplus_figure
 
     return _png(class_surplus_figure(surplus))
+
+
+def target_figure(guess: TargetGuess) -> bytes:
+    """The per-class surplus behind a defense's target guess (AIBD's target filter) as bars."""
+    from ..plots import class_surplus_figure
+
+    return _png(class_surplus_figure(guess.surplus, title=guess.title()))
 
 
 def grid_figure(images: list[np.ndarray], captions: list[str], marks: list[bool]) -> bytes:
@@ -160,6 +162,10 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
         figures["hist"] = hist.read_bytes()
     figures["classes"] = class_figure(surplus)
     (run_dir / "isolated_per_class.png").write_bytes(figures["classes"])
+    guess = TargetGuess.from_info(result.info)  # AIBD's own target guess (its target filter), where recorded
+    if guess is not None:
+        figures["target"] = target_figure(guess)
+        (run_dir / "target_surplus.png").write_bytes(figures["target"])
 
     top = findings["order"][:GRID]
     grid = []
@@ -208,6 +214,13 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
         "ra_desc": f"PGD-{c.eval.ra_steps}, eps {c.eval.ra_eps * 255:.0f}/255",
         "has_eval": metrics.get("acc") is not None,
         "mask": mask, "mask_rows": _mask_rows(mask) if mask else [],
+        "guess": None if guess is None else {
+            "target": guess.target, "best": guess.best, "p": fmt_p(guess.surplus.p), "alpha": guess.surplus.alpha,
+            "filter": guess.filter_state, "text": guess.text(), "depth": guess.surplus.flagged,
+            "depths": ", ".join(map(str, guess.surplus.depths)),
+            "rows": [{"name": r.name, "label": r.label, "flagged": r.flagged, "expected": f"{r.expected:.1f}",
+                      "p": fmt_p(r.p_adjusted), "is_target": r.label == guess.surplus.target}
+                     for r in guess.surplus.rows]},
         "assumptions": list(getattr(job.defense, "assumptions", ()) or ()),
         "info": info, "params": job.defense.describe(),
         "trusted_note": _trusted_note(job),
@@ -266,4 +279,4 @@ def write_report(run_dir: Path, job: Defender, result: DefenseResult, findings: 
     return paths
 
 
-__all__ = ["build_context", "evidence_word", "verdict", "write_report"]
+__all__ = ["build_context", "evidence_word", "fmt_p", "target_figure", "verdict", "write_report"]

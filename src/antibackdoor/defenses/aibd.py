@@ -46,7 +46,7 @@ from ..jsonutil import write_json
 from ..metrics import predict
 from ..plots import plot_class_surplus, plot_k_distribution
 from ..seeding import generator
-from ..surplus import ALPHA, Surplus, class_surplus
+from ..surplus import ALPHA, Surplus, TargetGuess, class_surplus
 from ..training import TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .stages import adversarial_scores, train_stage
@@ -315,13 +315,10 @@ class AIBD(Defense):
             result.scores, poison_mask, run_dir / "k_distribution.png", raw_k=stats["k"],
             adv_label=stats.get("adv_label"), true_labels=true_labels, cut=result.info.get("threshold"),
             cap=result.info.get("pgd_cap"))]
-        if "target_surplus" in result.info:
-            s = Surplus.from_dict(result.info["target_surplus"])
-            verdict = (f"target {s.rows[s.target].name} (p = {s.p:.2g})" if s.target is not None
-                       else f"no target (best p = {s.p:.2g})")
-            filt = "filter applied" if result.info.get("target_filter_applied") else "no filter"
-            paths.append(plot_class_surplus(s, run_dir / "target_surplus.png",
-                                            title=f"AIBD target guess: top {s.flagged} by k; {verdict}; {filt}"))
+        guess = TargetGuess.from_info(result.info)
+        if guess is not None:
+            paths.append(plot_class_surplus(guess.surplus, run_dir / "target_surplus.png",
+                                            title=f"AIBD {guess.title()}"))
         return paths
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import merge, to_dict
-from ..data.imageset import ImageSet
+from ..data.imageset import ImageSet, PaperSettings, with_paper_settings
 from ..errors import ConfigError
 from ..precision import Precision, as_precision
 from ..seeding import seeded_rng
@@ -148,6 +148,16 @@ class Defense:
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
 
+    @property
+    def paper_source(self) -> str:
+        """The defense whose paper model on a dataset (``PaperSettings.model_for``) this one trains under
+        ``--preset paper``: the one it takes its settings from."""
+        return self.paper_settings_of or self.name
+
+    def apply_paper_settings(self, paper: PaperSettings) -> None:
+        """Hand the dataset's paper settings to the registered parts this defense builds (isolate-then-train:
+        its detector). Its own parameters got theirs before it was built (``get_defense``); nothing here."""
+
     def trusted_fraction(self) -> float | None:
         """The share of the training data to reserve as trusted clean data (None: the defense needs none)."""
         if not self.needs_trusted:
@@ -184,8 +194,14 @@ def register_defense(cls: type[Defense]) -> type[Defense]:
     return cls
 
 
-def get_defense(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Defense:
+def get_defense(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None,
+                paper: PaperSettings | None = None) -> Defense:
+    """The defense with its preset, then the dataset's paper settings for it (``paper`` given: ``--preset
+    paper`` only; they reach the parts it builds too), then ``overrides`` (the user's)."""
     cls = DEFENSES.get(name)
     if cls is None:
         raise ConfigError(f"--defense: unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}")
-    return cls(preset, overrides)
+    defense = cls(preset, with_paper_settings(cls, overrides, paper))
+    if paper is not None:
+        defense.apply_paper_settings(paper)
+    return defense

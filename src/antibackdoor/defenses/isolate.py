@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from ..config import param
-from ..data.imageset import ImageSet
+from ..data.imageset import ImageSet, PaperSettings
 from ..errors import ConfigError
 from ..seeding import generator
 from ..training import TrainConfig
@@ -95,10 +95,25 @@ class IsolateThenTrain(Defense):
 
     def __init__(self, preset: str = "quick", overrides=None, params=None):
         super().__init__(preset, overrides, params)
+        self.preset = preset
+        # built (and checked) now, so that a bad detector setting stops the run before its directory exists
+        self.detector = self._build_detector(None)
+
+    def _build_detector(self, paper: PaperSettings | None):
         from ..detectors import get_detector
 
-        # built (and checked) now, so that a bad detector setting stops the run before its directory exists
-        self.detector = get_detector(self.params.detector, preset, self.params.detector_params)
+        return get_detector(self.params.detector, self.preset, self.params.detector_params, paper)
+
+    def apply_paper_settings(self, paper: PaperSettings) -> None:
+        """The dataset's paper settings for the detector's defense (A-ABL's split eps for ``ifgsm-sce``, ...)
+        reach the detector as they reach that defense, below the user's ``detector_params``."""
+        self.detector = self._build_detector(paper)
+
+    @property
+    def paper_source(self) -> str:
+        """Under ``--preset paper`` the run trains the paper model of the detector's defense (AIBD's WRN-16-1
+        on GTSRB for ``aibd-flip``), so the detector scores the model that defense splits with."""
+        return self.detector.paper_settings_of or self.name
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -38,6 +38,8 @@ class ABLLoss(Detector):
     has_native_rule = True
     higher_is_suspicious = False
     score_name = "isolation_ce"  # the abl defense's name for the same scores
+    paper_settings_of = "abl"
+    paper_param_names = {"*": "abl"}  # every ABL setting: the detector holds all of ABLParams
 
     def _score(self, data, ctx, model):
         p = self.params.abl

@@ -52,6 +52,9 @@ class IFGSMSCE(Detector):
     presets = {"quick": IFGSMParams(), "paper": IFGSMParams(model=PAPER_SUSPECT)}
     higher_is_suspicious = False
     score_name = "sce_adv"
+    paper_settings_of = "a-abl"  # e.g. split eps 1/255 on 64x64 Tiny-ImageNet under --preset paper
+    paper_param_names = {"split_eps": "eps", "split_steps": "steps", "split_step": "step", "split_loss": "loss",
+                         "naive": "model"}
 
     def _score(self, data, ctx, model):
         p = self.params
@@ -87,6 +90,9 @@ class AIBDFlip(Detector):
     presets = {"quick": AIBDFlipParams(), "paper": AIBDFlipParams(model=PAPER_SUSPECT)}
     higher_is_suspicious = True
     score_name = "aibd_k_amplified"
+    paper_settings_of = "aibd"  # its flip counting and surplus test; its suspect recipe stays A-ABL's naive stage
+    paper_param_names = {name: name for name in ("pgd_step", "pgd_cap", "grad_norm_p", "amplify", "target_filter",
+                                                 "target_fractions", "alpha")}
 
     def _score(self, data, ctx, model):
         p = self.params
@@ -102,6 +108,6 @@ class AIBDFlip(Detector):
             surplus = guess_target(rank_desc(scores), y, list(data.classes), p.target_fractions, p.alpha)
             if surplus.target is not None:
                 scores = torch.where(y == surplus.target, scores, scores.min() - 1 - (scores.max() - scores))
-            info.update(target=surplus.target, target_best=surplus.best, target_p=surplus.p,
-                        target_filter_applied=surplus.target is not None)
+            info.update(target=surplus.target, target_best=surplus.best, target_p=surplus.p, target_filter=True,
+                        target_filter_applied=surplus.target is not None, target_surplus=surplus.as_dict())
         return scores, None, info

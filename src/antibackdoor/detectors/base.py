@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import merge, param, to_dict
-from ..data.imageset import ImageSet
+from ..data.imageset import ImageSet, PaperSettings, with_paper_settings
 from ..defenses.a_abl import AABL
 from ..defenses.base import DefenseContext
 from ..errors import ConfigError
@@ -127,6 +127,13 @@ class Detector:
     has_native_rule: ClassVar[bool] = False
     higher_is_suspicious: ClassVar[bool] = True
     score_name: ClassVar[str] = "score"
+    #: the defense whose scorer this detector is: under ``--preset paper`` the dataset's paper settings for
+    #: that defense (``PaperSettings.defense_params``) reach the detector as they reach the defense, so both
+    #: split alike (and isolate-then-train trains that defense's paper model); empty: none
+    paper_settings_of: ClassVar[str] = ""
+    #: which of that defense's parameters the detector takes, renamed to its own (``PaperSettings.params_for``);
+    #: the others (its training recipes) do not concern the detector
+    paper_param_names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, preset: str = "quick", overrides: dict[str, Any] | None = None, params: Any = None):
         if params is None:
@@ -190,8 +197,11 @@ def register_detector(cls: type[Detector]) -> type[Detector]:
     return cls
 
 
-def get_detector(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None) -> Detector:
+def get_detector(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None,
+                 paper: PaperSettings | None = None) -> Detector:
+    """The detector with its preset, then the dataset's paper settings for its defense (``paper`` given:
+    ``--preset paper`` only, see ``Detector.paper_settings_of``), then ``overrides`` (the user's)."""
     cls = DETECTORS.get(name)
     if cls is None:
         raise ConfigError(f"detector: unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
-    return cls(preset, overrides)
+    return cls(preset, with_paper_settings(cls, overrides, paper))

@@ -33,6 +33,8 @@ class DBDSCE(Detector):
     has_native_rule = True
     higher_is_suspicious = True
     score_name = "dbd_sce"
+    paper_settings_of = "dbd"
+    paper_param_names = {"*": "dbd"}  # every DBD setting: the detector holds all of DBDParams
 
     def _score(self, data, ctx, model):
         p = self.params.dbd

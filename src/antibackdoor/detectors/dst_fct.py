@@ -48,6 +48,8 @@ class DSTFCT(Detector):
     has_native_rule = True
     higher_is_suspicious = True
     score_name = "fct"  # the d-st / d-br defenses' name for the same scores
+    paper_settings_of = "d-st"
+    paper_param_names = {"separation": "separation"}  # the SD module; not D-ST's training stages
 
     def _score(self, data, ctx, model):
         sep = separate(ctx, data, self.params.separation)

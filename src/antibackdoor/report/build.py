@@ -17,7 +17,7 @@ from ..caching import atomic_write
 from ..errors import ConfigError
 from . import figures as figs
 from . import published
-from .collect import Record, collect, isolation, write_results_csv
+from .collect import Record, collect, isolation, target_guess, write_results_csv
 from .html import png_data_uri, render
 from .tables import Table, build, by_target, to_markdown
 
@@ -41,6 +41,23 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
     failures: list[Record] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the target guesses the runs' defenses recorded (AIBD), one row per run (collect.target_guess)
+    guesses: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def guess_summary(self) -> str:
+        """How often the guesses were right: on poisoned runs (the true target) and on clean ones (none)."""
+        attacked = [g for g in self.guesses if not g["clean"]]
+        clean = [g for g in self.guesses if g["clean"]]
+        parts = []
+        if attacked:
+            declined = sum(g["called"] is None for g in attacked)
+            parts.append(f"on poisoned data the guess was the true target in {sum(g['right'] for g in attacked)} "
+                         f"of {len(attacked)} runs (no class called in {declined})")
+        if clean:
+            parts.append(f"on clean data no class was called in {sum(g['right'] for g in clean)} of {len(clean)}")
+        text = "; ".join(parts)
+        return text[:1].upper() + text[1:]
 
     @property
     def markdown_tables(self) -> list[tuple[Table, str, str]]:
@@ -95,6 +112,10 @@ def _figures(kinds: tuple[str, ...], records: list[Record], folder: Path, prefix
         "k_dist": (figs.k_distributions, "AIBD: PGD iterations k until the prediction flips, clean vs poisoned "
                                          "(AIBD Fig. 2)"),
         "roc": (None, "ROC curves of the isolation scores (one run per method and attack, lowest target)"),
+        "target_surplus": (figs.target_surpluses, "Target guesses (AIBD's class-surplus test): each class among "
+                                                  "the samples ranked highest, against the other classes' rate; "
+                                                  "red = the guessed target (one run per method and attack, "
+                                                  "lowest target)"),
     }
     for kind in kinds:
         fn, caption = makers[kind]
@@ -130,6 +151,9 @@ def _section(title: str, records: list[Record], specs: list[TableSpec], fig_kind
              folder: Path, prefix: str, source: str = "", description: str = "",
              skipped: dict[str, list[str]] | None = None, table_records: list[Record] | None = None) -> Section:
     sec = Section(title, source, description, _counts(records), skipped or {})
+    sec.guesses = [g for r in records if (g := target_guess(r)) is not None]
+    if sec.guesses and "target_surplus" not in fig_kinds:
+        fig_kinds = (*fig_kinds, "target_surplus")
     for spec in specs:
         src, pub = published.load(spec.published) if spec.published else ("", {})
         for t in build(spec, table_records or records, pub):

@@ -159,6 +159,27 @@ def isolation(rec: Record) -> dict[str, Any] | None:
             "threshold": threshold}
 
 
+def target_guess(rec: Record) -> dict[str, Any] | None:
+    """The target guess a run's defense recorded (AIBD's class-surplus test, ``defense_info.target_surplus``),
+    beside the run's true target, for the report's table; None when the run records none."""
+    from ..surplus import TargetGuess, fmt_p
+
+    guess = TargetGuess.from_info(rec.metrics.get("defense_info")) if rec.state == "done" else None
+    if guess is None:
+        return None
+    attacked = rec.axes.get("attack_name", rec.config.get("attack")) != "none"
+    truth = rec.config.get("target", rec.axes.get("target")) if attacked else None
+    names = {r.label: r.name for r in guess.surplus.rows}
+    called = guess.surplus.target
+    return {"run": rec.rel, "attack": str(rec.axes.get("attack")), "defense": str(rec.axes.get("defense")),
+            "rate": rec.axes.get("poison_rate") if attacked else None, "seed": rec.axes.get("seed"),
+            "truth": "none (clean data)" if truth is None else f"{names.get(truth, truth)} ({truth})",
+            "clean": truth is None, "called": called,
+            "guess": guess.target, "p": fmt_p(guess.surplus.p), "filter": guess.filter_state,
+            "right": (called is None) if truth is None else (called == truth), "surplus": guess.surplus,
+            "title": guess.title()}
+
+
 def write_results_csv(records: list[Record], path: Path) -> Path:
     """One row per run: coordinates, labels, state, metrics (fractions), times, stage-cache savings."""
     cols = ["run", "state", "dataset", "attack", "attack_label", "poison_rate", "target", "seed", "defense",

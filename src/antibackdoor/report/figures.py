@@ -1,7 +1,7 @@
 """The report's figures (matplotlib, headless): ACC/ASR against the poison rate (AIBD Fig. 4), per-attack
-score histograms with thresholds in one grid (A-ABL Fig. 4/9), AIBD's flip-count distributions (Fig. 2)
-and ROC curves of every isolation score. Each function returns a figure, or None when the records hold
-nothing to draw."""
+score histograms with thresholds in one grid (A-ABL Fig. 4/9), AIBD's flip-count distributions (Fig. 2), the
+per-class surplus behind AIBD's target guesses and ROC curves of every isolation score. Each function returns a
+figure, or None when the records hold nothing to draw."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .collect import Record, isolation  # noqa: E402
+from .collect import Record, isolation, target_guess  # noqa: E402
 
 MAX_PANELS = 48
 
@@ -150,6 +150,25 @@ def k_distributions(records: list[Record]) -> Any | None:
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=6)
     fig.suptitle("AIBD: PGD iterations until the prediction flips (share of samples)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def target_surpluses(records: list[Record]) -> Any | None:
+    """The per-class surplus behind each run's target guess (AIBD's target filter), one panel per defense and
+    attack (the lowest target): the bars of ``plots.class_surplus_figure``."""
+    from ..plots import class_surplus_figure
+
+    panels = [(key, r, g) for key, r in representatives(records, need_scores=False).items()
+              if (g := target_guess(r)) is not None][:MAX_PANELS]
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels), ncols=3, w=4.6, h=3.0)
+    for ax, ((defense, attack), r, g) in zip(axes, panels, strict=True):
+        class_surplus_figure(g["surplus"], title=f"{attack} — {defense} (t{r.axes.get('target')}): {g['guess']}, "
+                                                 f"p = {g['p']}", ax=ax)
+    fig.suptitle("Target guesses: each class among the samples ranked highest by amplified flip count, against "
+                 "the other classes' rate (red: the guessed target)", fontsize=10)
     fig.tight_layout()
     return fig
 
