@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +45,12 @@ QUICK_MODEL = "cnn"
 PAPER_MODEL = "resnet18"
 
 
-@dataclass(frozen=True)
-class ExperimentConfig:
-    dataset: str = "cifar10-mini"
-    attack: str = "badnets"  # or "none": train on clean data
-    attack_params: dict[str, Any] = field(default_factory=dict)
-    poison_rate: float = 0.1
-    target: int = 0
-    defense: str = "a-abl"
-    defense_params: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None  # None: "cnn" in quick, the dataset's paper model (PaperSettings) in paper
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The options every command that trains shares (``run``'s ExperimentConfig, ``defend``'s DefendConfig):
+    their fields, defaults and checks, once. Keyword-only, so that a config's own fields may have no default
+    (``defend``'s DATA)."""
+
     preset: str = "quick"
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -68,14 +64,39 @@ class ExperimentConfig:
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as plain data, the config's own first and these shared ones last: the order config.yaml
+        has always had (dataclass inheritance puts a base's fields first; run ids hash sorted keys)."""
+        d = to_dict(self)
+        shared = [f.name for f in fields(RunOptions)]
+        return {**{k: v for k, v in d.items() if k not in shared}, **{k: d[k] for k in shared}}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(RunOptions):
+    """``antibackdoor run``: what to poison and how to defend; the shared options (preset, seed, eval, out,
+    data_root, device, precision) come from RunOptions."""
+
+    dataset: str = "cifar10-mini"
+    attack: str = "badnets"  # or "none": train on clean data
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    poison_rate: float = 0.1
+    target: int = 0
+    defense: str = "a-abl"
+    defense_params: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # None: "cnn" in quick, the dataset's paper model (PaperSettings) in paper
+
+    def validate(self) -> None:
+        super().validate()
         if self.attack != "none" and self.attack not in ATTACKS:
             raise ConfigError(f"--attack: unknown attack {self.attack!r}; known: none, {', '.join(sorted(ATTACKS))}")
         if self.attack != "none" and not 0.0 < self.poison_rate < 1.0:
             raise ConfigError(f"--poison-rate {self.poison_rate}: must lie in (0, 1)")
         if self.target < 0:
             raise ConfigError(f"--target {self.target}: must be a class index >= 0")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 #: fields that do not change a run's results (excluded from its id)
@@ -117,7 +138,7 @@ class Resolved:
     precision: Precision
 
     def as_dict(self) -> dict[str, Any]:
-        d = to_dict(self.config)
+        d = self.config.as_dict()
         d["model"] = self.model
         d["precision"] = self.precision.name  # what auto resolved to: results differ by precision
         d["precision_reason"] = self.precision.reason
@@ -445,5 +466,5 @@ def run_experiment(config: ExperimentConfig | dict[str, Any], resume: bool = Fal
     return Experiment(config, stage_cache=stage_cache).run(resume=resume, force=force)
 
 
-__all__ = ["EvalConfig", "Experiment", "ExperimentConfig", "RunResult", "load_config_file", "make_config",
+__all__ = ["EvalConfig", "Experiment", "ExperimentConfig", "RunOptions", "RunResult", "load_config_file", "make_config",
            "run_experiment", "replace"]

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from ..caching import atomic_write
-from ..config import deep_update, from_dict, to_dict
+from ..config import deep_update, from_dict
 from ..data.imageset import ImageSet
 from ..data.userdata import UserData, conform, load_user_data
 from ..defenses.base import DefenseContext, DefenseResult
 from ..errors import ConfigError, DataError
 from ..experiment import (
-    PRESETS,
+    RunOptions,
     RunResult,
     _slug,
     pick_device,
@@ -42,10 +42,10 @@ from ..experiment import (
     run_in_dir,
     write_json,
 )
-from ..metrics import EvalConfig, accuracy, predict, robust_accuracy
+from ..metrics import accuracy, predict, robust_accuracy
 from ..models.io import save_model
 from ..models.registry import build_model
-from ..precision import PRECISIONS, Precision, resolve_precision, use_precision
+from ..precision import Precision, resolve_precision, use_precision
 from ..seeding import derive_seed
 from .analysis import class_surplus, mask_metrics, suspicion_order
 
@@ -56,33 +56,24 @@ DEFAULT_HOLDOUT = 0.1
 
 
 @dataclass(frozen=True)
-class DefendConfig:
+class DefendConfig(RunOptions):
+    """``antibackdoor defend``: the user's data and what to do with it; the shared options (preset, seed, eval,
+    out, data_root, device, precision) come from RunOptions, as in ``run``."""
+
     data: str
     defense: str = "a-abl"
     detector: str | None = None
     defense_params: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
-    preset: str = "quick"
-    seed: int = 0
     trusted: str | None = None
     test: str | None = None
     holdout: float = DEFAULT_HOLDOUT  # used only when no other evaluation set exists (0: no evaluation)
     skip_bad_files: bool = False
     poison_mask: str | None = None  # evaluation only: never shown to the defense
     export_kept: str | None = None  # "folder" or "npz"
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    out: str = "runs"
-    data_root: str | None = None
-    device: str = "auto"
-    #: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16, as in ``run``;
-    #: config.yaml and the run id record what auto resolved to
-    precision: str = "auto"
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"--preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        super().validate()
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"--holdout {self.holdout}: must lie in [0, 1)")
         if self.export_kept is not None and self.export_kept not in EXPORT_KINDS:
@@ -184,7 +175,7 @@ class Defender:
 
     def resolved(self) -> dict[str, Any]:
         c = self.config
-        d = to_dict(c)
+        d = c.as_dict()
         d["model"] = self.model_name
         d["precision"] = self.precision.name  # what auto resolved to: results differ by precision
         d["precision_reason"] = self.precision.reason
