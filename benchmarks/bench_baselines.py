@@ -1,6 +1,6 @@
 """The papers' baselines (ABL, NAD, CBD, D-BR, D-ST) next to none, adv-train, A-ABL and AIBD, quick preset.
 
-    python benchmarks/bench_baselines.py [--attacks badnets,blend,none] [--targets 0]
+    python benchmarks/bench_baselines.py [--attacks badnets,blend,none] [--targets 0,3,7]
         [--defenses abl,nad,cbd,d-br,d-st,none,adv-train,a-abl,aibd] [--out runs/bench] [--seed 0]
         [--threads 2] [--table benchmarks/results/baselines_quick.md] [--append]
 
@@ -47,7 +47,7 @@ def row(attack: str, target: int, defense: str, m: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attacks", default="badnets,blend,none")
-    p.add_argument("--targets", default="0")
+    p.add_argument("--targets", default="0,3,7")
     p.add_argument("--defenses", default="abl,nad,cbd,d-br,d-st,none,adv-train,a-abl,aibd")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--seed", type=int, default=0)
