@@ -22,7 +22,8 @@ Every cell is an ordinary ``antibackdoor run`` directory (reused when it already
 
 Columns: the guessed target (``-`` when no class had a significant surplus, then the filter declines), its
 Bonferroni-adjusted p-value (``p``: the best class's, also when it is not called), whether the filter was
-applied, the chosen q, TPR, FPR, ASR and ACC. ``alt`` is a measurement, not used by the tool: the same
+applied, the chosen q, TPR, FPR, ASR, ACC and the ROC AUC of the amplified k against the poison. ``alt`` is
+a measurement, not used by the tool: the same
 surplus test on per-class normalised scores (each score divided by its class's 25th percentile plus the
 overall median, so that a class whose clean samples are all hard to flip is scaled down), to compare the two
 (issue 18 asks to measure rather than assume which separates better). The table goes to stdout and to
@@ -44,6 +45,7 @@ from antibackdoor.cli import _nest
 from antibackdoor.data.imageset import ImageSet
 from antibackdoor.data.registry import load_dataset
 from antibackdoor.defenses.aibd import TARGET_FRACTIONS
+from antibackdoor.detectors.evaluate import roc_auc
 from antibackdoor.experiment import make_config, run_experiment
 from antibackdoor.metrics import attack_success_rate
 from antibackdoor.models.io import load_model
@@ -194,8 +196,8 @@ def main() -> None:
 
     lines = [f"Dataset {a.dataset}, {a.preset} preset, poison rate {a.rate}, seed {a.seed}, AIBD "
              f"{overrides or 'defaults'}.", "",
-             "| attack | target | guess | p | filter | q | TPR | FPR | ASR | ACC | alt guess (p) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+             "| attack | target | guess | p | filter | q | TPR | FPR | ASR | ACC | AUC of k | alt guess (p) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for attack, t, cfg in cells:
         own = None
         if attack in OWN:
@@ -211,14 +213,17 @@ def main() -> None:
             classes = list(load_dataset(a.dataset).train.classes)
         else:
             tpr, fpr = tpr_fpr(kept, own.poison)
+            is_poison = own.poison
             asr = attack_success_rate(load_model(r.run_dir / "model.safetensors"), own.triggered)
             data = load_dataset(f"npz:{own.path}").train
             y, classes = data.y.numpy(), list(data.classes)
         alt, alt_p = class_normalised_guess(scores, y, classes)
+        auc = roc_auc(torch.from_numpy(scores), torch.from_numpy(is_poison.astype(bool)))
         guess = "-" if info.get("target") is None else str(info["target"])
         lines.append(f"| {attack} | {t} | {guess} | {info.get('target_p', float('nan')):.2g} | "
                      f"{'yes' if info.get('target_filter_applied') else 'no'} | {info['q']:.2f} | {pct(tpr)} | "
-                     f"{pct(fpr)} | {pct(asr)} | {pct(m['acc'])} | {'-' if alt is None else alt} ({alt_p:.2g}) |")
+                     f"{pct(fpr)} | {pct(asr)} | {pct(m['acc'])} | {auc:.3f} | "
+                     f"{'-' if alt is None else alt} ({alt_p:.2g}) |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     print("\n" + table)
