@@ -16,9 +16,10 @@ from antibackdoor.data.imageset import ImageSet
 from antibackdoor.data.tiny_imagenet import TINY_PAPER
 from antibackdoor.defenses import a_abl, stages
 from antibackdoor.defenses.a_abl import AABL, AABLParams
+from antibackdoor.defenses.base import get_defense
 from antibackdoor.defenses.stages import otsu_threshold, take_back
 from antibackdoor.errors import ConfigError
-from antibackdoor.experiment import resolve_defense, sample_flag_counts
+from antibackdoor.experiment import sample_flag_counts
 
 
 class PixelClassifier(nn.Module):
@@ -125,8 +126,8 @@ def test_a_abl_plus_is_a_abl_with_the_options_on():
         assert plus.split_log and plus.takeback_epochs > 0
         assert plus.naive == plain.naive and plus.final == plain.final and plus.split_eps == plain.split_eps
     # the dataset's paper settings for a-abl (split eps 1/255 on 64x64 Tiny-ImageNet) reach the variant too
-    assert resolve_defense("a-abl+", "paper", {}, TINY_PAPER).params.split_eps == pytest.approx(1 / 255)
-    assert resolve_defense("a-abl", "paper", {}, TINY_PAPER).params.split_eps == pytest.approx(1 / 255)
+    assert get_defense("a-abl+", "paper", {}, TINY_PAPER).params.split_eps == pytest.approx(1 / 255)
+    assert get_defense("a-abl", "paper", {}, TINY_PAPER).params.split_eps == pytest.approx(1 / 255)
 
 
 def test_sample_flag_counts_count_flagged_poison():

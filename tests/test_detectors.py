@@ -248,20 +248,20 @@ def test_paper_settings_give_isolate_then_train_the_defenses_split(small_train):
     from antibackdoor.data.imageset import PaperSettings
     from antibackdoor.data.tiny_imagenet import TINY_PAPER
     from antibackdoor.defenses.aibd import amplified_scores, flip_config, flip_counts
-    from antibackdoor.experiment import resolve_defense
+    from antibackdoor.defenses.base import get_defense
 
     data = small_train.subset(torch.arange(64))
     torch.manual_seed(0)
     model = ab.build_model("cnn-small", 10)
     ctx = DefenseContext(ab.model_factory("cnn-small", data))
-    aabl = resolve_defense("a-abl", "paper", {}, TINY_PAPER)
-    iso = resolve_defense("isolate-then-train", "paper", {}, TINY_PAPER)
+    aabl = get_defense("a-abl", "paper", {}, TINY_PAPER)
+    iso = get_defense("isolate-then-train", "paper", {}, TINY_PAPER)
     ref = aabl.split_scores(model, data, ctx)
     assert torch.equal(iso.detector.score(data, ctx, model=model).scores, ref.double())
     assert not torch.equal(get_detector("ifgsm-sce", "paper").score(data, ctx, model=model).scores, ref.double())
     paper = PaperSettings(defense_params={"aibd": {"pgd_step": 2 / 255, "pgd_cap": 20}})
-    aibd = resolve_defense("aibd", "paper", {}, paper)
-    flip = resolve_defense("isolate-then-train", "paper", {"detector": "aibd-flip"}, paper)
+    aibd = get_defense("aibd", "paper", {}, paper)
+    flip = get_defense("isolate-then-train", "paper", {"detector": "aibd-flip"}, paper)
     stats = pgd_statistics(model, data.x, data.y, flip_config(aibd.params))
     want = amplified_scores(flip_counts(stats, aibd.params.pgd_cap), stats.grad_norm)
     assert torch.equal(flip.detector.score(data, ctx, model=model).scores, want)

@@ -197,14 +197,6 @@ def resolve_model(model: str | None, defense: str, paper: PaperSettings | None) 
     return name
 
 
-def resolve_defense(name: str, preset: str, overrides: dict[str, Any], paper: PaperSettings | None) -> Defense:
-    """The defense with its preset, the dataset's paper settings for it (``paper`` given: ``--preset paper``
-    only), then the user's overrides. A variant of a paper's defense takes that defense's settings
-    (``Defense.paper_settings_of``); the detector of ``isolate-then-train`` takes those of the defense whose
-    scorer it is (``Detector.paper_settings_of``)."""
-    return get_defense(name, preset, overrides, paper)
-
-
 def run_in_dir(run_dir: Path, config: dict[str, Any], resume: bool, force: bool,
                execute: Callable[[Path], RunResult]) -> RunResult:
     """The run-directory protocol shared by ``run`` and ``defend``.
@@ -269,7 +261,7 @@ class Experiment:
         c = self.config
         splits = self.load_data()
         paper = splits.paper if c.preset == "paper" else None
-        defense = resolve_defense(c.defense, c.preset, c.defense_params, paper)
+        defense = get_defense(c.defense, c.preset, c.defense_params, paper)
         model = resolve_model(c.model, defense.paper_source, paper)
         train = splits.train
         if defense.trusted_fraction() is not None:  # a fraction that leaves a class empty fails here

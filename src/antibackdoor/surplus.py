@@ -173,19 +173,20 @@ class TargetGuess:
         surplus = Surplus.from_dict(info["target_surplus"])
         return cls(surplus, bool(info.get("target_filter", True)), bool(info.get("target_filter_applied")))
 
-    def _name(self, label: int | None) -> str:
+    def name_of(self, label: int | None) -> str:
+        """A class as 'name (label)' ('-' for None; the bare label for a class the test did not see)."""
         rows = {r.label: r for r in self.surplus.rows}
         return "-" if label is None else f"{rows[label].name} ({label})" if label in rows else str(label)
 
     @property
     def target(self) -> str:
         """The guessed class as 'name (label)', or 'none'."""
-        return "none" if self.surplus.target is None else self._name(self.surplus.target)
+        return "none" if self.surplus.target is None else self.name_of(self.surplus.target)
 
     @property
     def best(self) -> str:
         """The strongest candidate as 'name (label)' (reported whether or not it was called)."""
-        return self._name(self.surplus.best)
+        return self.name_of(self.surplus.best)
 
     @property
     def filter_state(self) -> str:
@@ -217,6 +218,7 @@ class TargetGuess:
                f"count (adjusted p = {fmt_p(s.p)} >= {s.alpha:g}{strongest}). ")
         return out + ("The target filter declined: the isolated set was not restricted to a class." if self.filter_on
                       else "The target filter is off.")
+
 
 __all__ = ["ALPHA", "DEPTHS", "MIN_DEPTH", "ClassRow", "Surplus", "TargetGuess", "class_surplus", "fmt_p",
            "scan_depths"]

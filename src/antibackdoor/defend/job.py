@@ -30,14 +30,13 @@ from ..caching import atomic_write
 from ..config import deep_update, from_dict
 from ..data.imageset import ImageSet
 from ..data.userdata import UserData, conform, load_user_data
-from ..defenses.base import DefenseContext, DefenseResult
+from ..defenses.base import DefenseContext, DefenseResult, get_defense
 from ..errors import ConfigError, DataError
 from ..experiment import (
     RunOptions,
     RunResult,
     _slug,
     pick_device,
-    resolve_defense,
     resolve_model,
     run_in_dir,
     write_json,
@@ -140,7 +139,7 @@ class Defender:
                                size=size, channels=channels)
             self.trusted = conform(t, like, "--trusted", use_test=False)
         paper = data.paper if c.preset == "paper" else None
-        self.defense = resolve_defense(c.defense, c.preset, c.defense_params, paper)
+        self.defense = get_defense(c.defense, c.preset, c.defense_params, paper)
         self.model_name = resolve_model(c.model, self.defense.paper_source, paper)
         self.device = pick_device(c.device)
         self.precision: Precision = resolve_precision(c.precision, self.device)

@@ -279,4 +279,4 @@ def write_report(run_dir: Path, job: Defender, result: DefenseResult, findings: 
     return paths
 
 
-__all__ = ["build_context", "evidence_word", "fmt_p", "target_figure", "verdict", "write_report"]
+__all__ = ["build_context", "evidence_word", "target_figure", "verdict", "write_report"]

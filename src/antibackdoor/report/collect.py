@@ -169,11 +169,10 @@ def target_guess(rec: Record) -> dict[str, Any] | None:
         return None
     attacked = rec.axes.get("attack_name", rec.config.get("attack")) != "none"
     truth = rec.config.get("target", rec.axes.get("target")) if attacked else None
-    names = {r.label: r.name for r in guess.surplus.rows}
     called = guess.surplus.target
     return {"run": rec.rel, "attack": str(rec.axes.get("attack")), "defense": str(rec.axes.get("defense")),
             "rate": rec.axes.get("poison_rate") if attacked else None, "seed": rec.axes.get("seed"),
-            "truth": "none (clean data)" if truth is None else f"{names.get(truth, truth)} ({truth})",
+            "truth": "none (clean data)" if truth is None else guess.name_of(truth),
             "clean": truth is None, "called": called,
             "guess": guess.target, "p": fmt_p(guess.surplus.p), "filter": guess.filter_state,
             "right": (called is None) if truth is None else (called == truth), "surplus": guess.surplus,
