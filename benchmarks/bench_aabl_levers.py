@@ -3,6 +3,7 @@
     python benchmarks/bench_aabl_levers.py [--attacks badnets,blend,pixels:pixels=1,pixels:pixels=4]
         [--targets 0,3] [--variants a-abl,split_log,takeback,a-abl+,adv-train] [--set KEY=VALUE ...]
         [--runs runs/bench-levers] [--out benchmarks/results/aabl_levers.md] [--seed 0] [--threads 2] [--dry-run]
+        [--stage-cache DIR]
 
 An entry of ``--attacks`` may carry attack parameters, ``NAME:KEY=VALUE[:KEY=VALUE]`` (``pixels:pixels=4``).
 A variant is a defense with option values (``VARIANTS``); ``--set KEY=VALUE`` adds a defense parameter to every
@@ -10,7 +11,9 @@ A-ABL variant but the paper's ``a-abl`` (e.g. ``--set takeback_epochs=10``). Eac
 directory under ``--runs`` (reused when it exists). Prints one Markdown row per cell as it finishes -- ACC, ASR,
 RA, gamma, rho_vul, TPR, FPR of the split, how many isolated samples were taken back (of them poisoned), the
 poison share of what the final model trained on, wall time -- and writes the table to ``--out``. ``--dry-run``
-prints the cells only.
+prints the cells only. ``--stage-cache DIR`` lets the variants of one attack share the stages they train alike
+(the naive stage, and stage 3 where the split is the same, as ``antibackdoor bench`` does); the time column is
+then the cell's own wall time plus the training seconds its cache hits saved, i.e. what the cell costs alone.
 """
 
 from __future__ import annotations
@@ -102,7 +105,12 @@ def row(cell: dict[str, Any], m: dict[str, Any]) -> str:
     share = final_p / final_n if final_n else None
     return (f"| {cell['attack_label']} | {c['target']} | {cell['variant']} | {pct(m['acc'])} | {pct(m['asr'])} | "
             f"{pct(m['ra'])} | {pct(m['gamma'])} | {pct(m['rho_vul'])} | {pct(m['tpr'])} | {pct(m['fpr'])} | "
-            f"{taken} | {pct(share)} | {m['time_total_s']:.0f} |")
+            f"{taken} | {pct(share)} | {standalone_seconds(m):.0f} |")
+
+
+def standalone_seconds(m: dict[str, Any]) -> float:
+    """The cell's wall time as if it had trained every stage itself (stage-cache hits added back)."""
+    return m["time_total_s"] + sum(e.get("seconds", 0) for e in m.get("stage_cache") or [] if e.get("hit"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rerun cells whose run directory exists")
     p.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    p.add_argument("--stage-cache", default=None, metavar="DIR", help="share identical stages between cells")
     args = p.parse_args(argv)
     todo = cells(args)
     if args.dry_run:
@@ -133,14 +142,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from antibackdoor.bench.stage_cache import StageCache
     from antibackdoor.experiment import make_config, run_experiment
 
     torch.set_num_threads(args.threads)
+    cache = StageCache(args.stage_cache) if args.stage_cache else None
     lines = [HEADER]
     print(HEADER, flush=True)
     t0 = time.time()
     for cell in todo:
-        result = run_experiment(make_config(cell["config"]), force=args.force)
+        result = run_experiment(make_config(cell["config"]), force=args.force, stage_cache=cache)
         lines.append(row(cell, result.metrics))
         print(lines[-1], flush=True)
     command = " ".join(argv if argv is not None else sys.argv[1:])

@@ -8,7 +8,9 @@ Every cell is an ordinary ``run_experiment`` call (mini CIFAR-10, model cnn, 10 
 directory is reused). Variants: ``nad-ft`` is NAD with all betas 0 (fine-tuning on the trusted set only),
 ``cbd-nomi`` CBD without the MI term (the official code's default), ``abl-sample`` ABL with the bound on each
 sample's loss. Prints and writes a Markdown table of ACC, ASR, RA, isolation TPR/FPR (where the defense
-isolates) and wall time (defense + evaluation).
+isolates) and wall time (defense + evaluation). ``own-patch`` and ``own-blend`` as attacks are triggers written
+into the data outside the tool (``own_triggers.py``): the cell runs with ``--attack none`` on that npz and the
+script computes TPR, FPR and ASR from the ground truth it kept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 from pathlib import Path
 
 import torch
+from own_triggers import OWN, evaluate, write_own
 
 from antibackdoor.experiment import make_config, run_experiment
 
@@ -63,10 +66,13 @@ def main() -> None:
         for attack in a.attacks.split(","):
             for spec in a.defenses.split(","):
                 defense, params = VARIANTS.get(spec, (spec, {}))
-                cfg = make_config({"attack": attack, "defense": defense, "defense_params": params, "out": a.out,
-                                   "seed": a.seed, "target": target})
-                r = run_experiment(cfg, force=a.force)
-                lines.append(row(attack, target, spec, r.metrics))
+                cell = {"attack": attack, "defense": defense, "defense_params": params, "out": a.out,
+                        "seed": a.seed, "target": target}
+                own = write_own("cifar10-mini", attack, target, 0.1, a.seed, Path(a.out)) if attack in OWN else None
+                if own is not None:
+                    cell = {**cell, "attack": "none", "dataset": own.dataset}
+                r = run_experiment(make_config(cell), force=a.force)
+                lines.append(row(attack, target, spec, r.metrics if own is None else evaluate(r.run_dir, own)))
                 print(lines[-1], f"({r.run_dir})", flush=True)
     text = "\n".join(lines) + "\n"
     print("\n" + text)

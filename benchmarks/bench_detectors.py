@@ -3,6 +3,7 @@
     python benchmarks/bench_detectors.py [--attacks badnets,blend,sig,iab,trojan,clb,ssba,wanet]
         [--detectors all] [--target 0] [--seed 0] [--poison-rate 0.1] [--out runs/detectors] [--threads 2]
 
+Attacks ``own-patch`` and ``own-blend`` are triggers written into the data outside the tool (``own_triggers.py``).
 One suspect model per attack (the quick recipe shared by the model-based detectors: A-ABL's naive stage) is
 trained once and scored by every detector, so the detectors differ only in how they score. Writes, under
 --out: per attack the suspect model and every detector's scores (scores_<attack>.npz, reused by later runs),
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from own_triggers import OWN, write_own
 
 import antibackdoor as ab
 from antibackdoor.defenses.base import DefenseContext
@@ -82,15 +84,20 @@ def main() -> None:
         key = f"{attack_name}-t{a.target}-s{a.seed}"
         work = out / key
         work.mkdir(parents=True, exist_ok=True)
-        attack = ab.get_attack(attack_name)
-        with use_precision(prec):  # the attack's own networks (IAB, SSBA, CLB, Trojan) too
-            poisoned = attack.poison(splits.train, a.poison_rate, a.target, ab.seeded(a.seed))
-        data, mask = poisoned.data, poisoned.poison_mask
+        if attack_name in OWN:  # a trigger written into the data outside the tool (own_triggers.py)
+            own = write_own("cifar10-mini", attack_name, a.target, a.poison_rate, a.seed, out)
+            data, mask, triggered = ab.load_dataset(own.dataset).train, torch.from_numpy(own.poison), own.triggered
+        else:
+            attack = ab.get_attack(attack_name)
+            with use_precision(prec):  # the attack's own networks (IAB, SSBA, CLB, Trojan) too
+                poisoned = attack.poison(splits.train, a.poison_rate, a.target, ab.seeded(a.seed))
+            data, mask = poisoned.data, poisoned.poison_mask
+            triggered = attack.triggered_test(splits.test, a.target)
         ctx = DefenseContext(ab.model_factory(a.model, data), seed=a.seed, workdir=work / "checkpoints", resume=True,
                              precision=prec)
         model, t_model = suspect_model(data, ctx, work / "suspect.safetensors", cfg)
         acc = ab.accuracy(model, splits.test)
-        asr = ab.attack_success_rate(model, attack.triggered_test(splits.test, a.target))
+        asr = ab.attack_success_rate(model, triggered)
         print(f"[{attack_name}] suspect model: ACC {100 * acc:.1f} ASR {100 * asr:.1f} ({t_model:.0f} s)", flush=True)
         cache = work / "scores.npz"
         saved = dict(np.load(cache)) if cache.exists() else {}

@@ -119,12 +119,30 @@ def test_target_guess_is_not_fooled_by_a_hard_to_flip_clean_class():
     assert int(torch.bincount(y[top], minlength=10).argmax()) == 0
     s = guess_target(order, y, CLASSES10)
     assert s.target == 7 and s.best == 7 and s.p < 1e-6, s.p
-    assert s.depths == [52, 103, 258, 517]  # 1, 2, 5 and 10 % of 5,167 samples
+    assert s.depths == [52, 103, 258, 517, 1033]  # 1, 2, 5, 10 and 20 % of 5,167 samples
     # class 0's surplus at the very top is not significant once the other classes' spread is allowed for
     assert s.rows[0].p_adjusted > s.alpha
     # the record says why: the target's share of the top against its share of the data
     row = s.rows[7]
     assert row.flagged_share > 3 * row.share and row.flagged > 10 * row.expected
+
+
+def test_target_guess_is_not_fooled_by_a_distinctive_clean_class_among_many():
+    """Issue 18's 43-class case: half of one clean class (12) is harder to flip than any poisoned sample, so
+    its surplus at the very top is the most significant; the poison (1,000 samples labelled 0, ranked above
+    most clean samples) has the larger excess further down, and the guess follows the excess."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(43).repeat_interleave(230)
+    k = torch.rand(len(y), generator=g) * 3
+    hard = (y == 12).nonzero().flatten()[:120]
+    k[hard] = 2 + torch.rand(120, generator=g) * 6
+    y = torch.cat([y, torch.full((1000,), 0)])
+    k = torch.cat([k, 1 + torch.rand(1000, generator=g) * 4])
+    s = guess_target(rank_desc(k.double()), y, [str(c) for c in range(43)])
+    # both classes are significant, class 12 the more so: the smallest p-value would name it
+    assert s.rows[12].p_adjusted < s.rows[0].p_adjusted < s.alpha
+    assert s.target == 0 and s.best == 0 and s.p == s.rows[0].p_adjusted
+    assert s.depths[-1] == round(0.2 * len(y))  # the test reads down to AIBD's largest q
 
 
 def test_target_filter_declines_without_a_surplus():
@@ -314,7 +332,7 @@ def test_badnets_poison_is_isolated_into_the_target_class(mini):
     })
     r = d.run(data, DefenseContext(lambda: build_model("cnn-small", 10), seed=0))
     assert r.info["target"] == 0 and r.info["target_filter_applied"] and r.info["target_p"] < r.info["alpha"]
-    assert r.info["target_surplus"]["depths"] == [30, 40, 80]  # 1-10 % of 800, at least 30
+    assert r.info["target_surplus"]["depths"] == [30, 40, 80, 160]  # 1-20 % of 800, at least 30
     # 50% of the data is more than the guessed class holds: skipped, as in the official code
     assert r.info["trials"][0] == {"q": 0.5, "decision": "skipped", "isolated": int((data.y == 0).sum())}
     assert r.info["q"] == 0.1

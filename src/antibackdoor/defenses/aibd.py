@@ -55,7 +55,7 @@ log = logging.getLogger("antibackdoor")
 
 PAPER_QS = (0.20, 0.18, 0.16, 0.14, 0.12, 0.10, 0.08, 0.06, 0.04, 0.02)
 #: top fractions of the ranking by k at which the class-surplus test reads the target class
-TARGET_FRACTIONS = (0.01, 0.02, 0.05, 0.10)
+TARGET_FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.20)  # 20 %: the largest q of the schedule
 TREATMENTS = ("adversarial", "random", "unlearn")
 
 
