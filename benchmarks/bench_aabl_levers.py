@@ -110,7 +110,9 @@ def row(cell: dict[str, Any], m: dict[str, Any]) -> str:
 
 def standalone_seconds(m: dict[str, Any]) -> float:
     """The cell's wall time as if it had trained every stage itself (stage-cache hits added back)."""
-    return m["time_total_s"] + sum(e.get("seconds", 0) for e in m.get("stage_cache") or [] if e.get("hit"))
+    from antibackdoor.bench.stage_cache import cache_hits, saved_seconds
+
+    return m["time_total_s"] + saved_seconds(cache_hits(m))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from .runner import (
     restrict,
     write_manifest,
 )
+from .stage_cache import cache_hits, saved_seconds
 
 
 def _int_list(text: str) -> list[int]:
@@ -148,8 +149,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_manifest(out, plan)
     failed = [p for p in todo if p.state == "failed"]
     busy = [p for p in todo if p.state == "running"]
-    hits = [e for r in results.values() for e in r.get("stage_cache") or [] if e.get("hit")]
-    saved = sum(e.get("seconds", 0) for e in hits)
+    hits = [e for r in results.values() for e in cache_hits(r)]
+    saved = saved_seconds(hits)
     print(f"bench {plan.name}: {len(todo) - len(failed) - len(busy)} of {len(todo)} cells done, {len(failed)} failed"
           + (f", {len(busy)} busy elsewhere" if busy else "")
           + (f"; stage cache: {len(hits)} stage(s) loaded instead of trained, {est.fmt_duration(saved)} saved"

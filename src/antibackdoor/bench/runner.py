@@ -23,6 +23,7 @@ from ..errors import AntibackdoorError, ConfigError, DataError
 from ..jsonutil import write_json
 from . import estimate as est
 from .grid import Cell, Grid
+from .stage_cache import cache_hits
 from .suites import SUITES, Suite
 
 log = logging.getLogger("antibackdoor")
@@ -292,7 +293,7 @@ def _measured(run_dir: Path) -> float | None:
         m = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    if any(e.get("hit") for e in m.get("stage_cache") or []):
+    if cache_hits(m):
         return None  # a cell that loaded a stage says little about what the estimate counts
     return m.get("time_total_s")
 

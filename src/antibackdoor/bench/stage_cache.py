@@ -67,6 +67,17 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def cache_hits(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage-cache events a run recorded in its metrics (``StageCache.take_events``) that loaded a stage
+    instead of training it."""
+    return [e for e in metrics.get("stage_cache") or [] if e.get("hit")]
+
+
+def saved_seconds(hits: list[dict[str, Any]]) -> float:
+    """The training seconds those loaded stages had cost when they were trained."""
+    return sum(float(e.get("seconds") or 0) for e in hits)
+
+
 class StageCache:
     """Trained stage models under ``root``, addressed by the hash of what decides them.
 

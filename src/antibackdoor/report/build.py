@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bench.stage_cache import cache_hits, saved_seconds
 from ..bench.suites import SUITES, TableSpec
 from ..caching import atomic_write
 from ..errors import ConfigError
@@ -201,13 +202,13 @@ def write_report(root: str | Path, title: str | None = None) -> dict[str, Path]:
                                  _auto_figures(rest), folder, "runs", table_records=trecs))
     csv_path = write_results_csv(records, root / "results.csv")
     done = [r for r in records if r.state == "done"]
-    hits = [e for r in done for e in r.metrics.get("stage_cache") or [] if e.get("hit")]
+    hits = [e for r in done for e in cache_hits(r.metrics)]
     context = {
         "title": title or f"antibackdoor report: {root.name}",
         "root": root.name, "generated": time.strftime("%Y-%m-%d %H:%M"), "sections": sections,
         "counts": _counts(records),
         "compute_s": sum(float(r.metrics.get("time_total_s") or 0) for r in done),
-        "saved_s": sum(float(e.get("seconds") or 0) for e in hits), "cache_hits": len(hits),
+        "saved_s": saved_seconds(hits), "cache_hits": len(hits),
     }
     md = root / "report.md"
     html = root / "report.html"

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..bench.labels import label
+from ..bench.stage_cache import cache_hits, saved_seconds
 from ..caching import atomic_write
 
 log = logging.getLogger("antibackdoor")
@@ -198,14 +199,14 @@ def write_results_csv(records: list[Record], path: Path) -> Path:
 
 def _csv_row(r: Record) -> list[Any]:
     c, m, a = r.config, r.metrics, r.axes
-    hits = [e for e in m.get("stage_cache") or [] if e.get("hit")]
+    hits = cache_hits(m)
     return [r.rel, r.state, c.get("dataset", a.get("dataset")), c.get("attack", a.get("attack_name")),
             a.get("attack"), c.get("poison_rate", a.get("poison_rate")), c.get("target", a.get("target")),
             c.get("seed", a.get("seed")), c.get("defense", a.get("defense_name")), a.get("defense"),
             c.get("model", a.get("model")), c.get("preset"),
             *[_fmt(r.value(k)) for k in METRICS], r.model_trained, m.get("isolated"), m.get("poisoned"),
             m.get("train_size"),
-            m.get("time_total_s"), len(hits), round(sum(e.get("seconds", 0) for e in hits), 1),
+            m.get("time_total_s"), len(hits), round(saved_seconds(hits), 1),
             (r.error or "").replace("\n", " ")]
 
 
