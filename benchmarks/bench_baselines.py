@@ -64,11 +64,12 @@ def main() -> None:
     lines = table.read_text().splitlines() if a.append and table.exists() else list(HEADER)
     for target in (int(t) for t in a.targets.split(",")):
         for attack in a.attacks.split(","):
+            # an outside trigger's data and ground truth: written (and its triggered test set built) once per attack
+            own = write_own("cifar10-mini", attack, target, 0.1, a.seed, Path(a.out)) if attack in OWN else None
             for spec in a.defenses.split(","):
                 defense, params = VARIANTS.get(spec, (spec, {}))
                 cell = {"attack": attack, "defense": defense, "defense_params": params, "out": a.out,
                         "seed": a.seed, "target": target}
-                own = write_own("cifar10-mini", attack, target, 0.1, a.seed, Path(a.out)) if attack in OWN else None
                 if own is not None:
                     cell = {**cell, "attack": "none", "dataset": own.dataset}
                 r = run_experiment(make_config(cell), force=a.force)

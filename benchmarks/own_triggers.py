@@ -14,6 +14,7 @@ from the run's ``isolation.csv`` (column ``kept``, rows in training order) and A
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,6 @@ def evaluate(run_dir: Path, own: OwnData) -> dict:
     A defense that asks for trusted data (NAD) gets its slice from this data, which the runner takes for clean:
     ``trusted_poison`` counts the poisoned samples in it (the user handing in poisoned data has no clean slice).
     """
-    import json
-
     m = json.loads((run_dir / "metrics.json").read_text())
     _, kept, _ = read_isolation(run_dir)
     poison = own.poison
