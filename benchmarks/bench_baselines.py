@@ -29,7 +29,7 @@ VARIANTS = {
     "cbd-nomi": ("cbd", {"mi": False}),
     "abl-sample": ("abl", {"per_sample": True}),
 }
-ISOLATING = {"abl", "abl-sample", "d-br", "d-st", "a-abl", "aibd"}
+ISOLATING = {"abl", "abl-sample", "d-br", "d-st", "a-abl", "a-abl+", "aibd"}
 HEADER = ["| attack | target | defense | ACC | ASR | RA | TPR | FPR | isolated (poison) | time (s) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -43,6 +43,9 @@ def row(attack: str, target: int, defense: str, m: dict) -> str:
     tpr = pct(m["tpr"]) if iso and attack != "none" else "–"
     fpr = pct(m["fpr"]) if iso else "–"
     isolated = f"{m['isolated']} ({m['isolated_poison']})" if iso else "–"
+    purged = (m.get("sample_flags") or {}).get("purged")
+    if purged is not None:  # a-abl+: kept samples dropped after the split (of them poisoned)
+        isolated += f"; purged {purged['samples']} ({purged['poison']})"
     return (f"| {attack} | {target} | {defense} | {pct(m['acc'])} | {pct(m['asr'])} | {pct(m['ra'])} | {tpr} | "
             f"{fpr} | {isolated} | {m['time_total_s']:.0f} |")
 

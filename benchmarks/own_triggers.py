@@ -109,6 +109,15 @@ def read_isolation(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return scores, body[:, 2].astype(int).astype(bool), body[:, 3].astype(int).astype(bool)
 
 
+def read_flags(run_dir: Path) -> dict[str, np.ndarray]:
+    """The per-sample flag columns of isolation.csv (after the fixed ones and ``new_label``), as bool arrays."""
+    with open(run_dir / "isolation.csv") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], np.array(rows[1:], dtype=object)
+    return {name: body[:, j].astype(int).astype(bool) for j, name in enumerate(header)
+            if j >= 5 and name != "new_label"}
+
+
 def tpr_fpr(kept: np.ndarray, poison: np.ndarray) -> tuple[float, float]:
     iso = ~kept
     tpr = float((iso & poison).sum() / max(poison.sum(), 1))
@@ -133,9 +142,12 @@ def evaluate(run_dir: Path, own: OwnData) -> dict:
         poison = poison[~in_slice]
     m["tpr"], m["fpr"] = tpr_fpr(kept, poison)
     m["isolated"], m["isolated_poison"] = int((~kept).sum()), int((~kept & poison).sum())
+    for name, flagged in read_flags(run_dir).items():  # e.g. a-abl+'s purge: how many of its samples are poison
+        m.setdefault("sample_flags", {})[name] = {"samples": int(flagged.sum()),
+                                                  "poison": int((flagged & poison).sum())}
     m["asr"] = attack_success_rate(load_model(run_dir / "model.safetensors"), own.triggered)
     return m
 
 
-__all__ = ["OWN", "TRIGGERS", "OwnData", "evaluate", "own_blend", "own_patch", "read_isolation", "tpr_fpr",
-           "write_own"]
+__all__ = ["OWN", "TRIGGERS", "OwnData", "evaluate", "own_blend", "own_patch", "read_flags", "read_isolation",
+           "tpr_fpr", "write_own"]

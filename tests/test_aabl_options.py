@@ -1,9 +1,10 @@
-"""A-ABL's options that are not the paper's (log-score Otsu, take back) and the a-abl+ variant: constructed
+"""A-ABL's options that are not the paper's (log-score Otsu, take back, purge) and the a-abl+ variant: constructed
 inputs and a model with known predictions; nothing here depends on a training run converging."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 
@@ -68,7 +69,7 @@ def test_otsu_on_log_scores_splits_where_the_raw_histogram_cannot():
 def test_paper_defaults_are_unchanged():
     for preset in ("quick", "paper"):
         p = ab.get_defense("a-abl", preset).params
-        assert p.split_log is False and p.takeback_epochs == 0 and p.takeback_lr is None
+        assert p.split_log is False and p.takeback_epochs == 0 and p.takeback_lr is None and p.purge is False
     assert ab.get_defense("a-abl", "paper").params == AABLParams()
 
 
@@ -123,7 +124,8 @@ def test_bad_option_values_are_one_line_errors():
 def test_a_abl_plus_is_a_abl_with_the_options_on():
     for preset in ("quick", "paper"):
         plain, plus = ab.get_defense("a-abl", preset).params, ab.get_defense("a-abl+", preset).params
-        assert plus.split_log and plus.takeback_epochs > 0
+        assert plus.split_log and plus.purge and plus.takeback_epochs == 0
+        assert not plain.purge
         assert plus.naive == plain.naive and plus.final == plain.final and plus.split_eps == plain.split_eps
     # the dataset's paper settings for a-abl (split eps 1/255 on 64x64 Tiny-ImageNet) reach the variant too
     assert get_defense("a-abl+", "paper", {}, TINY_PAPER).params.split_eps == pytest.approx(1 / 255)
@@ -154,17 +156,28 @@ def test_levers_bench_cells_keep_the_paper_variant_and_count_the_final_set(capsy
     argv = ["--dry-run", "--attacks", "pixels:pixels=4", "--targets", "3", "--set", "takeback_epochs=9"]
     assert bench.main(argv) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(bench.VARIANTS)
-    args = argparse.Namespace(attacks="pixels:pixels=4", targets="3", variants="a-abl,takeback",
-                              set=["takeback_epochs=9"], seed=0, runs="r", precision="fp32")
-    plain, back = (c["config"] for c in bench.cells(args))
-    assert plain["defense_params"] == {} and back["defense_params"] == {"takeback_epochs": 9}
-    assert back["attack_params"] == {"pixels": 4} and back["target"] == 3
+    args = argparse.Namespace(attacks="pixels:pixels=4", targets="3", variants="a-abl,takeback,split_log+purge",
+                              set=["takeback_epochs=9", "naive.crop=0"], seed=0, runs="r", precision="fp32",
+                              dataset="npz:x.npz")
+    plain, back, purge = (c["config"] for c in bench.cells(args))
+    assert plain["defense_params"] == {}  # the paper's A-ABL never gets the --set values
+    assert back["defense_params"] == {"takeback_epochs": 9, "naive": {"crop": 0}}  # dotted keys nest
+    assert purge["defense_params"] == {"split_log": True, "purge": True, "takeback_epochs": 9, "naive": {"crop": 0}}
+    assert back["attack_params"] == {"pixels": 4} and back["target"] == 3 and back["dataset"] == "npz:x.npz"
     metrics = {"acc": 0.5, "asr": 0.1, "ra": 0.2, "gamma": 0.8, "rho_vul": 0.01, "tpr": 0.9, "fpr": 0.1,
                "train_size": 1000, "isolated": 200, "isolated_poison": 90, "poisoned": 100, "time_total_s": 12,
                "sample_flags": {"taken_back": {"samples": 150, "poison": 5}}}
     line = bench.row({"variant": "takeback", "attack_label": "pixels pixels=4", "config": back}, metrics)
     # final set: 800 kept (10 poisoned) + 150 taken back (5 poisoned) = 15 / 950
-    assert "| 150 (5) | 1.6 | 12 |" in line
+    assert "| 150 (5) | - | 1.6 | 12 |" in line
+    metrics["sample_flags"] = {"purged": {"samples": 50, "poison": 8}}
+    line = bench.row({"variant": "purge", "attack_label": "pixels pixels=4", "config": purge}, metrics)
+    # final set: 800 kept (10 poisoned) - 50 purged (8 poisoned) = 2 / 750
+    assert "| - | 50 (8) | 0.3 | 12 |" in line
+    del metrics["sample_flags"]
+    metrics["defense_info"] = {"purge_target": None}
+    line = bench.row({"variant": "purge", "attack_label": "pixels pixels=4", "config": purge}, metrics)
+    assert "| - | no surplus | 1.2 | 12 |" in line  # 10 / 800 = 1.25 %
 
 
 def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tiny_npz, capsys):
@@ -183,6 +196,14 @@ def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tin
     assert back["poison"] <= min(back["samples"], metrics["isolated_poison"])
     history = json.loads((run_dir / "history.json").read_text())
     assert len(history["takeback"]) == 1
+    assert "purge_target" in metrics["defense_info"]  # a-abl+ purges (whether it finds a surplus here or not)
+    with open(run_dir / "isolation.csv") as f:  # the flags are per-sample columns of isolation.csv too
+        table = list(csv.DictReader(f))
+    assert sum(int(r["taken_back"]) for r in table) == back["samples"]
+    assert sum(int(r["taken_back"]) for r in table if r["is_poison"] == "1") == back["poison"]
+    if metrics["defense_info"]["purge_target"] is not None:
+        assert sum(int(r["purged"]) for r in table) == metrics["sample_flags"]["purged"]["samples"]
+    assert ("purged_adv_train" in history) == (metrics["defense_info"]["purge_target"] is not None)
     # a bad attack parameter is one line and exit code 2, before any run directory
     bad = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "bad"), "--attack", "pixels",
            "--attack-param", "layout=x", "--attack-param", "pixels=4"]
@@ -190,3 +211,145 @@ def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tin
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "antibackdoor: error: --attack-param pixels: layout x has 5 pixels, not 4; leave pixels unset"
     assert not (tmp_path / "bad").exists()
+
+
+def _purge_run(data: ImageSet, scores: torch.Tensor, agrees: torch.Tensor | list[torch.Tensor], monkeypatch,
+               **params) -> tuple:
+    """A quick A-ABL run with ``purge`` on, the split scores and the stage-3 models' agreement given (one mask
+    per round, or the same for every round)."""
+    monkeypatch.setattr(AABL, "split_scores", lambda self, model, d, ctx: scores.clone())
+    asked = []
+
+    def fake_agrees(model, d, ctx):
+        asked.append(model)
+        return (agrees[len(asked) - 1] if isinstance(agrees, list) else agrees).clone()
+
+    monkeypatch.setattr(a_abl, "agrees_with_label", fake_agrees)
+    seen = []
+    real = stages.train
+
+    def spy(model, d, cfg, **kw):
+        seen.append((kw["desc"], d, model))
+        return real(model, d, cfg, **kw)
+
+    monkeypatch.setattr(stages, "train", spy)
+    d = ab.get_defense("a-abl", "quick", {"naive": {"epochs": 1}, "final": {"epochs": 1, "adversary": {"steps": 1}},
+                                          "purge": True, **params})
+    return d.run(data, ab.DefenseContext(ab.model_factory("cnn-small", data))), seen, asked
+
+
+def test_purge_drops_the_surplus_class_samples_the_robust_model_disagrees_with(small_train, monkeypatch):
+    data = small_train
+    y = data.y.cpu()
+    target = int(y[0])
+    scores = 9 + torch.linspace(0, 1, len(data))
+    in_target = (y == target).nonzero().squeeze(1)
+    scores[in_target[: len(in_target) // 2]] = 0.01  # half the class is isolated: a surplus
+    agrees = torch.arange(len(data)) % 2 == 0
+    r, seen, asked = _purge_run(data, scores, agrees, monkeypatch)
+    kept = scores > r.info["threshold"]
+    assert torch.equal(r.kept, kept)  # kept still describes the split
+    purged = kept & (y == target) & ~agrees
+    assert r.info["purge_target"] == target and r.info["purge_p"] < 0.01
+    assert int(purged.sum()) > 0 and torch.equal(r.sample_stats["purged"], purged) and r.info["purged"] == purged.sum()
+    assert [s[0] for s in seen] == ["naive", "adv_train", "purged_adv_train"]
+    assert asked == [seen[1][2]]  # the robust stage-3 model judges
+    assert len(seen[2][1]) == int((kept & ~purged).sum())
+    assert torch.equal(seen[2][1].y.cpu(), y[kept & ~purged])
+    assert seen[2][2] is not seen[1][2] and r.model is seen[2][2]  # retrained from scratch, and returned
+    counts = sample_flag_counts(r.sample_stats, torch.zeros(len(data), dtype=torch.bool))
+    assert counts["purged"] == {"samples": int(purged.sum()), "poison": 0}
+
+
+def test_purge_rounds_are_each_judged_by_the_previous_rounds_model(small_train, monkeypatch):
+    data = small_train
+    y = data.y.cpu()
+    target = int(y[0])
+    scores = 9 + torch.linspace(0, 1, len(data))
+    in_target = (y == target).nonzero().squeeze(1)
+    scores[in_target[: len(in_target) // 2]] = 0.01
+    first, second = torch.arange(len(data)) % 3 != 0, torch.arange(len(data)) % 2 == 0
+    r, seen, asked = _purge_run(data, scores, [first, second], monkeypatch, purge_rounds=2)
+    kept = scores > r.info["threshold"]
+    one = kept & (y == target) & ~first
+    two = kept & (y == target) & ~second & ~one
+    assert r.info["purged_per_round"] == [int(one.sum()), int(two.sum())] and int(two.sum()) > 0
+    assert torch.equal(r.sample_stats["purged"], one | two)
+    assert [s[0] for s in seen] == ["naive", "adv_train", "purged_adv_train", "purged_adv_train_2"]
+    assert asked == [seen[1][2], seen[2][2]]  # round 2 is judged by round 1's model
+    assert len(seen[3][1]) == int((kept & ~(one | two)).sum()) and r.model is seen[3][2]
+    with pytest.raises(ConfigError, match=r"^--defense-param purge_rounds: 0 must be >= 1$"):
+        ab.get_defense("a-abl", "quick", {"purge_rounds": 0})
+
+
+def test_purge_without_a_surplus_changes_nothing(small_train, monkeypatch):
+    data = small_train
+    scores = 9 + torch.linspace(0, 1, len(data))
+    scores[::10] = 0.01  # every tenth sample isolated: no class stands out
+    r, seen, asked = _purge_run(data, scores, torch.ones(len(data), dtype=torch.bool), monkeypatch)
+    assert r.info["purge_target"] is None and "purged" not in r.sample_stats
+    assert [s[0] for s in seen] == ["naive", "adv_train"] and asked == [] and r.model is seen[1][2]
+
+
+def test_defend_with_a_abl_plus_leaves_the_purged_samples_out_of_the_clean_indices(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from conftest import write_npz
+
+    from antibackdoor.cli import main
+
+    path = write_npz(tmp_path / "d.npz", n_train=240, classes=4)
+    y = np.arange(240) % 4
+    scores = 9 + torch.linspace(0, 1, 240)
+    scores[torch.from_numpy(np.flatnonzero(y == 2)[:30])] = 0.01  # half of class 2 robust: a surplus
+    agrees = torch.arange(240) % 3 != 0
+    monkeypatch.setattr(AABL, "split_scores", lambda self, model, d, ctx: scores[: len(d)].clone())
+    monkeypatch.setattr(a_abl, "agrees_with_label", lambda model, d, ctx: agrees[: len(d)].clone())
+    out = tmp_path / "r"
+    code = main(["defend", f"npz:{path}", "--defense", "a-abl+", "--model", "cnn-small", "--out", str(out),
+                 "--holdout", "0", "--ra-samples", "20", "--defense-param", "naive.epochs=1",
+                 "--defense-param", "final.epochs=1", "--defense-param", "final.adversary.steps=1"])
+    assert code == 0, capsys.readouterr().err
+    run_dir = next(out.iterdir())
+    rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))
+    purged = {int(r["index"]) for r in rows if r["purged"] == "yes"}
+    expected = {i for i in range(240) if y[i] == 2 and scores[i] > 1 and not agrees[i]}
+    assert purged == expected and len(purged) == 10  # class 2's kept half, every third sample
+    clean = np.loadtxt(run_dir / "clean_indices.txt", dtype=np.int64, comments="#").tolist()
+    assert clean == sorted(int(r["index"]) for r in rows if r["isolated"] == "no" and r["purged"] == "no")
+    assert "without the 10 samples the purge dropped" in (run_dir / "clean_indices.txt").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["defense_info"]["purge_target"] == 2 and metrics["defense_info"]["purged"] == 10
+
+
+def test_asr_floor_measures_every_trigger_on_a_model_trained_on_clean_data(tmp_path, tiny_npz, monkeypatch):
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    import asr_floor
+
+    out = tmp_path / "floor.md"
+    argv = ["--dataset", f"npz:{tiny_npz}", "--defenses", "none", "--attacks", "badnets,pixels:pixels=4",
+            "--targets", "0,1", "--runs", str(tmp_path / "runs"), "--out", str(out), "--threads", "1"]
+    assert asr_floor.main(argv) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| none ")]
+    assert [(r[2], r[3]) for r in rows] == [("badnets", "0"), ("badnets", "1"), ("pixels pixels=4", "0"),
+                                            ("pixels pixels=4", "1")]
+    assert all(0.0 <= float(r[4].rstrip(" |")) <= 100.0 for r in rows)
+    (run_dir,) = (tmp_path / "runs").iterdir()  # one clean run, shared by every trigger
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["poisoned"] == 0 and metrics["asr"] is None
+
+
+def test_own_triggers_reads_the_flag_columns_of_isolation_csv(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from own_triggers import read_flags
+
+    (tmp_path / "isolation.csv").write_text("index,sce_adv,kept,is_poison,is_cover,new_label,purged\n"
+                                            "0,0.1,1,0,0,2,1\n1,0.2,0,0,0,1,0\n2,0.3,1,0,0,0,1\n")
+    flags = read_flags(tmp_path)
+    assert list(flags) == ["purged"] and flags["purged"].tolist() == [True, False, True]
+    (tmp_path / "isolation.csv").write_text("index,score,kept,is_poison,is_cover\n0,,1,0,0\n")
+    assert read_flags(tmp_path) == {}

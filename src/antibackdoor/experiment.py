@@ -410,9 +410,12 @@ def sample_flag_counts(stats: dict[str, torch.Tensor], poison_mask: torch.Tensor
 
 def write_isolation_csv(path: Path, result: DefenseResult, poisoned: PoisonedSet, kept: torch.Tensor) -> None:
     """One row per training sample: its score, whether the defense kept it, the ground truth (poisoned, cover
-    sample) and its new label where the defense relabelled."""
+    sample), its new label where the defense relabelled, and one 0/1 column per flag the defense set on samples
+    (A-ABL's ``taken_back``, ``purged``)."""
     scores = result.scores.cpu() if result.scores is not None else None
     new_labels = result.new_labels.cpu() if result.new_labels is not None else None
+    flags = {name: v.cpu() for name, v in result.sample_stats.items()
+             if v.dtype == torch.bool and v.shape == kept.shape}
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -420,13 +423,13 @@ def write_isolation_csv(path: Path, result: DefenseResult, poisoned: PoisonedSet
             header = ["index", result.score_name or "score", "kept", "is_poison", "is_cover"]
             if new_labels is not None:
                 header.append("new_label")
-            w.writerow(header)
+            w.writerow(header + list(flags))
             for i in range(len(kept)):
                 row = [i, f"{float(scores[i]):.6g}" if scores is not None else "", int(kept[i]),
                        int(poisoned.poison_mask[i]), int(poisoned.cover_mask[i])]
                 if new_labels is not None:
                     row.append(int(new_labels[i]))
-                w.writerow(row)
+                w.writerow(row + [int(v[i]) for v in flags.values()])
 
     atomic_write(path, write)
 

@@ -277,12 +277,16 @@ class Defender:
         sources = [data.sources[r] for r in rows] if data.sources else None
         write_suspicious_csv(run_dir / "suspicious.csv", findings, index, sources, train.y.numpy()[rows],
                              train.classes, result.score_name or "score")
-        kept_idx = np.sort(index[~findings["isolated"]])
+        purged = findings.get("flags", {}).get("purged")  # a-abl+: dropped after the split, not trained on
+        out = findings["isolated"] | purged if purged is not None else findings["isolated"]
+        kept_idx = np.sort(index[~out])
+        note = "" if purged is None else (f"# without the {int(purged.sum())} samples the purge dropped after the "
+                                          "split (column 'purged' of suspicious.csv)\n")
         _atomic_text(run_dir / "clean_indices.txt",
                      f"# DATA indices kept by {self.config.defense} ({len(kept_idx)} of {len(index)} inspected; "
-                     f"see suspicious.csv)\n" + "".join(f"{i}\n" for i in kept_idx))
+                     f"see suspicious.csv)\n" + note + "".join(f"{i}\n" for i in kept_idx))
         if sources is not None:
-            kept_files = sorted(s for s, iso in zip(sources, findings["isolated"], strict=True) if not iso)
+            kept_files = sorted(s for s, iso in zip(sources, out, strict=True) if not iso)
             _atomic_text(run_dir / "clean_files.txt", "".join(f"{s}\n" for s in kept_files))
         if self.heldout.any():
             held = data.index[self.heldout]
@@ -320,8 +324,11 @@ def analyse(result: DefenseResult, y: np.ndarray, classes: list[str]) -> dict:
     surplus = class_surplus(y, score_order, isolated, classes)
     new = result.new_labels.cpu().numpy() if result.new_labels is not None else None
     suggested = np.where(isolated & (new != y), new, -1) if new is not None else np.full(n, -1)
+    # the defense's own per-sample flags (A-ABL's taken_back, purged): one column each in suspicious.csv
+    flags = {name: v.cpu().numpy() for name, v in result.sample_stats.items()
+             if v.dtype == torch.bool and tuple(v.shape) == (n,)}
     return {"order": order, "score_order": score_order, "isolated": isolated, "scores": scores,
-            "surplus": surplus, "suggested": suggested}
+            "surplus": surplus, "suggested": suggested, "flags": flags}
 
 
 def write_suspicious_csv(path: Path, findings: dict, index: np.ndarray, sources: list[str] | None,
@@ -332,13 +339,15 @@ def write_suspicious_csv(path: Path, findings: dict, index: np.ndarray, sources:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
+            flags = findings.get("flags", {})
             w.writerow(["rank", "index", "file", "label", "class", score_name, "isolated", "suggested_label",
-                        "suggested_class"])
+                        "suggested_class", *flags])
             for rank, r in enumerate(findings["order"], start=1):
                 s = int(suggested[r])
                 w.writerow([rank, int(index[r]), sources[r] if sources else "", int(y[r]), classes[int(y[r])],
                             f"{scores[r]:.10g}" if scores is not None else "", "yes" if isolated[r] else "no",
-                            s if s >= 0 else "", classes[s] if s >= 0 else ""])
+                            s if s >= 0 else "", classes[s] if s >= 0 else "",
+                            *("yes" if v[r] else "no" for v in flags.values())])
 
     atomic_write(path, write)
 

@@ -17,6 +17,14 @@ them on; docs/a-abl.md):
   stage-3 model on the union for ``takeback_epochs`` epochs (``final``'s adversary and optimiser, learning rate
   ``takeback_lr`` with a cosine decay). ``kept`` (and so gamma, rho_vul, TPR, FPR) still describes the split;
   the taken-back samples are ``sample_stats["taken_back"]``.
+- ``purge``: the split leaves the poison the naive model had not learned firmly in the kept set, all of it
+  labelled with the target class. The class-surplus test (``antibackdoor.surplus``) reads the target from the
+  split's ranking; if it finds one, the kept samples of that class whose given label the robust stage-3 model does
+  not predict are dropped (a poisoned sample's true class is another one) and stage 3 is trained again, from
+  scratch, on what is left; ``purge_rounds`` > 1 repeats this, each round judged by the model the previous round
+  trained (which has learned less of the backdoor). Without a surplus nothing is dropped and nothing retrained.
+  Costs one more stage 3 per round.
+  The dropped samples are ``sample_stats["purged"]``; ``kept`` still describes the split.
 """
 
 from __future__ import annotations
@@ -24,15 +32,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from ..adversarial.pgd import PGDConfig
 from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..surplus import class_surplus
 from ..training import TrainConfig
 from .adv_train import PAPER_AT, QUICK_AT
 from .base import Defense, DefenseContext, DefenseResult, register_defense
 from .none import QUICK_PLAIN
-from .stages import adversarial_scores, otsu_threshold, take_back, train_stage
+from .stages import adversarial_scores, agrees_with_label, otsu_threshold, take_back, train_stage
 
 log = logging.getLogger("antibackdoor")
 
@@ -49,10 +60,16 @@ class AABLParams:
     takeback_epochs: int = param(0, doc="take back: re-include the isolated samples whose given label the stage-3 "
                                         "model predicts and continue adversarial training this many epochs (0 = off)")
     takeback_lr: float | None = param(None, doc="take back's learning rate, cosine decay (None: a tenth of final.lr)")
+    purge: bool = param(False, doc="purge: drop the kept samples of the surplus (target) class the stage-3 model "
+                                   "disagrees with and train stage 3 again (not the paper's)")
+    purge_rounds: int = param(1, doc="purge: how many times to drop and retrain, each round judged by the "
+                                     "previous round's model")
 
     def validate(self) -> None:
         if self.takeback_epochs < 0:
             raise ConfigError(f"--defense-param takeback_epochs: {self.takeback_epochs} must be >= 0")
+        if self.purge_rounds < 1:
+            raise ConfigError(f"--defense-param purge_rounds: {self.purge_rounds} must be >= 1")
         if self.takeback_lr is not None and not self.takeback_lr > 0:
             raise ConfigError(f"--defense-param takeback_lr: {self.takeback_lr} must be > 0")
 
@@ -108,6 +125,8 @@ class AABL(Defense):
         info = {"threshold": threshold, "kept": int(kept.sum()), "isolated": int((~kept).sum())}
         history = {"naive": naive_hist, "adv_train": final_hist}
         stats = {}
+        if p.purge:
+            model = self.purge(model, data, kept, scores, ctx, info, history, stats)
         if p.takeback_epochs:
             back = take_back(model, data, kept, ctx)
             info["taken_back"] = int(back.sum())
@@ -119,6 +138,36 @@ class AABL(Defense):
             stats["taken_back"] = back
         return DefenseResult(model, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
                              info=info, history=history, sample_stats=stats)
+
+    def purge(self, model, data: ImageSet, kept, scores, ctx: DefenseContext, info: dict, history: dict,
+              stats: dict):
+        """The ``purge`` option: the stage-3 model retrained without the kept target-class samples it disagrees
+        with (``purge_rounds`` times, each round judged by the previous round's model), or ``model`` itself when
+        the split's ranking shows no class surplus."""
+        surplus = class_surplus(data.y.cpu().numpy(), torch.argsort(scores.cpu()).numpy(),
+                                (~kept).cpu().numpy(), data.classes)
+        info["purge_target"], info["purge_p"] = surplus.target, surplus.p
+        if surplus.target is None:
+            log.info("purge: no class has a surplus among the isolated samples (best %s, p %.2g): nothing dropped",
+                     surplus.best, surplus.p)
+            return model
+        kept = kept.cpu()
+        in_target = kept & (data.y.cpu() == surplus.target)
+        purged = torch.zeros_like(kept)
+        info["purged_per_round"] = []
+        for r in range(1, self.params.purge_rounds + 1):
+            dropped = in_target & ~purged & ~agrees_with_label(model, data, ctx)
+            purged |= dropped
+            info["purged_per_round"].append(int(dropped.sum()))
+            log.info("purge round %d: class %d has a surplus (p %.2g); dropping %d more of its %d kept samples "
+                     "(the robust model disagrees with their label) and training stage 3 again on %d", r,
+                     surplus.target, surplus.p, int(dropped.sum()), int(in_target.sum()), int((kept & ~purged).sum()))
+            stage = "purged_adv_train" if r == 1 else f"purged_adv_train_{r}"
+            model, history[stage] = train_stage(ctx, data.subset(kept & ~purged), self.params.final, stage,
+                                                seed_offset=2 + r)
+        info["purged"] = int(purged.sum())
+        stats["purged"] = purged
+        return model
 
     def split_scores(self, model, data: ImageSet, ctx: DefenseContext):
         """Per-sample SCE loss of the iFGSM adversarial example (low = robust = suspicious)."""
