@@ -353,3 +353,17 @@ def test_own_triggers_reads_the_flag_columns_of_isolation_csv(tmp_path, monkeypa
     assert list(flags) == ["purged"] and flags["purged"].tolist() == [True, False, True]
     (tmp_path / "isolation.csv").write_text("index,score,kept,is_poison,is_cover\n0,,1,0,0\n")
     assert read_flags(tmp_path) == {}
+
+
+def test_take_back_after_a_purge_keeps_the_purged_samples_out(small_train, monkeypatch):
+    data = small_train
+    y = data.y.cpu()
+    target = int(y[0])
+    scores = 9 + torch.linspace(0, 1, len(data))
+    in_target = (y == target).nonzero().squeeze(1)
+    scores[in_target[: len(in_target) // 2]] = 0.01
+    monkeypatch.setattr(a_abl, "take_back", lambda model, d, kept, ctx: ~kept.cpu())  # everything isolated
+    r, seen, _ = _purge_run(data, scores, torch.arange(len(data)) % 2 == 0, monkeypatch, takeback_epochs=1)
+    purged = r.sample_stats["purged"]
+    assert int(purged.sum()) > 0 and [s[0] for s in seen][-1] == "takeback"
+    assert len(seen[-1][1]) == len(data) - int(purged.sum())  # kept minus purged, plus every isolated sample

@@ -129,11 +129,12 @@ class AABL(Defense):
             model = self.purge(model, data, kept, scores, ctx, info, history, stats)
         if p.takeback_epochs:
             back = take_back(model, data, kept, ctx)
+            trained = kept.cpu() & ~stats["purged"] if "purged" in stats else kept.cpu()  # purged stay out
             info["taken_back"] = int(back.sum())
             log.info("take back: the robust model predicts the given label of %d of the %d isolated samples; "
                      "adversarial training continues on %d samples for %d epochs", int(back.sum()),
-                     int((~kept).sum()), int((kept | back).sum()), p.takeback_epochs)
-            history["takeback"] = train_stage(ctx, data.subset(kept | back), p.takeback_config(), "takeback",
+                     int((~kept).sum()), int((trained | back).sum()), p.takeback_epochs)
+            history["takeback"] = train_stage(ctx, data.subset(trained | back), p.takeback_config(), "takeback",
                                               seed_offset=2, model=model)[1]
             stats["taken_back"] = back
         return DefenseResult(model, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
