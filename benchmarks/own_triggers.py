@@ -100,20 +100,23 @@ def write_own(dataset: str, trigger: str, target: int, rate: float, seed: int, o
     return OwnData(path, poison, triggered)
 
 
-def read_isolation(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scores, kept, is_poison) from isolation.csv, in training order (scores NaN where the defense has none)."""
+def _isolation_table(run_dir: Path) -> tuple[list[str], np.ndarray]:
+    """isolation.csv as (header, rows as a string array), rows in training order."""
     with open(run_dir / "isolation.csv") as f:
         rows = list(csv.reader(f))
-    body = np.array(rows[1:], dtype=object)
+    return rows[0], np.array(rows[1:], dtype=object)
+
+
+def read_isolation(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, kept, is_poison) from isolation.csv, in training order (scores NaN where the defense has none)."""
+    _, body = _isolation_table(run_dir)
     scores = np.array([float(v) if v != "" else np.nan for v in body[:, 1]])
     return scores, body[:, 2].astype(int).astype(bool), body[:, 3].astype(int).astype(bool)
 
 
 def read_flags(run_dir: Path) -> dict[str, np.ndarray]:
     """The per-sample flag columns of isolation.csv (after the fixed ones and ``new_label``), as bool arrays."""
-    with open(run_dir / "isolation.csv") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], np.array(rows[1:], dtype=object)
+    header, body = _isolation_table(run_dir)
     return {name: body[:, j].astype(int).astype(bool) for j, name in enumerate(header)
             if j >= 5 and name != "new_label"}
 

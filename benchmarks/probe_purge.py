@@ -23,8 +23,10 @@ import yaml
 def probe(run_dir: Path) -> None:
     from antibackdoor.attacks import get_attack
     from antibackdoor.data import load_dataset
-    from antibackdoor.metrics import predict
+    from antibackdoor.defenses.base import DefenseContext
+    from antibackdoor.defenses.stages import agrees_with_label, sample_losses
     from antibackdoor.models.io import load_model
+    from antibackdoor.precision import PLAIN
     from antibackdoor.surplus import class_surplus
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -39,11 +41,9 @@ def probe(run_dir: Path) -> None:
     model = load_model(run_dir / "model.safetensors").eval()
     data = poisoned.data
     y = data.y.cpu().numpy()
-    agree = (predict(model, data) == data.y.cpu()).numpy()
-    with torch.no_grad():
-        loss = torch.cat([torch.nn.functional.cross_entropy(model(data.x[i:i + 512].float() / 255),
-                                                            data.y[i:i + 512], reduction="none")
-                          for i in range(0, len(data), 512)]).numpy()
+    ctx = DefenseContext(lambda: model, precision=PLAIN)  # fp32 on the CPU, whatever the CPU kind
+    agree = agrees_with_label(model, data, ctx).numpy()
+    loss = sample_losses(model, data, ctx).cpu().numpy()
     print(f"{run_dir.name}: {cfg['attack']} -> class {target}, {int(kept.sum())} kept, "
           f"{int((kept & poison).sum())} of them poisoned")
     rates = [1 - agree[kept & (y == c)].mean() if (kept & (y == c)).any() else float("nan")

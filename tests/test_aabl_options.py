@@ -238,13 +238,20 @@ def _purge_run(data: ImageSet, scores: torch.Tensor, agrees: torch.Tensor | list
     return d.run(data, ab.DefenseContext(ab.model_factory("cnn-small", data))), seen, asked
 
 
-def test_purge_drops_the_surplus_class_samples_the_robust_model_disagrees_with(small_train, monkeypatch):
-    data = small_train
+def _surplus_scores(data: ImageSet) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(labels, target, split scores) where half of the first sample's class scores as robust: a class surplus
+    among the isolated samples, the rest of the data vulnerable."""
     y = data.y.cpu()
     target = int(y[0])
     scores = 9 + torch.linspace(0, 1, len(data))
     in_target = (y == target).nonzero().squeeze(1)
-    scores[in_target[: len(in_target) // 2]] = 0.01  # half the class is isolated: a surplus
+    scores[in_target[: len(in_target) // 2]] = 0.01
+    return y, target, scores
+
+
+def test_purge_drops_the_surplus_class_samples_the_robust_model_disagrees_with(small_train, monkeypatch):
+    data = small_train
+    y, target, scores = _surplus_scores(data)
     agrees = torch.arange(len(data)) % 2 == 0
     r, seen, asked = _purge_run(data, scores, agrees, monkeypatch)
     kept = scores > r.info["threshold"]
@@ -263,11 +270,7 @@ def test_purge_drops_the_surplus_class_samples_the_robust_model_disagrees_with(s
 
 def test_purge_rounds_are_each_judged_by_the_previous_rounds_model(small_train, monkeypatch):
     data = small_train
-    y = data.y.cpu()
-    target = int(y[0])
-    scores = 9 + torch.linspace(0, 1, len(data))
-    in_target = (y == target).nonzero().squeeze(1)
-    scores[in_target[: len(in_target) // 2]] = 0.01
+    y, target, scores = _surplus_scores(data)
     first, second = torch.arange(len(data)) % 3 != 0, torch.arange(len(data)) % 2 == 0
     r, seen, asked = _purge_run(data, scores, [first, second], monkeypatch, purge_rounds=2)
     kept = scores > r.info["threshold"]
@@ -357,11 +360,7 @@ def test_own_triggers_reads_the_flag_columns_of_isolation_csv(tmp_path, monkeypa
 
 def test_take_back_after_a_purge_keeps_the_purged_samples_out(small_train, monkeypatch):
     data = small_train
-    y = data.y.cpu()
-    target = int(y[0])
-    scores = 9 + torch.linspace(0, 1, len(data))
-    in_target = (y == target).nonzero().squeeze(1)
-    scores[in_target[: len(in_target) // 2]] = 0.01
+    y, target, scores = _surplus_scores(data)
     monkeypatch.setattr(a_abl, "take_back", lambda model, d, kept, ctx: ~kept.cpu())  # everything isolated
     r, seen, _ = _purge_run(data, scores, torch.arange(len(data)) % 2 == 0, monkeypatch, takeback_epochs=1)
     purged = r.sample_stats["purged"]

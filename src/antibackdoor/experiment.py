@@ -30,7 +30,7 @@ from .config import from_dict, to_dict
 from .data.imageset import DatasetSplits, ImageSet, PaperSettings
 from .data.registry import load_dataset
 from .data.trusted import reserve_trusted
-from .defenses.base import Defense, DefenseContext, DefenseResult, get_defense
+from .defenses.base import Defense, DefenseContext, DefenseResult, get_defense, sample_flags
 from .errors import ConfigError, RunStateError
 from .metrics import EvalConfig, accuracy, attack_success_rate, robust_accuracy, split_metrics
 from .models.io import save_model
@@ -400,12 +400,9 @@ class Experiment:
 def sample_flag_counts(stats: dict[str, torch.Tensor], poison_mask: torch.Tensor) -> dict[str, dict[str, int]]:
     """For each boolean per-sample statistic of a defense (e.g. A-ABL's ``taken_back``): how many samples it
     flags and how many of those are poisoned (ground truth the defense never saw)."""
-    out = {}
-    for name, value in stats.items():
-        if value.dtype == torch.bool and value.shape == poison_mask.shape:
-            flagged = value.cpu()
-            out[name] = {"samples": int(flagged.sum()), "poison": int((flagged & poison_mask.cpu()).sum())}
-    return out
+    poison = poison_mask.cpu()
+    return {name: {"samples": int(flagged.sum()), "poison": int((flagged & poison).sum())}
+            for name, flagged in sample_flags(stats, len(poison)).items()}
 
 
 def write_isolation_csv(path: Path, result: DefenseResult, poisoned: PoisonedSet, kept: torch.Tensor) -> None:
@@ -414,8 +411,7 @@ def write_isolation_csv(path: Path, result: DefenseResult, poisoned: PoisonedSet
     (A-ABL's ``taken_back``, ``purged``)."""
     scores = result.scores.cpu() if result.scores is not None else None
     new_labels = result.new_labels.cpu() if result.new_labels is not None else None
-    flags = {name: v.cpu() for name, v in result.sample_stats.items()
-             if v.dtype == torch.bool and v.shape == kept.shape}
+    flags = result.flags(len(kept))
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:

@@ -325,8 +325,7 @@ def analyse(result: DefenseResult, y: np.ndarray, classes: list[str]) -> dict:
     new = result.new_labels.cpu().numpy() if result.new_labels is not None else None
     suggested = np.where(isolated & (new != y), new, -1) if new is not None else np.full(n, -1)
     # the defense's own per-sample flags (A-ABL's taken_back, purged): one column each in suspicious.csv
-    flags = {name: v.cpu().numpy() for name, v in result.sample_stats.items()
-             if v.dtype == torch.bool and tuple(v.shape) == (n,)}
+    flags = {name: v.numpy() for name, v in result.flags(n).items()}
     return {"order": order, "score_order": score_order, "isolated": isolated, "scores": scores,
             "surplus": surplus, "suggested": suggested, "flags": flags}
 

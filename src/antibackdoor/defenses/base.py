@@ -101,6 +101,16 @@ class DefenseResult:
     def isolated(self) -> torch.Tensor | None:
         return None if self.kept is None else ~self.kept
 
+    def flags(self, n: int) -> dict[str, torch.Tensor]:
+        """The boolean per-sample statistics over ``n`` samples (A-ABL's ``taken_back``, ``purged``), on the CPU:
+        what the run records per sample (isolation.csv, suspicious.csv) and counts against the poison."""
+        return sample_flags(self.sample_stats, n)
+
+
+def sample_flags(stats: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The entries of a defense's ``sample_stats`` that are one boolean per sample (of ``n``), on the CPU."""
+    return {name: v.cpu() for name, v in stats.items() if v.dtype == torch.bool and tuple(v.shape) == (n,)}
+
 
 class Defense:
     """Subclasses set ``name``, ``Params`` (a frozen dataclass, which may define ``validate()``) and
