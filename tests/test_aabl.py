@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import antibackdoor as ab
-from antibackdoor.defenses import stages
 from antibackdoor.defenses.a_abl import AABL
-from antibackdoor.defenses.stages import otsu_threshold
+from antibackdoor.stages import fit as stages
+from antibackdoor.stages import otsu_threshold
 
 
 def test_otsu_separates_two_clusters():

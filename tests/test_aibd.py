@@ -15,22 +15,13 @@ from antibackdoor.adversarial import pgd_statistics
 from antibackdoor.adversarial.reference import pgd_statistics_loop
 from antibackdoor.data.imageset import ImageSet
 from antibackdoor.defenses import DefenseContext, get_defense
-from antibackdoor.defenses.aibd import (
-    AIBDParams,
-    amplified_scores,
-    flip_config,
-    flip_counts,
-    guess_target,
-    isolate,
-    q_decision,
-    rank_desc,
-    shortfall_test,
-    treated_labels,
-)
+from antibackdoor.defenses.aibd import AIBDParams, isolate, q_decision, shortfall_test
 from antibackdoor.errors import ConfigError
 from antibackdoor.models import build_model
 from antibackdoor.plots import plot_k_distribution
 from antibackdoor.precision import PLAIN
+from antibackdoor.stages import treat
+from antibackdoor.stages.aibd import amplified_scores, flip_config, flip_counts, guess_target, rank_desc
 from antibackdoor.training import TrainConfig, train
 
 FAST = TrainConfig(epochs=2, optimizer="adam", lr=2e-3, crop=0, flip=False)
@@ -48,7 +39,7 @@ def model64(mini):
 
 @pytest.mark.parametrize("cap, p", [(3, 1.0), (40, 2.0)])
 def test_batched_flip_counts_equal_batch_of_one_loop(model64, mini, cap, p):
-    cfg = flip_config(AIBDParams(pgd_cap=cap, grad_norm_p=p))
+    cfg = flip_config(AIBDParams().pgd_step, cap, p)
     assert cfg.early_stop and not cfg.random_start and math.isinf(cfg.eps) and cfg.step == 1 / 255
     x, y = mini.train.x[500:540], mini.train.y[500:540]
     batched = pgd_statistics(model64, x, y, cfg, batch_size=16, dtype=torch.float64)
@@ -84,11 +75,10 @@ def test_amplification_is_eq4_and_keeps_large_gradients_apart():
 def test_isolate_takes_top_q_within_candidates():
     n = 200
     scores = torch.arange(n, dtype=torch.float64).flip(0)  # sample 0 ranks first
-    order = rank_desc(scores)
-    m = isolate(order, 0.1, None)
+    m = isolate(scores, 0.1, None)
     assert int(m.sum()) == 20 and m[:20].all()
     y = torch.arange(n) % 4
-    only = isolate(order, 0.1, y == 2)
+    only = isolate(scores, 0.1, y == 2)
     assert int(only.sum()) == 20 and torch.all(y[only] == 2)
     # the 20 best-ranked samples of class 2
     assert torch.equal(only.nonzero().flatten(), (y == 2).nonzero().flatten()[:20])
@@ -225,13 +215,13 @@ def test_treatments():
     adv = torch.tensor([1, 2, -1, 0, 3, 0])
     iso = torch.tensor([True, True, True, False, False, False])
     gen = torch.Generator().manual_seed(0)
-    labels, w = treated_labels(y, adv, iso, "adversarial", 4, gen)
+    labels, w = treat(y, iso, "relabel", 4, gen, proposed=adv)
     assert labels.tolist() == [1, 2, 2, 3, 0, 1]
     assert w.tolist() == [1, 1, 0, 1, 1, 1]  # isolated but never flipped: dropped
     big_y = torch.randint(0, 10, (2000,), generator=gen)
-    labels, w = treated_labels(big_y, big_y, torch.ones(2000, dtype=torch.bool), "random", 10, gen)
+    labels, w = treat(big_y, torch.ones(2000, dtype=torch.bool), "relabel", 10, gen)
     assert torch.all(labels != big_y) and len(labels.unique()) == 10 and torch.all(w == 1)
-    labels, w = treated_labels(y, adv, iso, "unlearn", 4, gen)
+    labels, w = treat(y, iso, "unlearn", 4, gen)
     assert torch.equal(labels, y) and w.tolist() == [-1, -1, -1, 1, 1, 1]
     with pytest.raises(ConfigError):
         get_defense("aibd", "quick", {"treatment": "forget"})

@@ -10,21 +10,21 @@ from conftest import tiny_set
 
 import antibackdoor as ab
 from antibackdoor.data.trusted import reserve_trusted, trusted_counts
-from antibackdoor.defenses.abl import bounded_loss, isolate_lowest
 from antibackdoor.defenses.cbd import MIDiscriminator, cbd_weights, mi_estimate, normalise_weights
 from antibackdoor.defenses.d_st import FrozenFeatures, mixed_head_loss, sensitivity_contrastive_loss
 from antibackdoor.defenses.nad import NAD, attention_loss, attention_map
-from antibackdoor.defenses.separation import (
+from antibackdoor.errors import ConfigError
+from antibackdoor.models import build_model
+from antibackdoor.precision import PLAIN, resolve_precision
+from antibackdoor.stages import sample_features, sample_losses, top_fraction, unlearn
+from antibackdoor.stages.abl import bounded_loss, isolate_lowest
+from antibackdoor.stages.separation import (
     FCTDraw,
     apply_transforms,
     fct_scores,
     intra_class_loss,
     quantile_split,
 )
-from antibackdoor.defenses.stages import rank_fraction, sample_features, sample_losses, unlearn
-from antibackdoor.errors import ConfigError
-from antibackdoor.models import build_model
-from antibackdoor.precision import PLAIN, resolve_precision
 from antibackdoor.training import StepOutput, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,9 +63,11 @@ def test_lowest_loss_isolation_takes_the_ratio_with_ties_in_index_order():
     scores = torch.tensor([0.5, 0.1, 0.3, 0.1, 0.9, 0.2, 0.7, 0.8, 0.6, 0.4])
     assert torch.equal(isolate_lowest(scores, 0.3), torch.tensor([0, 1, 0, 1, 0, 1, 0, 0, 0, 0]).bool())
     assert int(isolate_lowest(scores, 0.01).sum()) == 1  # at least one sample
-    assert torch.equal(rank_fraction(torch.zeros(5), 0.4), torch.tensor([1, 1, 0, 0, 0]).bool())
-    assert int(rank_fraction(torch.arange(100.0), 0.29).sum()) == 29  # no float round-down to 28
-    assert rank_fraction(torch.arange(10.0), 0.2, lowest=False)[[8, 9]].all()
+    assert torch.equal(top_fraction(torch.zeros(5), 0.4), torch.tensor([1, 1, 0, 0, 0]).bool())
+    assert int(top_fraction(torch.arange(100.0), 0.29).sum()) == 29  # no float round-down to 28
+    assert top_fraction(torch.arange(10.0), 0.2)[[8, 9]].all()
+    # the one rule: round(fraction * N), at least one when the fraction is positive
+    assert int(top_fraction(torch.arange(5170.0), 0.01).sum()) == 52 and int(top_fraction(torch.arange(10.0), 0.0).sum()) == 0
 
 
 def ctx_for(classes=4, size=16):
@@ -126,7 +128,7 @@ def test_nad_loss_is_cross_entropy_plus_beta_weighted_attention_distances():
     # the teacher's own maps give zero distance
     same = nad.distillation_loss(student, stages)(student, batch)
     assert same.loss.item() == pytest.approx(ce.item(), rel=1e-5)
-    with pytest.raises(ConfigError, match="nad.betas"):
+    with pytest.raises(ConfigError, match="--defense-param betas"):
         ab.get_defense("nad", "quick", {"betas": [1, 1, 1, 1, 1]}).stages_for(student)
 
 
@@ -336,17 +338,17 @@ def test_nad_without_a_trusted_slice_fails_clearly():
 
 
 @pytest.mark.parametrize("name,overrides,key", [
-    ("abl", {"bound": "clip"}, "abl.bound"),
-    ("abl", {"isolation_ratio": 1.5}, "abl.isolation_ratio"),
-    ("abl", {"unlearn": {"optimizer": "rmsprop"}}, "abl.unlearn.optimizer"),
-    ("nad", {"trusted_fraction": 0}, "nad.trusted_fraction"),
-    ("nad", {"betas": [-1.0]}, "nad.betas"),
-    ("cbd", {"mi_lr": 0}, "cbd.mi_lr"),
-    ("d-br", {"separation": {"clean_ratio": 0.9, "poison_ratio": 0.2}}, "d-br.separation"),
-    ("d-br", {"separation": {"warmup": {"schedule": "linear"}}}, "d-br.separation.warmup.schedule"),
-    ("d-st", {"temperature": -1}, "d-st.temperature"),
-    ("d-st", {"contrastive": {"crop": 4}}, "d-st.contrastive"),
-    ("d-st", {"separation": {"rotate": 400}}, "d-st.separation.rotate"),
+    ("abl", {"bound": "clip"}, "--defense-param bound"),
+    ("abl", {"isolation_ratio": 1.5}, "--defense-param isolation_ratio"),
+    ("abl", {"unlearn": {"optimizer": "rmsprop"}}, "--defense-param unlearn.optimizer"),
+    ("nad", {"trusted_fraction": 0}, "--defense-param trusted_fraction"),
+    ("nad", {"betas": [-1.0]}, "--defense-param betas"),
+    ("cbd", {"mi_lr": 0}, "--defense-param mi_lr"),
+    ("d-br", {"separation": {"clean_ratio": 0.9, "poison_ratio": 0.2}}, "--defense-param separation"),
+    ("d-br", {"separation": {"warmup": {"schedule": "linear"}}}, "--defense-param separation.warmup.schedule"),
+    ("d-st", {"temperature": -1}, "--defense-param temperature"),
+    ("d-st", {"contrastive": {"crop": 4}}, "--defense-param contrastive"),
+    ("d-st", {"separation": {"rotate": 400}}, "--defense-param separation.rotate"),
 ])
 def test_bad_parameters_name_the_key(name, overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -10,9 +10,10 @@ import torch
 
 import antibackdoor as ab
 from antibackdoor.defenses.base import DefenseContext
-from antibackdoor.defenses.dbd import DBD, lowest, sce_scores, warmup_head
+from antibackdoor.defenses.dbd import DBD
 from antibackdoor.models.features import classifier_head
 from antibackdoor.selfsup import guess_labels, mixmatch_loss, mixup, nt_xent, sharpen
+from antibackdoor.stages.dbd import lowest, sce_scores, warmup_head
 
 
 def test_nt_xent_closed_form():

@@ -11,11 +11,11 @@ from torch import nn
 
 import antibackdoor as ab
 from antibackdoor.data.imageset import ImageSet
-from antibackdoor.defenses import stages
 from antibackdoor.defenses.base import DefenseContext
 from antibackdoor.detectors import DETECTORS, IsolationRule, apply_rule, detection_metrics, get_detector
 from antibackdoor.detectors.base import DetectionResult
 from antibackdoor.errors import ConfigError
+from antibackdoor.stages import fit as stages
 
 
 class FeatureModel(nn.Module):
@@ -218,7 +218,7 @@ def test_core_scorers_are_unchanged(small_train):
     """ifgsm-sce and aibd-flip give the numbers of A-ABL's split and AIBD's amplified counts."""
     from antibackdoor.adversarial.pgd import pgd_statistics
     from antibackdoor.defenses.a_abl import AABL
-    from antibackdoor.defenses.aibd import AIBDParams, amplified_scores, flip_config, flip_counts
+    from antibackdoor.stages.aibd import amplified_scores, flip_config, flip_counts
 
     data = small_train.subset(torch.arange(64))
     torch.manual_seed(0)
@@ -227,7 +227,7 @@ def test_core_scorers_are_unchanged(small_train):
     ref = AABL("quick").split_scores(model, data, ctx)
     r = get_detector("ifgsm-sce").score(data, ctx, model=model)
     assert torch.equal(r.scores, ref.double()) and not r.higher_is_suspicious
-    stats = pgd_statistics(model, data.x, data.y, flip_config(AIBDParams(pgd_cap=20)))
+    stats = pgd_statistics(model, data.x, data.y, flip_config(1 / 255, 20))
     ref = amplified_scores(flip_counts(stats, 20), stats.grad_norm)
     r = get_detector("aibd-flip", overrides={"pgd_cap": 20}).score(data, ctx, model=model)
     assert torch.equal(r.scores, ref) and torch.equal(r.labels, stats.flip_label)
@@ -247,8 +247,8 @@ def test_paper_settings_give_isolate_then_train_the_defenses_split(small_train):
     from antibackdoor.adversarial.pgd import pgd_statistics
     from antibackdoor.data.imageset import PaperSettings
     from antibackdoor.data.tiny_imagenet import TINY_PAPER
-    from antibackdoor.defenses.aibd import amplified_scores, flip_config, flip_counts
     from antibackdoor.defenses.base import get_defense
+    from antibackdoor.stages.aibd import amplified_scores, flip_config, flip_counts
 
     data = small_train.subset(torch.arange(64))
     torch.manual_seed(0)
@@ -262,7 +262,7 @@ def test_paper_settings_give_isolate_then_train_the_defenses_split(small_train):
     paper = PaperSettings(defense_params={"aibd": {"pgd_step": 2 / 255, "pgd_cap": 20}})
     aibd = get_defense("aibd", "paper", {}, paper)
     flip = get_defense("isolate-then-train", "paper", {"detector": "aibd-flip"}, paper)
-    stats = pgd_statistics(model, data.x, data.y, flip_config(aibd.params))
+    stats = pgd_statistics(model, data.x, data.y, flip_config(aibd.params.pgd_step, aibd.params.pgd_cap, aibd.params.grad_norm_p))
     want = amplified_scores(flip_counts(stats, aibd.params.pgd_cap), stats.grad_norm)
     assert torch.equal(flip.detector.score(data, ctx, model=model).scores, want)
 
@@ -341,7 +341,7 @@ def test_bad_settings_are_config_errors_before_any_work(tmp_path, tiny_npz):
     with pytest.raises(ConfigError, match="unknown detector"):
         ab.get_defense("isolate-then-train", "quick", {"detector": "nope"})
     # the detector's own parameters are checked when the defense is built: unknown keys, wrong types, ...
-    with pytest.raises(ConfigError, match=r"detector_params \(scale-up\).*unknown key.*facto"):
+    with pytest.raises(ConfigError, match=r"^--defense-param detector_params.facto: unknown parameter of detector scale-up"):
         ab.get_defense("isolate-then-train", "quick", {"detector": "scale-up", "detector_params": {"facto": [2]}})
     with pytest.raises(ConfigError, match=r"reduce: 'svd' is not one of ica, pca"):
         get_detector("activation-clustering", overrides={"reduce": "svd"})

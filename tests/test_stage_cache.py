@@ -14,9 +14,9 @@ from conftest import write_npz
 from antibackdoor.bench.stage_cache import StageCache
 from antibackdoor.data.imageset import ImageSet
 from antibackdoor.defenses import DefenseContext
-from antibackdoor.defenses import stages as stages_mod
 from antibackdoor.models import build_model
 from antibackdoor.precision import PLAIN, resolve_precision
+from antibackdoor.stages import fit as stages_mod
 from antibackdoor.training import TrainConfig
 
 CFG = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3, crop=2, flip=False)

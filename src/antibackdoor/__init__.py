@@ -26,13 +26,14 @@ from .experiment import ExperimentConfig, run_experiment
 from .metrics import accuracy, attack_success_rate, robust_accuracy, split_metrics
 from .models import MODELS, build_model
 from .models.io import load_model, save_model
+from .seeding import fixed_generator
 
 __version__ = "0.1.0"
 
 
 def seeded(seed: int) -> torch.Generator:
     """A CPU generator for reproducible poisoning."""
-    return torch.Generator().manual_seed(seed)
+    return fixed_generator(seed)
 
 
 def model_factory(name: str, like: ImageSet):

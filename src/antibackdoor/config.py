@@ -4,6 +4,7 @@ describing them (type, default, one-line doc per field) for the CLI listings and
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from typing import Any, TypeVar
@@ -71,18 +72,43 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", sep: str = ".") -> T:
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Instantiate dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
 
-    Errors name the key as ``<where><sep><key>`` (nested keys joined by dots).
+    Errors name the key as ``key_path(where, key)`` (nested keys joined by dots).
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}{sep}{k}") for k, v in data.items()}
+    kwargs = {k: _coerce(hints[k], v, key_path(where, k)) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def key_path(where: str, key: str) -> str:
+    """The name of ``key`` below ``where``: after an option with a space (``--defense-param naive``), below a key
+    with a dot (``--defense-param naive.epochs``). Every error about a part's parameter names it so."""
+    return f"{where} {key}" if where.startswith("--") and " " not in where else f"{where}.{key}"
+
+
+def check_tree(obj: Any, where: str) -> None:
+    """Check a (nested) config dataclass before anything runs: every ``Literal`` field holds one of its values
+    (also where the object was built in code rather than merged from a dict), then, depth first, every nested
+    dataclass's and the object's own ``validate(where)``, which checks what types cannot (ranges, files).
+    ``where`` names the object in errors (``--defense-param naive``)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = key_path(where, f.name)
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Literal:
+            _coerce(tp, value, name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_tree(value, name)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(where) if inspect.signature(validate).parameters else validate()
 
 
 def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -93,9 +119,9 @@ def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def merge(base: T, overrides: dict[str, Any], where: str = "config", sep: str = ".") -> T:
+def merge(base: T, overrides: dict[str, Any], where: str = "config") -> T:
     """A copy of dataclass ``base`` with (nested) ``overrides`` applied."""
-    return from_dict(type(base), deep_update(to_dict(base), overrides), where, sep)
+    return from_dict(type(base), deep_update(to_dict(base), overrides), where)
 
 
 def to_dict(obj: Any) -> Any:

@@ -27,7 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adversarial.pgd import PGDConfig, adversarial_examples
+from .data.imageset import ImageSet
+from .models import build_model
 from .precision import ENV, Precision, auto_choice, cpu_bf16_native, resolve_precision
+from .seeding import generator, seeded_rng
+from .training import TrainConfig, train
 
 #: /proc/cpuinfo flags that decide the speed of dense float math
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
@@ -165,9 +170,7 @@ def matmul_peak(dtype: torch.dtype, budget: Budget = DEFAULT, n: int = 1536) -> 
 
 
 def _random_set(n: int, size: int = 32, classes: int = 10, seed: int = 0):
-    from .data.imageset import ImageSet
-
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed, "doctor", "data")
     x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     y = torch.randint(0, classes, (n,), generator=g)
     return ImageSet(x, y, [str(i) for i in range(classes)], (0.5,) * 3, (0.25,) * 3, name="random")
@@ -176,12 +179,9 @@ def _random_set(n: int, size: int = 32, classes: int = 10, seed: int = 0):
 def training_speed(model_name: str, prec: Precision, n: int, batch_size: int = 128,
                    adversary=None) -> dict[str, Any]:
     """img/s of ``n`` images through the library's training loop (after a one-epoch warm-up on a slice)."""
-    from .models import build_model
-    from .training import TrainConfig, train
-
     data = _random_set(n)
-    torch.manual_seed(0)
-    model = build_model(model_name, 10)
+    with seeded_rng(0, "doctor", model_name):
+        model = build_model(model_name, 10)
     flops = train_flops(model, (3, 32, 32))
     cfg = TrainConfig(epochs=1, batch_size=batch_size, optimizer="adam", lr=1e-3, crop=4, flip=True,
                       adversary=adversary)
@@ -195,14 +195,12 @@ def training_speed(model_name: str, prec: Precision, n: int, batch_size: int = 1
 
 def attack_speed(model_name: str, prec: Precision, n: int, batch_size: int = 256, steps: int = 2) -> dict[str, Any]:
     """PGD attack steps per second x images (eval mode, forward + input gradient per step)."""
-    from .adversarial.pgd import PGDConfig, adversarial_examples
-    from .models import build_model
-
-    torch.manual_seed(0)
-    model = prec.prepare(build_model(model_name, 10).eval())
+    with seeded_rng(0, "doctor", model_name):
+        model = prec.prepare(build_model(model_name, 10).eval())
     fwd, _ = forward_flops(model, (3, 32, 32))
-    x = torch.rand(batch_size, 3, 32, 32)
-    y = torch.randint(0, 10, (batch_size,))
+    g = generator(0, "doctor", "attack")
+    x = torch.rand(batch_size, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch_size,), generator=g)
     cfg = PGDConfig(eps=8 / 255, step=4 / 255, steps=steps)
     reps = max(1, n // batch_size)
 
@@ -218,12 +216,9 @@ def attack_speed(model_name: str, prec: Precision, n: int, batch_size: int = 256
 
 def resnet_speed(prec: Precision, budget: Budget) -> dict[str, Any]:
     """A shortened PreAct-ResNet18 training figure: a few timed batches after one warm-up batch."""
-    from .models import build_model
-    from .training import TrainConfig, train
-
     bs, k = budget.resnet_batch_size, budget.resnet_batches
-    torch.manual_seed(0)
-    model = build_model("preact-resnet18", 10)
+    with seeded_rng(0, "doctor", "preact-resnet18"):
+        model = build_model("preact-resnet18", 10)
     flops = train_flops(model, (3, 32, 32))
     data = _random_set(bs * k)
     cfg = TrainConfig(epochs=1, batch_size=bs, optimizer="sgd", lr=0.01, crop=4, flip=True)

@@ -7,13 +7,16 @@ kept/isolated masks with the ground-truth poison mask, which defenses never see.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from .adversarial.pgd import PGDConfig, eval_mode, pgd
 from .data.imageset import ImageSet
 from .precision import PLAIN, Precision
+from .seeding import fixed_generator
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def robust_accuracy(model: nn.Module, data: ImageSet, cfg: PGDConfig = RA_PGD,
     ``precision`` None: fp32)."""
     if len(data) == 0:
         return float("nan")
-    gen = torch.Generator().manual_seed(seed)
+    gen = fixed_generator(seed)
     correct = 0
     for s in range(0, len(data), batch_size):
         xb = data.x[s:s + batch_size].to(device).float().div_(255.0)
@@ -93,3 +96,37 @@ def split_metrics(kept: torch.Tensor, poison_mask: torch.Tensor) -> dict[str, fl
         "tpr": float((isolated & poison).sum()) / n_p if n_p else float("nan"),
         "fpr": float((isolated & ~poison).sum()) / n_c if n_c else float("nan"),
     }
+
+
+Scores = TypeVar("Scores", torch.Tensor, np.ndarray)
+
+
+def suspicion(scores: Scores, higher_is_suspicious: bool) -> Scores:
+    """Scores oriented so that higher always means more suspicious (float64; a tensor stays a tensor): what
+    every ranking, top-fraction rule and ROC curve reads, whichever way a defense's own score points."""
+    s = scores.double() if isinstance(scores, torch.Tensor) else np.asarray(scores, np.float64)
+    return s if higher_is_suspicious else -s
+
+
+def roc_auc(suspicious: torch.Tensor | np.ndarray, positive: torch.Tensor | np.ndarray) -> float:
+    """Area under the ROC curve of ``suspicious`` (higher = more suspicious; ties count half) for the
+    ``positive`` samples (the poison); NaN without both classes or with a NaN score."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s = _numpy(positive).astype(bool), _numpy(suspicious).astype(np.float64)
+    if y.all() or not y.any() or np.isnan(s).any():
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def roc_curve_points(suspicious: torch.Tensor | np.ndarray,
+                     positive: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates of every threshold on ``suspicious`` (scikit-learn's roc_curve)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(_numpy(positive).astype(bool), _numpy(suspicious).astype(np.float64))
+    return fpr, tpr
+
+
+def _numpy(a: torch.Tensor | np.ndarray) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .seeding import rng_from
+
 
 # -- SimCLR ------------------------------------------------------------------------------------------------
 class ProjectionHead(nn.Module):
@@ -53,9 +55,7 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,
     """MixMatch's MixUp: one lambda' = max(l, 1 - l), l ~ Beta(alpha, alpha), mixing every row with a row of a
     random permutation, so that the mix stays closer to its first input."""
     beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
-    with torch.random.fork_rng(devices=[]):
-        if generator is not None:
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    with rng_from(generator):
         lam = float(beta.sample())
     lam = max(lam, 1.0 - lam)
     perm = torch.randperm(x.shape[0], generator=generator).to(x.device)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .adversarial.pgd import PGDConfig, adversarial_examples
 from .caching import atomic_write
+from .config import key_path
 from .data.augment import augment
 from .data.imageset import ImageSet
 from .errors import ConfigError, RunStateError, TrainingDivergedError
@@ -58,15 +59,15 @@ class TrainConfig:
 
     def validate(self, where: str = "train") -> None:
         if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"{where}.optimizer: {self.optimizer!r} is not 'sgd' or 'adam'")
+            raise ConfigError(f"{key_path(where, 'optimizer')}: {self.optimizer!r} is not 'sgd' or 'adam'")
         if self.schedule not in ("none", "step", "cosine"):
-            raise ConfigError(f"{where}.schedule: {self.schedule!r} is not 'none', 'step' or 'cosine'")
+            raise ConfigError(f"{key_path(where, 'schedule')}: {self.schedule!r} is not 'none', 'step' or 'cosine'")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(f"{where}: epochs >= 0, batch_size >= 1 and lr > 0 are required")
         if not self.weight_decay >= 0:
-            raise ConfigError(f"{where}.weight_decay: {self.weight_decay} must be >= 0")
+            raise ConfigError(f"{key_path(where, 'weight_decay')}: {self.weight_decay} must be >= 0")
         if self.warmup_epochs < 0:
-            raise ConfigError(f"{where}.warmup_epochs: {self.warmup_epochs} must be >= 0")
+            raise ConfigError(f"{key_path(where, 'warmup_epochs')}: {self.warmup_epochs} must be >= 0")
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "step":

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..precision import PLAIN, Precision
+from ..progress import bar
 from .losses import per_sample_loss
 
 
@@ -191,8 +192,6 @@ def pgd_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     few slow samples never leave the rest of a batch idle. ``precision`` sets autocast and the memory
     layout (the model is put in that layout; None: plain fp32); the per-sample losses stay fp32.
     """
-    from ..progress import bar
-
     prec = PLAIN if precision is None else precision
     prec.prepare(model)
     if cfg.early_stop:
@@ -219,8 +218,6 @@ def _streaming(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
     own step counter; each iteration attacks the whole pool, retires the samples that flipped (or reached
     ``steps``) and tops the pool up from the queue. Each sample sees exactly the updates of ``pgd``.
     """
-    from ..progress import bar
-
     n = images.shape[0]
     flip_step = torch.full((n,), -1, dtype=torch.long)
     flip_label = torch.full((n,), -1, dtype=torch.long)

@@ -28,6 +28,7 @@ class BadNetsParams:
 @register_attack
 class BadNets(Attack):
     name = "badnets"
+    label = "BadNets"
     label_mode = "dirty"
     description = "3x3 white patch in the bottom-right corner"
     Params = BadNetsParams

@@ -9,14 +9,17 @@ type-checked once, when the attack is built, with errors that name ``--attack-pa
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ..config import merge, to_dict
+from ..config import to_dict
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
+from ..models import MODELS
+from ..parts import Part
+from ..registry import Registry
 
 
 @dataclass
@@ -67,63 +70,32 @@ def param_error(key: str, message: str) -> ConfigError:
 
 def check_model(key: str, name: str) -> None:
     """Raise ``param_error`` unless ``name`` is a registered model (for attacks that train one)."""
-    from ..models import MODELS
-
     if name not in MODELS:
         raise param_error(key, f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
 
 
-@dataclass(frozen=True)
-class NoParams:
-    """An attack without parameters."""
-
-
-class Attack:
+class Attack(Part):
     """Base class: subclasses set ``name``, ``label_mode``, ``description`` and ``Params`` (a frozen
     dataclass; its defaults are the ``quick`` preset and, unless ``presets`` says otherwise, the ``paper``
     one) and implement ``apply`` (and ``prepare`` if the attack must learn something first).
 
-    ``Params`` may define ``validate()`` (raise ``param_error``) for checks beyond the field types.
+    ``Params`` may define ``validate(where)`` (raise ``param_error``) for checks beyond the field types.
     ``label_mode`` is ``"dirty"`` (poisoned samples drawn from all classes and relabelled to the target) or
     ``"clean"`` (drawn from the target class only, labels kept; ``rate`` is then the fraction of the target
     class, as in A-ABL's CLB setting).
     """
 
-    name: ClassVar[str] = ""
+    kind = "attack"
+    option = "--attack-param"
     label_mode: ClassVar[str] = "dirty"
-    description: ClassVar[str] = ""
-    Params: ClassVar[type] = NoParams
-    presets: ClassVar[dict[str, Any]] = {}
     #: the parameter that sets how many cover samples there are (named in the error when there are too few)
     cover_param: ClassVar[str] = "cross_ratio"
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "presets" not in cls.__dict__:  # the defaults are the paper's: both presets are the defaults
-            cls.presets = {"quick": cls.Params(), "paper": cls.Params()}
-
     def __init__(self, preset: str = "quick", overrides: dict[str, Any] | None = None, params: Any = None,
                  **kw: Any):
-        if params is None:
-            params = self.resolve_params(preset, {**(overrides or {}), **kw})
-        validate = getattr(params, "validate", None)
-        if validate is not None:
-            validate()
-        self.params = params
+        super().__init__(preset, {**(overrides or {}), **kw} if params is None else None, params)
         self.prepared = False
         self.target: int | None = None
-
-    @classmethod
-    def resolve_params(cls, preset: str, overrides: dict[str, Any]) -> Any:
-        """The preset's Params with ``overrides`` applied; unknown keys and wrong types are ConfigErrors."""
-        if preset not in cls.presets:
-            raise ConfigError(f"--preset: {preset!r} unknown for attack {cls.name}; known: {', '.join(cls.presets)}")
-        base = cls.presets[preset]
-        known = sorted(f.name for f in fields(base))
-        for key in overrides:
-            if key not in known:
-                raise param_error(key, f"unknown parameter of attack {cls.name}; known: {', '.join(known) or 'none'}")
-        return merge(base, overrides, "--attack-param", sep=" ")
 
     # -- to implement -------------------------------------------------------------------------
     def prepare(self, train: ImageSet, target: int, generator: torch.Generator) -> None:
@@ -219,20 +191,10 @@ class Attack:
         return {"name": self.name, "label_mode": self.label_mode, **to_dict(self.params)}
 
 
-ATTACKS: dict[str, type[Attack]] = {}
-
-
-def register_attack(cls: type[Attack]) -> type[Attack]:
-    """Class decorator: register an attack under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    ATTACKS[cls.name] = cls
-    return cls
+ATTACKS: Registry[type[Attack]] = Registry("attack", "--attack")
+register_attack = ATTACKS.register
 
 
 def get_attack(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None, **params: Any) -> Attack:
     """Attack ``name`` with the ``preset``'s parameters, updated by ``overrides`` and keyword ``params``."""
-    cls = ATTACKS.get(name)
-    if cls is None:
-        raise ConfigError(f"--attack: unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
-    return cls(preset, {**(overrides or {}), **params})
+    return ATTACKS.lookup(name).create(preset, {**(overrides or {}), **params})

@@ -15,11 +15,12 @@ import torch
 
 from ..config import param
 from ..errors import DataError
+from ..seeding import fixed_generator
 from .base import Attack, param_error, register_attack
 
 
 def noise_pattern(seed: int, channels: int, size: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = fixed_generator(seed)
     return torch.rand((channels, size, size), generator=g)
 
 
@@ -52,6 +53,7 @@ class BlendParams:
 @register_attack
 class Blend(Attack):
     name = "blend"
+    label = "Blend"
     label_mode = "dirty"
     description = "whole-image blend with a fixed pattern (seeded uniform noise by default), opacity 0.1"
     Params = BlendParams

@@ -23,12 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import training  # training.train is looked up at call time (tests replace it)
 from ..caching import atomic_write, cache_key
 from ..caching import cache_path as _cache_file
 from ..config import to_dict
 from ..data.imageset import ImageSet
 from ..data.registry import default_data_root
 from ..locking import file_lock
+from ..models import build_model
 from ..precision import active_precision
 from ..seeding import derive_seed, seeded_rng
 
@@ -130,9 +132,6 @@ def cached_model(attack: str, arch: str, cfg: Any, train: ImageSet, seed: int, d
     ``cfg`` (a ``TrainConfig``) on ``train``, seeded by ``seed`` alone, so every run on the same data shares
     it; from the cache when it is there. Returns the model (eval mode, on ``train``'s device) and whether it
     came from the cache."""
-    from .. import training  # training.train is looked up at call time (tests replace it)
-    from ..models import build_model
-
     device = train.x.device  # the compute device: the experiment moves the data there first
     prec = active_precision(device)  # the networks are trained in it, so it is part of the key
     with seeded_rng(seed, attack, "model"):

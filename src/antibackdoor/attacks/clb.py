@@ -75,6 +75,7 @@ class CLBParams:
 @register_attack
 class CLB(Attack):
     name = "clb"
+    label = "CLB"
     label_mode = "clean"
     description = "robust-model PGD (eps 16/255, 30 steps) + 3x3 checkerboards in 4 corners"
     Params = CLBParams

@@ -31,6 +31,7 @@ from torch import nn
 from ..config import param, to_dict
 from ..data.augment import augment
 from ..data.imageset import ImageSet
+from ..models import build_model
 from ..precision import Precision, active_precision
 from ..progress import bar
 from ..seeding import generator as seeded_generator
@@ -150,6 +151,7 @@ class IABParams:
 @register_attack
 class InputAware(Attack):
     name = "iab"
+    label = "IAB"
     label_mode = "dirty"
     description = "input-aware dynamic attack: learned per-image pattern + mask, plus cross-trigger samples"
     Params = IABParams
@@ -192,7 +194,6 @@ class InputAware(Attack):
 
     def _train(self, train: ImageSet, target: int,
                prec: Precision) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        from ..models import build_model
 
         t0, c0 = time.time(), time.process_time()
         with seeded_rng(self.params.model_seed, self.name, "init"):  # the global RNG stays untouched

@@ -26,6 +26,7 @@ import torch
 
 from ..config import param
 from ..data.imageset import ImageSet
+from ..seeding import fixed_generator
 from .base import Attack, param_error, register_attack
 
 Layout = Literal["grid", "line", "scattered", "ell", "x"]
@@ -89,7 +90,7 @@ class PixelsParams:
             i = torch.arange(n)
             rc = torch.stack([i // cols, i % cols], 1) * self.spacing
         else:  # scattered
-            g = torch.Generator().manual_seed(self.pattern_seed)
+            g = fixed_generator(self.pattern_seed)
             cells = torch.randperm(self.box ** 2, generator=g)[:n]
             rc = torch.stack([cells // self.box, cells % self.box], 1)
         return rc - rc.min(0).values

@@ -43,6 +43,7 @@ class SIGParams:
 @register_attack
 class SIG(Attack):
     name = "sig"
+    label = "SIG"
     label_mode = "clean"
     description = "horizontal sinusoid (delta 40/255, f 6) added to target-class images"
     Params = SIGParams

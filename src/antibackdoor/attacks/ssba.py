@@ -31,8 +31,8 @@ from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..precision import Precision, active_precision
 from ..progress import bar
+from ..seeding import fixed_generator, seeded_rng
 from ..seeding import generator as seeded_generator
-from ..seeding import seeded_rng
 from . import cache
 from .base import Attack, param_error, quantize, register_attack
 
@@ -146,6 +146,7 @@ class SSBAParams:
 @register_attack
 class SSBA(Attack):
     name = "ssba"
+    label = "SSBA"
     label_mode = "dirty"
     description = "invisible sample-specific trigger: a fixed code hidden by a locally trained StegaStamp"
     Params = SSBAParams
@@ -242,7 +243,7 @@ class SSBA(Attack):
         poisoned = quantize(_hide(enc, x, self.bits)).float() / 255.0
         pred = (dec(poisoned) > 0).float()
         mse = float(F.mse_loss(poisoned, x))
-        codes = torch.randint(0, 2, (len(x), self.params.n_bits), generator=torch.Generator().manual_seed(1))
+        codes = torch.randint(0, 2, (len(x), self.params.n_bits), generator=fixed_generator(1))
         coded = quantize(_hide(enc, x, codes.float())).float() / 255.0
         random_acc = float(((dec(coded) > 0).float() == codes.to(x.device)).float().mean())
         return {"secret_bit_acc": round(float((pred == self.bits.to(pred.device)).float().mean()), 4),

@@ -25,6 +25,8 @@ from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..precision import active_precision
+from ..seeding import fixed_generator
+from ..training import TrainConfig
 from .base import Attack, check_model, param_error, register_attack
 from .cache import cached_model
 
@@ -88,6 +90,7 @@ class TrojanParams:
 @register_attack
 class Trojan(Attack):
     name = "trojan"
+    label = "Trojan"
     label_mode = "dirty"
     description = "5x5 seeded colour (watermark-like) corner patch, optionally neuron-optimised"
     Params = TrojanParams
@@ -108,7 +111,7 @@ class Trojan(Attack):
 
     def seeded_pattern(self, channels: int) -> torch.Tensor:
         """Each pixel and channel black or white, from ``pattern_seed``."""
-        g = torch.Generator().manual_seed(self.params.pattern_seed)
+        g = fixed_generator(self.params.pattern_seed)
         return torch.randint(0, 2, (channels, self.params.size, self.params.size), generator=g).float()
 
     def pattern(self, channels: int) -> torch.Tensor:
@@ -139,8 +142,6 @@ class Trojan(Attack):
 
     def clean_model_for(self, train: ImageSet) -> nn.Module:
         """The clean model the trigger is optimised against: trained once per data set and config, cached."""
-        from ..training import TrainConfig
-
         p = self.params
         cfg = TrainConfig(epochs=p.clean_epochs, optimizer="adam", lr=1e-3, crop=4, flip=True)
         model, self.cache_hit = cached_model("trojan", p.clean_model, cfg, train, p.model_seed,

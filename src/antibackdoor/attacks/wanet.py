@@ -22,13 +22,14 @@ import torch.nn.functional as F
 
 from ..config import param
 from ..data.imageset import ImageSet
+from ..seeding import fixed_generator
 from .base import Attack, map_uint8, param_error, register_attack
 
 
 def warp_field(height: int, width: int, k: int, s: float, grid_rescale: float, seed: int,
                device: torch.device | None = None) -> torch.Tensor:
     """The 1 x H x W x 2 sampling grid (x, y in [-1, 1]) of the trigger, drawn from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
+    g = fixed_generator(seed)
     ins = torch.rand((1, 2, k, k), generator=g) * 2 - 1
     ins = ins / ins.abs().mean()
     noise = F.interpolate(ins, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
@@ -64,6 +65,7 @@ class WaNetParams:
 @register_attack
 class WaNet(Attack):
     name = "wanet"
+    label = "WaNet"
     label_mode = "dirty"
     description = "smooth warping field (k 4, s 0.5), plus 2x noise-mode warps with true labels"
     Params = WaNetParams

@@ -35,6 +35,8 @@ from typing import Any
 
 from ..config import deep_update
 from ..errors import ConfigError
+from ..experiment import load_config_file
+from .labels import label
 
 #: axes a grid expands, in the order cells are generated
 AXES = ("datasets", "attacks", "defenses", "models", "poison_rates", "targets", "seeds")
@@ -59,8 +61,6 @@ class Choice:
         return self.name + (json.dumps(self.params, sort_keys=True) if self.params else "")
 
     def display(self, kind: str) -> str:
-        from .labels import label
-
         return self.label or label(kind, self.name, self.params)
 
 
@@ -144,8 +144,6 @@ class Grid:
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:
-        from ..experiment import load_config_file
-
         data = load_config_file(path)
         data.setdefault("name", Path(path).stem)
         return cls.from_dict(data, str(path))

@@ -1,18 +1,17 @@
-"""How the papers spell the registry's names (tables, figures, published data files)."""
+"""How tables name the parts: the display labels the parts carry (``Part.label``; a dataset's or model's
+``label``: the papers' spelling), with a choice's parameters."""
 
 from __future__ import annotations
 
 from typing import Any
 
-ATTACK_LABELS = {"none": "clean", "badnets": "BadNets", "blend": "Blend", "trojan": "Trojan", "clb": "CLB",
-                 "iab": "IAB", "sig": "SIG", "ssba": "SSBA", "wanet": "WaNet"}
-DEFENSE_LABELS = {"none": "No defense", "adv-train": "Adv. Train", "a-abl": "A-ABL", "aibd": "AIBD", "abl": "ABL",
-                  "nad": "NAD", "cbd": "CBD", "dbd": "DBD", "d-st": "D-ST", "d-br": "D-BR"}
-DATASET_PAPER = {"cifar10": "CIFAR-10", "cifar10-mini": "CIFAR-10", "gtsrb": "GTSRB", "gtsrb-roi": "GTSRB",
-                 "tiny-imagenet": "Tiny-ImageNet"}
-MODEL_LABELS = {"vgg16": "VGG16", "mobilenetv2": "MobileNetV2", "densenet121": "DenseNet121",
-                "resnet18": "ResNet-18", "resnet34": "ResNet-34", "preact-resnet18": "PreAct-ResNet18",
-                "wrn16-1": "WRN-16-1", "wrn16-2": "WRN-16-2"}
+from ..attacks import ATTACKS
+from ..data import DATASETS
+from ..defenses import DEFENSES
+from ..models import MODELS
+
+#: the attack name ``none`` (clean training data) is no registered attack
+CLEAN = "clean"
 
 
 def params_text(params: dict[str, Any]) -> str:
@@ -30,8 +29,17 @@ def params_text(params: dict[str, Any]) -> str:
     return "(" + ", ".join(flat) + ")" if flat else ""
 
 
+def part_label(kind: str, name: str) -> str:
+    """The display label of a registered attack, defense, dataset or model (its name when unknown)."""
+    if kind == "attack" and name == "none":
+        return CLEAN
+    registry = {"attack": ATTACKS, "defense": DEFENSES, "dataset": DATASETS, "model": MODELS}[kind]
+    part = registry.get(name.partition(":")[0] if kind == "dataset" else name)
+    return part.display_label() if part is not None and not (kind == "dataset" and ":" in name) else name
+
+
 def label(kind: str, name: str, params: dict[str, Any] | None = None) -> str:
     """The display label of an attack or defense with its parameters (when any)."""
-    base = (ATTACK_LABELS if kind == "attack" else DEFENSE_LABELS).get(name, name)
+    base = part_label(kind, name)
     text = params_text(params or {})
     return f"{base} {text}" if text else base

@@ -49,6 +49,7 @@ def load_npz(path: Path, name: str, classes=None, mean=None, std=None) -> Datase
     "5,170 train / 1,017 test real CIFAR-10 images bundled with the package (offline default)",
     where=lambda root: str(BUNDLED_MINI),
     present=lambda root: BUNDLED_MINI.is_file(),
+    label="CIFAR-10",
 )
 def _cifar10_mini(arg, root) -> DatasetSplits:
     splits = load_npz(BUNDLED_MINI, "cifar10-mini", CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD)
@@ -72,6 +73,7 @@ def _npz(arg, root) -> DatasetSplits:
     "full CIFAR-10 (50,000 / 10,000); downloaded with checksum check when missing",
     where=lambda root: str(root / "cifar-10-batches-py"),
     present=cifar10_present,
+    label="CIFAR-10",
 )
 def _cifar10(arg, root) -> DatasetSplits:
     return load_cifar10(root)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..seeding import fixed_numpy_rng
 from .images import GRAY_MODES, Arrays, cached_arrays, decode_images, is_image, read_headers
 from .registry import register_dataset
 
@@ -105,7 +106,7 @@ def _collect(path: Path, test: float, seed: int):
     dirs = _class_dirs(path)
     if not dirs:
         raise DataError(f"{path}: no class sub-folders (expected {LAYOUT})")
-    rng = np.random.default_rng(seed)
+    rng = fixed_numpy_rng(seed)
     ptr, ytr, pte, yte = [], [], [], []
     for i, d in enumerate(dirs):
         files = _images(d)

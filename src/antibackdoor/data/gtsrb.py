@@ -185,12 +185,12 @@ def _present(root: Path) -> bool:
 
 
 @register_dataset("gtsrb", "GTSRB, 43 traffic-sign classes (39,209 / 12,630), whole images resized to 32x32",
-                  where=_where, present=_present)
+                  where=_where, present=_present, label="GTSRB")
 def _gtsrb(arg, root: Path):
     return load_gtsrb(root).splits("gtsrb", GTSRB_PAPER)
 
 
 @register_dataset("gtsrb-roi", "GTSRB cropped to each sign's ROI box (from the CSVs), then resized to 32x32",
-                  where=_where, present=_present)
+                  where=_where, present=_present, label="GTSRB")
 def _gtsrb_roi(arg, root: Path):
     return load_gtsrb(root, roi=True).splits("gtsrb-roi", GTSRB_PAPER)

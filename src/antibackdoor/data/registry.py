@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..registry import Registry
 from .imageset import DatasetSplits
 
 Loader = Callable[[str | None, Path], DatasetSplits]
@@ -23,16 +24,22 @@ class DatasetEntry:
     where: Callable[[Path], str] | None = None
     #: whether the data is there, given the data root
     present: Callable[[Path], bool] | None = None
+    #: how tables name it (the papers' spelling, e.g. ``CIFAR-10``); empty: the name
+    label: str = ""
+
+    def display_label(self) -> str:
+        return self.label or self.name
 
 
-DATASETS: dict[str, DatasetEntry] = {}
+DATASETS: Registry[DatasetEntry] = Registry("dataset", "--dataset")
 
 
-def register_dataset(name: str, description: str, takes_argument: bool = False, where=None, present=None):
+def register_dataset(name: str, description: str, takes_argument: bool = False, where=None, present=None,
+                     label: str = ""):
     """Decorator registering ``loader(arg, data_root) -> DatasetSplits`` under ``name``."""
 
     def deco(fn: Loader) -> Loader:
-        DATASETS[name] = DatasetEntry(name, fn, description, takes_argument, where, present)
+        DATASETS.register(DatasetEntry(name, fn, description, takes_argument, where, present, label))
         return fn
 
     return deco
@@ -48,9 +55,7 @@ def load_dataset(spec: str, data_root: str | Path | None = None) -> DatasetSplit
     """Load ``spec`` (``cifar10-mini``, ``cifar10``, ``fashion-mnist``, ``npz:PATH`` ...) as train/test splits."""
     root = Path(data_root).expanduser() if data_root else default_data_root()
     name, _, arg = spec.partition(":")
-    entry = DATASETS.get(name)
-    if entry is None:
-        raise ConfigError(f"--dataset: unknown dataset {spec!r}; known: {', '.join(sorted(DATASETS))}")
+    entry = DATASETS.lookup(name, shown=spec)
     if entry.takes_argument and not arg:
         raise ConfigError(f"--dataset: {name} needs an argument, e.g. {name}:PATH")
     if not entry.takes_argument and arg:

@@ -16,6 +16,8 @@ from functools import cache
 import torch
 from torch import nn
 
+from ..seeding import rng_from
+
 #: AugMix's operations (Hendrycks et al.: those that do not overlap with the CIFAR-C corruptions), as kornia
 #: RandAugment candidates (name, low, high) scaled to AugMix's severity 3: rotations up to 9 degrees, shears
 #: up to 0.09, translations up to 10 % of the side, 3-4-bit posterize, solarize above 70 % intensity.
@@ -105,9 +107,7 @@ def augmix(x: torch.Tensor, width: int = 3, max_depth: int = 3, alpha: float = 1
     ops = [op for level in levels for op in level]  # index = level * len(AUGMIX_OPS) + op
     dirichlet = torch.distributions.Dirichlet(torch.full((width,), float(alpha)))
     beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
-    with torch.random.fork_rng(devices=[]):
-        if generator is not None:
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    with rng_from(generator):
         w = dirichlet.sample((n,)).to(x.device, x.dtype)
         m = beta.sample((n,)).to(x.device, x.dtype)
     mix = torch.zeros_like(x)

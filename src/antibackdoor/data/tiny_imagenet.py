@@ -125,6 +125,7 @@ def load_tiny_imagenet(root: Path, size: int = TINY_SIZE) -> Arrays:
     "Tiny-ImageNet, 200 classes (100,000 / 10,000 val as test), 64x64; labels = sorted wnids",
     where=lambda root: str(root / TINY_DIR),
     present=lambda root: (root / TINY_DIR / "wnids.txt").is_file(),
+    label="Tiny-ImageNet",
 )
 def _tiny(arg, root: Path):
     return load_tiny_imagenet(root).splits("tiny-imagenet", TINY_PAPER)

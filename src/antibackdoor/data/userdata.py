@@ -50,6 +50,7 @@ from .images import (
     read_table,
 )
 from .imageset import ImageSet, PaperSettings, from_numpy_nhwc
+from .registry import DATASETS, load_dataset
 
 log = logging.getLogger("antibackdoor")
 
@@ -459,7 +460,6 @@ def load_user_data(spec: str, *, skip_bad: bool = False, data_root: str | Path |
         if not arg:
             raise ConfigError(f"{role}: npz needs a path, e.g. npz:PATH")
         return load_user_npz(Path(arg).expanduser(), role)
-    from .registry import DATASETS, load_dataset
 
     if name not in DATASETS:
         raise ConfigError(f"{role}: unknown data {spec!r}; use folder:PATH, npz:PATH or one of "

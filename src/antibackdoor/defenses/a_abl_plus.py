@@ -17,6 +17,7 @@ from .base import register_defense
 @register_defense
 class AABLPlus(AABL):
     name = "a-abl+"
+    label = ""  # not A-ABL's: tables name it by its name
     paper_settings_of = "a-abl"
     description = "A-ABL with a log-score Otsu split and a purge of the target class before a second stage 3"
     assumptions = AABL.assumptions + (

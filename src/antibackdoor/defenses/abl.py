@@ -29,117 +29,29 @@ Choices where the sources disagree (docs/baselines.md has the full list):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from ..config import param
 from ..data.imageset import ImageSet
-from ..errors import ConfigError
-from ..training import Batch, StepOutput, TrainConfig
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .stages import rank_fraction, sample_losses, train_stage, unlearn
+from ..stages import DefenseContext, train_stage, unlearn
+from ..stages.abl import QUICK_ABL, ABLParams, abl_isolate
+from .base import Defense, DefenseResult, register_defense
 
 log = logging.getLogger("antibackdoor")
-
-BOUNDS = ("lga", "flooding")
-
-
-def bounded_loss(per_sample: torch.Tensor, bound: str = "lga", level: float = 0.5,
-                 per_sample_bound: bool = True) -> torch.Tensor:
-    """The isolation objective: LGA sign(L - level) * L or flooding |L - level| + level, applied to every
-    sample's loss and then averaged (``per_sample_bound``) or to the batch-mean loss."""
-    loss = per_sample if per_sample_bound else per_sample.mean()
-    if bound == "lga":
-        out = torch.sign(loss - level) * loss
-    elif bound == "flooding":
-        out = (loss - level).abs() + level
-    else:
-        raise ConfigError(f"abl.bound: {bound!r} is not one of {', '.join(BOUNDS)}")
-    return out.mean()
-
-
-def isolation_scores(model: nn.Module, data: ImageSet, ctx: DefenseContext) -> torch.Tensor:
-    """ABL's score: each sample's cross-entropy under the isolation model (eval mode, no augmentation, whole
-    batches, in the context's precision; low = suspicious)."""
-    return sample_losses(model, data, ctx)
-
-
-def isolate_lowest(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """ABL's isolation: a mask of the int(ratio * N) lowest-loss samples (at least one)."""
-    return rank_fraction(scores, ratio, lowest=True)
-
-
-@dataclass(frozen=True)
-class ABLParams:
-    isolation: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=20, optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=128, crop=0, flip=False))
-    bound: str = param("lga", doc="lga: sign(L-gamma)*L (paper); flooding: |L-b|+b (official default)")
-    gamma: float = param(0.5, doc="the LGA floor gamma")
-    flooding: float = param(0.5, doc="the flooding level b")
-    per_sample: bool = param(False, doc="bound each loss (paper) instead of the batch mean (official code)")
-    isolation_ratio: float = param(0.01, doc="share of the samples isolated (lowest isolation loss)")
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, optimizer="sgd", lr=0.1, schedule="step", milestones=(40,), weight_decay=1e-4,
-        batch_size=128, crop=4, flip=True))
-    unlearn: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=5, optimizer="sgd", lr=5e-4, weight_decay=1e-4, batch_size=128, crop=0, flip=False))
-
-    def validate(self, where: str = "abl") -> None:
-        if self.bound not in BOUNDS:
-            raise ConfigError(f"{where}.bound: {self.bound!r} is not one of {', '.join(BOUNDS)}")
-        if not self.gamma > 0:
-            raise ConfigError(f"{where}.gamma: {self.gamma} must be > 0")
-        if not self.flooding > 0:
-            raise ConfigError(f"{where}.flooding: {self.flooding} must be > 0")
-        if not 0 < self.isolation_ratio < 1:
-            raise ConfigError(f"{where}.isolation_ratio: {self.isolation_ratio} must be in (0, 1)")
-
-    @property
-    def level(self) -> float:
-        return self.gamma if self.bound == "lga" else self.flooding
 
 
 @register_defense
 class ABL(Defense):
     name = "abl"
+    label = "ABL"
     description = "ABL: bounded-loss (LGA/flooding) isolation of the 1% lowest-loss samples, fine-tuning, unlearning"
     Params = ABLParams
     presets = {
         "paper": ABLParams(),
-        # CPU budget: the quick CNN with Adam (SGD 0.1 does not suit it, see adv_train.py); unlearning keeps
-        # the official number of ascent steps (~4 per epoch: 500 isolated samples in batches of 128) for the
-        # ~50 samples that 1 % of the mini dataset isolates, by using batches of 16.
-        "quick": ABLParams(
-            isolation=TrainConfig(epochs=20, optimizer="adam", lr=1e-3, crop=0, flip=False),
-            finetune=TrainConfig(epochs=30, optimizer="adam", lr=1e-3, schedule="cosine", crop=4, flip=False),
-            unlearn=TrainConfig(epochs=5, optimizer="sgd", lr=5e-4, weight_decay=1e-4, batch_size=16, crop=0,
-                                flip=False),
-        ),
+        "quick": QUICK_ABL,
     }
-
-    def isolation_loss(self, model: nn.Module, batch: Batch) -> StepOutput:
-        logits = model(batch.x)
-        per = F.cross_entropy(logits.float(), batch.y, reduction="none")
-        p = self.params
-        loss = bounded_loss(per, p.bound, p.level, p.per_sample)
-        return StepOutput(loss, logits, {"ce": per.mean()})
-
-    def isolate(self, data: ImageSet, ctx: DefenseContext) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list]:
-        """Stages 1-2 on their own: the isolation model, every sample's loss and the isolated mask."""
-        p = self.params
-        log.info("ABL 1/4: isolation training with the %s bound (level %g, %s) on all %d samples", p.bound,
-                 p.level, "per sample" if p.per_sample else "batch mean", len(data))
-        model, history = train_stage(ctx, data, p.isolation, "isolation", loss_fn=self.isolation_loss)
-        scores = isolation_scores(model, data, ctx)
-        isolated = isolate_lowest(scores, p.isolation_ratio)
-        return model, scores, isolated, history
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         p = self.params
-        model, scores, isolated, iso_hist = self.isolate(data, ctx)
+        model, scores, isolated, iso_hist = abl_isolate(data, ctx, p)
         threshold = float(scores[isolated].max())
         log.info("ABL 2/4: isolated the %d lowest-loss samples (loss <= %.4g)", int(isolated.sum()), threshold)
         history = {"isolation": iso_hist}

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..adversarial.pgd import PGDConfig
 from ..data.imageset import ImageSet
+from ..stages import DefenseContext, train_stage
+from ..stages.recipes import PAPER_AT, QUICK_AT
 from ..training import TrainConfig
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .stages import train_stage
-
-PAPER_AT = TrainConfig(epochs=100, optimizer="sgd", lr=0.1, schedule="step", milestones=(50, 75, 90),
-                       crop=4, flip=True, adversary=PGDConfig(eps=8 / 255, step=2 / 255, steps=10))
-# CPU budget: 2-step PGD (step 4/255 reaches the 8/255 boundary), 20 epochs of Adam on a cosine schedule.
-# SGD does not suit the small quick CNN under PGD: at lr 0.05 the first epoch diverged (loss 8.6) and the
-# model collapsed to one class (BadNets 10%: test ACC 10.3%); Adam 1e-3 reached 48.5% (SGD 0.01: 42.7%)
-# (`python benchmarks/probe_recipes.py at sgd05,sgd01,adam`).
-QUICK_AT = TrainConfig(epochs=20, optimizer="adam", lr=1e-3, schedule="cosine", crop=4, flip=True,
-                       adversary=PGDConfig(eps=8 / 255, step=4 / 255, steps=2))
+from .base import Defense, DefenseResult, register_defense
 
 
 @dataclass(frozen=True)
@@ -28,6 +19,7 @@ class AdvTrainParams:
 @register_defense
 class AdvTrain(Defense):
     name = "adv-train"
+    label = "Adv. Train"
     description = "PGD adversarial training on all data (eps 8/255, step 2/255, 10 steps in the paper preset)"
     Params = AdvTrainParams
     presets = {"quick": AdvTrainParams(QUICK_AT), "paper": AdvTrainParams(PAPER_AT)}

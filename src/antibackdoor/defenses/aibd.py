@@ -35,27 +35,25 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..adversarial.pgd import PGDConfig, PGDStats
+from ..adversarial.pgd import PGDStats
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..jsonutil import write_json
 from ..metrics import predict
 from ..plots import plot_class_surplus, plot_k_distribution
 from ..seeding import generator
-from ..surplus import ALPHA, Surplus, TargetGuess, class_surplus
+from ..stages import DefenseContext, Treatment, top_count, top_fraction, train_stage, treat
+from ..stages.aibd import TARGET_FRACTIONS, flip_scores, flip_statistics, guess_target, rank_desc
+from ..surplus import ALPHA, Surplus, TargetGuess
 from ..training import TrainConfig
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .stages import adversarial_scores, train_stage
+from .base import Defense, DefenseResult, register_defense
 
 log = logging.getLogger("antibackdoor")
 
 PAPER_QS = (0.20, 0.18, 0.16, 0.14, 0.12, 0.10, 0.08, 0.06, 0.04, 0.02)
-#: top fractions of the ranking by k at which the class-surplus test reads the target class
-TARGET_FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.20)  # 20 %: the largest q of the schedule
 TREATMENTS = ("adversarial", "random", "unlearn")
 
 
@@ -101,45 +99,7 @@ class AIBDParams:
             raise ConfigError(f"aibd.judge_epochs: {self.judge_epochs} must be at least 1")
 
 
-# -- the pieces of Algorithm 1, as plain functions ----------------------------------------------------------
-def flip_config(p: AIBDParams) -> PGDConfig:
-    """Unbounded (eps = inf) sign-gradient PGD with early stop: the flip-counting attack of step 2."""
-    return PGDConfig(eps=math.inf, step=p.pgd_step, steps=p.pgd_cap, random_start=False, loss="ce",
-                     early_stop=True, grad_norm_p=p.grad_norm_p)
-
-
-def flip_counts(stats: PGDStats, cap: int) -> torch.Tensor:
-    """k_i: steps until the prediction left the label (0 = already misclassified), ``cap`` if it never did."""
-    return torch.where(stats.flip_step >= 0, stats.flip_step, torch.full_like(stats.flip_step, cap))
-
-
-def amplified_scores(k: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """Eq. 4 in float64: (1 - sigmoid(g)) * k, written as sigmoid(-g) * k so that a large g does not round
-    the factor to exactly 0 (float32 1 - sigmoid(g) is 0 for g > 17, which would tie many samples)."""
-    return torch.sigmoid(-grad_norm.double()) * k.double()
-
-
-def rank_desc(scores: torch.Tensor) -> torch.Tensor:
-    """Indices by decreasing score; ties keep index order, so the split is deterministic."""
-    return torch.sort(scores.double(), descending=True, stable=True).indices
-
-
-def guess_target(order: torch.Tensor, y: torch.Tensor, classes: list[str],
-                 fractions: tuple[float, ...] = TARGET_FRACTIONS, alpha: float = ALPHA) -> Surplus:
-    """The class-surplus test on the ranking by k: ``.target`` is the class whose share of the top
-    ``fractions`` of the ranking exceeds its share of the data beyond the other classes' spread (adjusted
-    p < ``alpha``), or None; ``.best`` and ``.p`` are the strongest candidate either way.
-
-    A count vote (the most frequent label among the top 1 %) is fooled by a clean class whose samples are
-    naturally hard to flip: a few dozen such samples outvote the poison at the very top although the poison
-    outnumbers them further down. (The official code's vote, over int(N * 1e-5) samples, is even empty on
-    CIFAR-10 and always answers class 0.) The surplus test reads several depths and weighs each class
-    against its size and the other classes' spread.
-    """
-    order_np = order.cpu().numpy()
-    return class_surplus(y.cpu().numpy(), order_np, np.zeros(len(order_np), bool), classes, alpha, fractions)
-
-
+# -- the pieces of Algorithm 1 that the aibd-flip detector does not share ------------------------------------
 def shortfall_test(epochs: list[dict], margin: float) -> tuple[float, float]:
     """(ACC, p): ACC = the mean held-out accuracy over ``epochs`` (their history records), p = the one-sided
     p-value of "ACC is at least ACC_p - ``margin``" (small p: significantly worse than that).
@@ -179,40 +139,15 @@ def q_decision(abandoned: bool, p_shortfall: float, alpha: float) -> str:
     return "rejected" if p_shortfall < alpha else "chosen"
 
 
-def isolate(order: torch.Tensor, q: float, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 5: D^t = the round(q * N) highest-ranked samples (only among ``candidates`` when given)."""
-    n = len(order)
-    count = int(round(q * n))
-    if candidates is not None:
-        order = order[candidates[order]]
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[:count]] = True
-    return mask
+def isolate(scores: torch.Tensor, q: float, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 5: D^t = the ``top_count(N, q)`` highest-scored samples (only among ``candidates`` when given)."""
+    return top_fraction(scores, q, candidates)
 
 
-def treated_labels(y: torch.Tensor, adv_label: torch.Tensor, isolated: torch.Tensor, treatment: str,
-                   num_classes: int, generator: torch.Generator,
-                   unlearn_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and loss weights for training on D (Eq. 6 for "adversarial"; Table 3's ablations otherwise).
-
-    Weight 0 drops a sample: an isolated sample that never flipped has no adversarial label, and keeping its
-    given (likely target) label would teach the backdoor again.
-    """
-    labels = y.clone()
-    weight = torch.ones(len(y))
-    if treatment == "adversarial":
-        flipped = adv_label >= 0
-        labels[isolated & flipped] = adv_label[isolated & flipped]
-        weight[isolated & ~flipped] = 0.0
-    elif treatment == "random":
-        # uniform over the classes other than the given one (a random draw of the target would re-teach it)
-        shift = torch.randint(1, num_classes, (len(y),), generator=generator)
-        labels[isolated] = (y[isolated] + shift[isolated]) % num_classes
-    elif treatment == "unlearn":
-        weight[isolated] = -unlearn_weight
-    else:
-        raise ConfigError(f"aibd.treatment: {treatment!r} is not one of {', '.join(TREATMENTS)}")
-    return labels, weight
+#: AIBD's treatments of D^t (Eq. 6 and Table 3's ablations) as the one ``treat`` of the stages: "adversarial" is
+#: relabelling with the adversarial label y^ (a sample that never flipped has none and is dropped), "random" a
+#: random relabelling, "unlearn" gradient ascent
+TREATMENT_OF: dict[str, Treatment] = {"adversarial": "relabel", "random": "relabel", "unlearn": "unlearn"}
 
 
 @dataclass
@@ -231,10 +166,10 @@ class HeldOut:
     device: torch.device
 
     @classmethod
-    def build(cls, infected: nn.Module, data: ImageSet, holdout: torch.Tensor, order: torch.Tensor, q_max: float,
+    def build(cls, infected: nn.Module, data: ImageSet, holdout: torch.Tensor, scores: torch.Tensor, q_max: float,
               device: torch.device) -> HeldOut:
         held = data.subset(holdout)
-        judge = ~isolate(order, q_max)[holdout]
+        judge = ~isolate(scores, q_max)[holdout]
         pred = predict(infected, held, device)
         y = held.y.cpu()
         correct_p = (pred == y)[judge]
@@ -269,6 +204,7 @@ class QSearch:
 @register_defense
 class AIBD(Defense):
     name = "aibd"
+    label = "AIBD"
     description = "AIBD: isolate by PGD flip counts, relabel adversarially, progressive top-q"
     Params = AIBDParams
     assumptions = (
@@ -329,13 +265,11 @@ class AIBD(Defense):
         infected, infected_hist = train_stage(ctx, data.subset(~holdout), p.infected, "infected")
         # Steps 2 and 3: flip counts k on every sample (held-out ones are ranked like the rest), Eq. 4.
         stats = self.flip_statistics(infected, data, ctx)
-        k = flip_counts(stats, p.pgd_cap)
-        scores = amplified_scores(k, stats.grad_norm) if p.amplify else k.double()
-        order = rank_desc(scores)
-        candidates, surplus = self.target_candidates(order, data)
+        scores, k = flip_scores(stats, p.pgd_cap, p.amplify)
+        candidates, surplus = self.target_candidates(rank_desc(scores), data)
         # Step 4: progressive top-q, judged on the held-out slice.
-        judge = HeldOut.build(infected, data, holdout, order, max(p.qs), ctx.device)
-        search = self.progressive_q(data, ctx, infected, judge, order, candidates, stats.flip_label)
+        judge = HeldOut.build(infected, data, holdout, scores, max(p.qs), ctx.device)
+        search = self.progressive_q(data, ctx, infected, judge, scores, candidates, stats.flip_label)
         search.history = {"infected": infected_hist, **search.history}
         return self.result(scores, stats, k, judge, search, surplus)
 
@@ -358,7 +292,7 @@ class AIBD(Defense):
         return (y == surplus.target if p.target_filter else None), surplus
 
     def progressive_q(self, data: ImageSet, ctx: DefenseContext, infected: nn.Module, judge: HeldOut,
-                      order: torch.Tensor, candidates: torch.Tensor | None, adv_label: torch.Tensor) -> QSearch:
+                      scores: torch.Tensor, candidates: torch.Tensor | None, adv_label: torch.Tensor) -> QSearch:
         """Try each q, largest first, until one keeps the held-out accuracy; the last one is the fallback.
 
         A resumed run skips the q's already rejected (their records are kept in the work folder).
@@ -370,7 +304,7 @@ class AIBD(Defense):
         for i, q in enumerate(p.qs):
             stage = f"q{round(q * 1000):03d}"
             last = i == len(p.qs) - 1  # the fallback model: never skipped, its checkpoint is kept
-            if candidates is not None and round(q * n) >= int(candidates.sum()) and not last:
+            if candidates is not None and top_count(n, q) >= int(candidates.sum()) and not last:
                 # as the official code: a q that would isolate every sample of the guessed class is skipped
                 search.trials.append({"q": q, "decision": "skipped", "isolated": int(candidates.sum())})
                 continue
@@ -379,10 +313,11 @@ class AIBD(Defense):
                 search.trials.append(record)
                 search.history[stage] = record.get("history", [])
                 continue
-            isolated = isolate(order, q, candidates)
+            isolated = isolate(scores, q, candidates)
             gen = generator(ctx.seed, "aibd", "treatment", stage)  # per q: a resume draws the same labels
-            labels, weight = treated_labels(data.y.cpu(), adv_label, isolated, p.treatment, data.num_classes, gen,
-                                            p.unlearn_weight)
+            proposed = adv_label if p.treatment == "adversarial" else None
+            labels, weight = treat(data.y.cpu(), isolated, TREATMENT_OF[p.treatment], data.num_classes, gen, proposed,
+                                   p.unlearn_weight)
             model, record = self.fine_tune(data, ctx, infected, judge, stage, isolated, labels, weight)
             record = {"q": q, **record}
             search.trials.append(record)
@@ -470,7 +405,8 @@ class AIBD(Defense):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if len(saved["flip_step"]) == len(data):
                 return PGDStats(**saved)
-        stats = adversarial_scores(model, data, flip_config(self.params), ctx, desc="aibd flip counting")
+        p = self.params
+        stats = flip_statistics(model, data, ctx, p.pgd_step, p.pgd_cap, p.grad_norm_p)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(dict(stats.__dict__), path)

@@ -36,14 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..caching import atomic_write
-from ..config import param
+from ..config import key_path, param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.features import capture, classifier_head
+from ..plots import plot_cbd_weights
 from ..seeding import seeded_rng
+from ..stages import DefenseContext, sample_losses, train_stage
 from ..training import Batch, StepOutput, TrainConfig
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .stages import sample_losses, train_stage
+from .base import Defense, DefenseResult, register_defense
 
 log = logging.getLogger("antibackdoor")
 
@@ -97,18 +98,19 @@ class CBDParams:
 
     def validate(self, where: str = "cbd") -> None:
         if self.mi_weight < 0:
-            raise ConfigError(f"{where}.mi_weight: {self.mi_weight} must be >= 0")
+            raise ConfigError(f"{key_path(where, 'mi_weight')}: {self.mi_weight} must be >= 0")
         if not self.mi_lr > 0:
-            raise ConfigError(f"{where}.mi_lr: {self.mi_lr} must be > 0")
+            raise ConfigError(f"{key_path(where, 'mi_lr')}: {self.mi_lr} must be > 0")
         if self.mi_lr_step < 0:
-            raise ConfigError(f"{where}.mi_lr_step: {self.mi_lr_step} must be >= 0")
+            raise ConfigError(f"{key_path(where, 'mi_lr_step')}: {self.mi_lr_step} must be >= 0")
         if not 0 <= self.mi_dropout < 1:
-            raise ConfigError(f"{where}.mi_dropout: {self.mi_dropout} must be in [0, 1)")
+            raise ConfigError(f"{key_path(where, 'mi_dropout')}: {self.mi_dropout} must be in [0, 1)")
 
 
 @register_defense
 class CBD(Defense):
     name = "cbd"
+    label = "CBD"
     description = "CBD: a briefly trained backdoored model re-weights the clean model's loss, plus an MI penalty"
     Params = CBDParams
     presets = {
@@ -202,7 +204,6 @@ class CBD(Defense):
                     true_labels: torch.Tensor | None = None) -> list[Path]:
         if result.scores is None:
             return []
-        from ..plots import plot_cbd_weights
 
         return [plot_cbd_weights(result.scores, poison_mask, run_dir / "cbd_weights.png")]
 

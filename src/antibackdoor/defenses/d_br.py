@@ -1,6 +1,6 @@
 """D-BR — backdoor removal with sample distinguishment (Chen et al., NeurIPS 2022).
 
-1. Separation (defenses/separation.py): FCT scores of a briefly trained, intra-class fine-tuned model split
+1. Separation (stages/separation.py): FCT scores of a briefly trained, intra-class fine-tuned model split
    the data into D_c (20 % lowest FCT), D_p (5 % highest) and the uncertain rest.
 2. The backdoored model: plain training on all data with the usual augmentation.
 3. Backdoor removal, ``rounds.epochs`` rounds of: one pass of gradient ascent on D_p (unlearning), then one
@@ -25,16 +25,17 @@ from pathlib import Path
 
 import torch
 
-from ..config import param
+from ..config import key_path, param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..precision import Precision
 from ..seeding import derive_seed
+from ..stages import DefenseContext, backdoored_model
+from ..stages.recipes import QUICK_PLAIN
+from ..stages.separation import QUICK_SEPARATION, SeparationParams, separate
 from ..training import TrainConfig, make_optimizer, train
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .none import QUICK_PLAIN
-from .separation import QUICK_SEPARATION, SeparationParams, separate, write_separation
-from .stages import backdoored_model
+from ._separation import separation_result, write_separation
+from .base import Defense, DefenseResult, register_defense
 
 log = logging.getLogger("antibackdoor")
 
@@ -50,9 +51,9 @@ class DBRParams:
     unlearn_weight: float = param(1.0, doc="loss weight -unlearn_weight on D_p when unlearning")
 
     def validate(self, where: str = "d-br") -> None:
-        self.separation.validate(f"{where}.separation")
+        self.separation.validate(key_path(where, 'separation'))
         if not self.unlearn_weight > 0:
-            raise ConfigError(f"{where}.unlearn_weight: {self.unlearn_weight} must be > 0")
+            raise ConfigError(f"{key_path(where, 'unlearn_weight')}: {self.unlearn_weight} must be > 0")
 
 
 def remove_backdoor(model: torch.nn.Module, data: ImageSet, poisoned: torch.Tensor, clean: torch.Tensor,
@@ -80,6 +81,7 @@ def remove_backdoor(model: torch.nn.Module, data: ImageSet, poisoned: torch.Tens
 @register_defense
 class DBR(Defense):
     name = "d-br"
+    label = "D-BR"
     description = "D-BR: FCT separation, then unlearn the poisoned part / relearn the clean part of a backdoored model"
     Params = DBRParams
     presets = {
@@ -106,7 +108,7 @@ class DBR(Defense):
                  int(sep.poisoned.sum()), int(sep.clean.sum()))
         hist_r = remove_backdoor(model, data, sep.poisoned, sep.clean, p.rounds, derive_seed(ctx.seed, "d-br"),
                                  ctx.device, p.unlearn_weight, ctx.compute_precision())
-        return sep.result(model, {"backdoored": hist_b, "removal": hist_r})
+        return separation_result(sep, model, {"backdoored": hist_b, "removal": hist_r})
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:

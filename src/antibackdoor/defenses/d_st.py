@@ -1,6 +1,6 @@
 """D-ST — secure training from scratch with sample distinguishment (Chen et al., NeurIPS 2022).
 
-1. Separation (defenses/separation.py): D_c (20 % lowest FCT), D_p (5 % highest), the uncertain rest.
+1. Separation (stages/separation.py): D_c (20 % lowest FCT), D_p (5 % highest), the uncertain rest.
 2. Sensitivity-aware semi-supervised contrastive learning of a fresh feature extractor on all samples
    (two SimCLR views per image, kornia augmentations: random resized crop, flip, colour jitter, grayscale):
    a sample of D_c counts the other D_c samples of its label as positives (supervised contrastive loss),
@@ -33,16 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import param
+from ..config import key_path, param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.features import capture, classifier_head
 from ..precision import Precision
-from ..seeding import seeded_rng
+from ..seeding import rng_from, seeded_rng
+from ..stages import DefenseContext, train_stage
+from ..stages.separation import QUICK_SEPARATION, SeparationParams, separate
 from ..training import Batch, StepOutput, TrainConfig
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .separation import QUICK_SEPARATION, SeparationParams, separate, write_separation
-from .stages import train_stage
+from ._separation import separation_result, write_separation
+from .base import Defense, DefenseResult, register_defense
 
 log = logging.getLogger("antibackdoor")
 
@@ -97,10 +98,7 @@ def augmented(aug: nn.Module, x: torch.Tensor, generator: torch.Generator, preci
     """``views`` augmented copies of the batch, seeded from the loop's generator (kornia draws from the global
     RNG, so it runs in a forked RNG state: resumable and without side effects), computed in fp32 and handed
     back in ``precision``'s memory layout."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    devices = [x.device.index or 0] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
-        torch.manual_seed(seed)
+    with rng_from(generator, x.device), torch.autocast(x.device.type, enabled=False):
         return [precision.batch(aug(x.float()).clamp_(0, 1)) for _ in range(views)]
 
 
@@ -159,24 +157,25 @@ class DSTParams:
     poison_weight: float = param(0.001, doc="lambda of the head loss CE(D_c) - lambda * CE(D_p)")
 
     def validate(self, where: str = "d-st") -> None:
-        self.separation.validate(f"{where}.separation")
+        self.separation.validate(key_path(where, 'separation'))
         if not self.temperature > 0:
-            raise ConfigError(f"{where}.temperature: {self.temperature} must be > 0")
+            raise ConfigError(f"{key_path(where, 'temperature')}: {self.temperature} must be > 0")
         if self.proj_dim < 1:
-            raise ConfigError(f"{where}.proj_dim: {self.proj_dim} must be >= 1")
+            raise ConfigError(f"{key_path(where, 'proj_dim')}: {self.proj_dim} must be >= 1")
         if not 0 < self.crop_scale <= 1:
-            raise ConfigError(f"{where}.crop_scale: {self.crop_scale} must be in (0, 1]")
+            raise ConfigError(f"{key_path(where, 'crop_scale')}: {self.crop_scale} must be in (0, 1]")
         if self.poison_weight < 0:
-            raise ConfigError(f"{where}.poison_weight: {self.poison_weight} must be >= 0")
+            raise ConfigError(f"{key_path(where, 'poison_weight')}: {self.poison_weight} must be >= 0")
         for key in ("contrastive", "head"):
             cfg = getattr(self, key)
             if cfg.crop or cfg.flip:
-                raise ConfigError(f"{where}.{key}: crop/flip must be off (D-ST draws its own kornia views)")
+                raise ConfigError(f"{key_path(where, key)}: crop/flip must be off (D-ST draws its own kornia views)")
 
 
 @register_defense
 class DST(Defense):
     name = "d-st"
+    label = "D-ST"
     description = "D-ST: FCT separation, sensitivity-aware contrastive training from scratch, then a mixed-CE head"
     Params = DSTParams
     presets = {
@@ -236,7 +235,7 @@ class DST(Defense):
                                 loss_fn=self.head_loss(aug, sep.clean[part].to(ctx.device),
                                                        sep.poisoned[part].to(ctx.device)))
         model = frozen.release().eval()
-        return sep.result(model, {"contrastive": hist_c, "head": hist_h})
+        return separation_result(sep, model, {"contrastive": hist_c, "head": hist_h})
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path,
                     true_labels: torch.Tensor | None = None) -> list[Path]:

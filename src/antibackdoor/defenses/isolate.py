@@ -27,17 +27,17 @@ import torch
 
 from ..config import param
 from ..data.imageset import ImageSet, PaperSettings
+from ..detectors import Detector, get_detector
+from ..detectors.evaluate import plot_roc
 from ..errors import ConfigError
+from ..metrics import roc_auc, roc_curve_points
 from ..seeding import generator
+from ..stages import DefenseContext, Treatment, train_stage, treat
+from ..stages.recipes import PAPER_AT, QUICK_AT
 from ..training import TrainConfig
-from .a_abl import AABL
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .stages import train_stage
+from .base import Defense, DefenseResult, register_defense
 
 log = logging.getLogger("antibackdoor")
-
-Treatment = Literal["drop", "relabel", "unlearn"]
-TREATMENTS: tuple[str, ...] = Treatment.__args__
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class IsolateParams:
     detector_params: dict[str, Any] = param(factory=dict, doc="overrides of the detector's preset (same preset "
                                                               "as the run), e.g. detector_params.rule.kind=top")
     treatment: Treatment = param("drop", doc="what happens to isolated samples: drop, relabel or unlearn")
-    train: TrainConfig = param(factory=lambda: AABL.presets["paper"].final,
+    train: TrainConfig = param(factory=lambda: PAPER_AT,
                                doc="final training (adversary null: naive training)")
     start: Literal["fresh", "suspect"] = param("fresh", doc="final model: a fresh one, or the detector's suspect "
                                                             "model fine-tuned")
@@ -59,38 +59,14 @@ class IsolateParams:
         self.train.validate("defense_params (isolate-then-train).train")
 
 
-def treat(y: torch.Tensor, isolated: torch.Tensor, treatment: str, num_classes: int, seed: int,
-          proposed: torch.Tensor | None = None, unlearn_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and loss weights for the final training (weight 0 = not trained on, negative = unlearned); random
-    other labels (``relabel`` without proposed labels) come from the stream ``(seed, "isolate", "relabel")``."""
-    labels, weight = y.clone(), torch.ones(len(y))
-    if treatment == "drop":
-        weight[isolated] = 0.0
-    elif treatment == "unlearn":
-        weight[isolated] = -unlearn_weight
-    elif treatment == "relabel":
-        gen = generator(seed, "isolate", "relabel")
-        shift = torch.randint(1, num_classes, (len(y),), generator=gen)
-        random_other = (y + shift) % num_classes
-        if proposed is not None:
-            has = proposed >= 0
-            labels[isolated & has] = proposed[isolated & has]
-            weight[isolated & ~has] = 0.0  # no proposed label: keeping the given one would re-teach the backdoor
-        else:
-            labels[isolated] = random_other[isolated]
-    else:
-        raise ConfigError(f"isolate-then-train.treatment: {treatment!r} is not one of {', '.join(TREATMENTS)}")
-    return labels, weight
-
-
 @register_defense
 class IsolateThenTrain(Defense):
     name = "isolate-then-train"
     description = "any detector + a treatment (drop / relabel / unlearn) + naive or adversarial training"
     Params = IsolateParams
     presets = {
-        "quick": IsolateParams(train=AABL.presets["quick"].final),
-        "paper": IsolateParams(train=AABL.presets["paper"].final),
+        "quick": IsolateParams(train=QUICK_AT),
+        "paper": IsolateParams(train=PAPER_AT),
     }
 
     def __init__(self, preset: str = "quick", overrides=None, params=None):
@@ -99,9 +75,7 @@ class IsolateThenTrain(Defense):
         # built (and checked) now, so that a bad detector setting stops the run before its directory exists
         self.detector = self._build_detector(None)
 
-    def _build_detector(self, paper: PaperSettings | None):
-        from ..detectors import get_detector
-
+    def _build_detector(self, paper: PaperSettings | None) -> Detector:
         return get_detector(self.params.detector, self.preset, self.params.detector_params, paper)
 
     def apply_paper_settings(self, paper: PaperSettings) -> None:
@@ -122,11 +96,9 @@ class IsolateThenTrain(Defense):
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir, true_labels=None) -> list:
         """The detector's ROC curve (the runner passes the ground truth, which the defense never sees)."""
-        from ..detectors.evaluate import plot_roc, roc_auc, roc_curve_points
-
-        if result.scores is None or not poison_mask.any() or poison_mask.all():
+        suspicion = result.suspicion()
+        if suspicion is None or not poison_mask.any() or poison_mask.all():
             return []
-        suspicion = result.scores.double() * (1 if result.higher_is_suspicious else -1)
         fpr, tpr = roc_curve_points(suspicion, poison_mask)
         return [plot_roc({self.params.detector: (fpr, tpr, roc_auc(suspicion, poison_mask))}, run_dir / "roc.png",
                          title=f"{self.params.detector}: ROC of the isolation scores")]
@@ -139,8 +111,8 @@ class IsolateThenTrain(Defense):
         if int(isolated.sum()) == len(data):
             log.warning("isolate-then-train: the detector isolated every sample; keeping all of them")
             isolated[:] = False
-        labels, weight = treat(data.y.cpu(), isolated, p.treatment, data.num_classes, ctx.seed, det.labels,
-                               p.unlearn_weight)
+        labels, weight = treat(data.y.cpu(), isolated, p.treatment, data.num_classes,
+                               generator(ctx.seed, "isolate", "relabel"), det.labels, p.unlearn_weight)
         use = weight != 0
         log.info("isolate-then-train: %s treatment of %d isolated samples; training on %d samples", p.treatment,
                  int(isolated.sum()), int(use.sum()))

@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import param
+from ..config import key_path, param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.features import capture, stage_modules
+from ..stages import DefenseContext, backdoored_model, train_stage
+from ..stages.recipes import PAPER_PLAIN, QUICK_PLAIN
 from ..training import Batch, StepOutput, TrainConfig
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .none import PAPER_PLAIN, QUICK_PLAIN
-from .stages import backdoored_model, train_stage
+from .base import Defense, DefenseResult, register_defense
 
 log = logging.getLogger("antibackdoor")
 
@@ -74,16 +74,17 @@ class NADParams:
 
     def validate(self, where: str = "nad") -> None:
         if not self.betas or any(b < 0 for b in self.betas):
-            raise ConfigError(f"{where}.betas: {list(self.betas)} must be a non-empty list of numbers >= 0")
+            raise ConfigError(f"{key_path(where, 'betas')}: {list(self.betas)} must be a non-empty list of numbers >= 0")
         if not self.power > 0:
-            raise ConfigError(f"{where}.power: {self.power} must be > 0")
+            raise ConfigError(f"{key_path(where, 'power')}: {self.power} must be > 0")
         if not 0 < self.trusted_fraction < 1:
-            raise ConfigError(f"{where}.trusted_fraction: {self.trusted_fraction} must be in (0, 1)")
+            raise ConfigError(f"{key_path(where, 'trusted_fraction')}: {self.trusted_fraction} must be in (0, 1)")
 
 
 @register_defense
 class NAD(Defense):
     name = "nad"
+    label = "NAD"
     description = "NAD: fine-tune a teacher on 5% trusted clean data, distil its attention maps into the model"
     Params = NADParams
     needs_trusted = True
@@ -106,7 +107,7 @@ class NAD(Defense):
         """The stages NAD distils at: the model's last len(betas) stages."""
         names = list(stage_modules(model))
         if len(self.params.betas) > len(names):
-            raise ConfigError(f"nad.betas: {len(self.params.betas)} values, but the model has only {len(names)} "
+            raise ConfigError(f"--defense-param betas: {len(self.params.betas)} values, but the model has only {len(names)} "
                               f"stages ({', '.join(names)})")
         return names[len(names) - len(self.params.betas):]
 

@@ -5,16 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..data.imageset import ImageSet
+from ..stages import DefenseContext, train_stage
+from ..stages.recipes import PAPER_PLAIN, QUICK_PLAIN
 from ..training import TrainConfig
-from .base import Defense, DefenseContext, DefenseResult, register_defense
-from .stages import train_stage
-
-# Plain training recipes, also the backdoored models that post-training defenses (NAD, D-BR) start from.
-# quick: A-ABL's quick stage 1 too, so `none` shows what that stage learns: Adam 2e-3 with a cosine decay over
-# 25 epochs, crop without flip (docs/a-abl.md)
-QUICK_PLAIN = TrainConfig(epochs=25, optimizer="adam", lr=2e-3, crop=4, flip=False, schedule="cosine")
-PAPER_PLAIN = TrainConfig(epochs=100, optimizer="sgd", lr=0.1, schedule="step", milestones=(50, 75, 90), crop=4,
-                          flip=True)
+from .base import Defense, DefenseResult, register_defense
 
 
 @dataclass(frozen=True)
@@ -25,6 +19,7 @@ class NoDefenseParams:
 @register_defense
 class NoDefense(Defense):
     name = "none"
+    label = "No defense"
     description = "standard training on all data (no defense)"
     Params = NoDefenseParams
     presets = {"quick": NoDefenseParams(QUICK_PLAIN), "paper": NoDefenseParams(PAPER_PLAIN)}

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..models.features import penultimate_features
 from ..seeding import derive_seed
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
+from .base import PAPER_SUSPECT, Detector, IsolationRule, Scored, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
@@ -108,4 +108,4 @@ class ActivationClustering(Detector):
             flagged, score, facts = cluster_class(feats[idx], p.dims, p.reduce, p.max_share, seed)
             native[idx], scores[idx] = flagged, score
             classes[c] = facts
-        return torch.from_numpy(scores), torch.from_numpy(native), {"classes": classes}
+        return Scored(torch.from_numpy(scores), torch.from_numpy(native), info={"classes": classes})

@@ -16,22 +16,13 @@ from typing import Literal
 
 import torch
 
-from ..adversarial.pgd import PGDConfig
 from ..config import param
-from ..defenses.aibd import (
-    TARGET_FRACTIONS,
-    AIBDParams,
-    amplified_scores,
-    flip_config,
-    flip_counts,
-    guess_target,
-    rank_desc,
-)
-from ..defenses.stages import adversarial_scores
 from ..errors import ConfigError
+from ..stages.aabl import ifgsm_scores
+from ..stages.aibd import TARGET_FRACTIONS, flip_scores, flip_statistics, guess_target, rank_desc
 from ..surplus import ALPHA
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
+from .base import PAPER_SUSPECT, Detector, IsolationRule, Scored, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
@@ -58,8 +49,7 @@ class IFGSMSCE(Detector):
 
     def _score(self, data, ctx, model):
         p = self.params
-        cfg = PGDConfig.ifgsm(p.eps, p.steps, p.step, loss=p.loss)
-        return adversarial_scores(model, data, cfg, ctx, desc="split (iFGSM)").loss, None, {}
+        return Scored(ifgsm_scores(model, data, ctx, p.eps, p.steps, p.step, p.loss))
 
 
 @dataclass(frozen=True)
@@ -96,11 +86,8 @@ class AIBDFlip(Detector):
 
     def _score(self, data, ctx, model):
         p = self.params
-        aibd = AIBDParams(pgd_step=p.pgd_step, pgd_cap=p.pgd_cap, grad_norm_p=p.grad_norm_p)
-        stats = adversarial_scores(model, data, flip_config(aibd), ctx, desc="aibd flip counting")
-        k = flip_counts(stats, p.pgd_cap)
-        scores = amplified_scores(k, stats.grad_norm) if p.amplify else k.double()
-        self._labels = stats.flip_label.clone()
+        stats = flip_statistics(model, data, ctx, p.pgd_step, p.pgd_cap, p.grad_norm_p)
+        scores, _ = flip_scores(stats, p.pgd_cap, p.amplify)
         info = {"never_flipped": int((stats.flip_step < 0).sum())}
         if p.target_filter:
             # scores outside the guessed target class drop below every candidate's
@@ -110,4 +97,4 @@ class AIBDFlip(Detector):
                 scores = torch.where(y == surplus.target, scores, scores.min() - 1 - (scores.max() - scores))
             info.update(target=surplus.target, target_best=surplus.best, target_p=surplus.p, target_filter=True,
                         target_filter_applied=surplus.target is not None, target_surplus=surplus.as_dict())
-        return scores, None, info
+        return Scored(scores, labels=stats.flip_label.clone(), info=info)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import param
-from ..defenses.dbd import DBD, DBDParams, lowest, make_dbd_optimizer, sce_scores, simclr_pretrain, warmup_head
-from .base import Detector, IsolationRule, register_detector, rule_param
+from ..stages.dbd import QUICK_DBD, DBDParams, lowest, make_dbd_optimizer, sce_scores, simclr_pretrain, warmup_head
+from .base import Detector, IsolationRule, Scored, register_detector, rule_param
 
 
 @dataclass(frozen=True)
@@ -19,16 +19,13 @@ class DBDSCEParams:
     dbd: DBDParams = param(factory=DBDParams, doc="DBD's SimCLR and warm-up settings (its rounds are unused)")
     rule: IsolationRule = rule_param()
 
-    def validate(self) -> None:
-        self.dbd.validate()
-
 
 @register_detector
 class DBDSCE(Detector):
     name = "dbd-sce"
     description = "DBD's score: SCE loss of a linear head on a SimCLR backbone; the highest 50% are isolated"
     Params = DBDSCEParams
-    presets = {"quick": DBDSCEParams(DBD.presets["quick"]), "paper": DBDSCEParams(DBD.presets["paper"])}
+    presets = {"quick": DBDSCEParams(QUICK_DBD), "paper": DBDSCEParams(DBDParams())}
     needs_model = False
     has_native_rule = True
     higher_is_suspicious = True
@@ -43,4 +40,4 @@ class DBDSCE(Detector):
         hist = warmup_head(net, make_dbd_optimizer(net, p), data, p, ctx)
         scores = sce_scores(net, data, p, ctx.device, precision=ctx.compute_precision())
         info = {"warmup_train_acc": hist[-1]["train_acc"] if hist else None}
-        return scores, ~lowest(scores, p.epsilon), info
+        return Scored(scores, ~lowest(scores, p.epsilon), info=info)

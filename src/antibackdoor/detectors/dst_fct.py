@@ -1,6 +1,6 @@
 """D-ST/D-BR's sample distinguishment as a detector (Chen et al., NeurIPS 2022): the FCT split, unchanged.
 
-The SD module (defenses/separation.py) trains a model briefly, fine-tunes it with the intra-class loss and
+The SD module (stages/separation.py) trains a model briefly, fine-tunes it with the intra-class loss and
 scores every sample by its feature consistency towards transformations (FCT: the mean squared change of its
 penultimate features under a random rotation + shift; high = suspicious). It splits the data by rank into D_c
 (the ``clean_ratio`` lowest), D_p (the ``poison_ratio`` highest) and the uncertain (A-ABL: "suspicious") rest.
@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..config import param
-from ..defenses.d_st import DST
-from ..defenses.separation import SeparationParams, separate
-from .base import Detector, IsolationRule, register_detector, rule_param
+from ..stages.separation import QUICK_SEPARATION, SeparationParams, separate
+from .base import Detector, IsolationRule, Scored, register_detector, rule_param
 
 Keep = Literal["clean+suspicious", "clean"]
 
@@ -32,18 +31,13 @@ class FCTParams:
                                                "only (A-ABL Table 4's 'Clean')")
     rule: IsolationRule = rule_param()
 
-    def validate(self) -> None:
-        where = "detector_params (dst-fct).separation"
-        self.separation.validate(where)
-
 
 @register_detector
 class DSTFCT(Detector):
     name = "dst-fct"
     description = "D-ST/D-BR's split: FCT (feature change under rotation + shift); the highest 5% are isolated"
     Params = FCTParams
-    presets = {"quick": FCTParams(DST.presets["quick"].separation),
-               "paper": FCTParams(DST.presets["paper"].separation)}
+    presets = {"quick": FCTParams(QUICK_SEPARATION), "paper": FCTParams(SeparationParams())}
     needs_model = False  # trains its own warm-up + intra-class model
     has_native_rule = True
     higher_is_suspicious = True
@@ -55,4 +49,4 @@ class DSTFCT(Detector):
         sep = separate(ctx, data, self.params.separation)
         isolated = sep.poisoned if self.params.keep == "clean+suspicious" else ~sep.clean
         info = {k: v for k, v in sep.info().items() if k != "threshold"}  # the rule's threshold is the base's
-        return sep.scores, isolated, {"keep": self.params.keep, **info}
+        return Scored(sep.scores, isolated, info={"keep": self.params.keep, **info})

@@ -18,7 +18,7 @@ from ..config import param
 from ..errors import ConfigError
 from ..precision import PLAIN, Precision
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
+from .base import PAPER_SUSPECT, Detector, IsolationRule, Scored, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
@@ -68,4 +68,4 @@ class ScaleUp(Detector):
     def _score(self, data, ctx, model):
         p = self.params
         spc = scaled_consistency(model, data.x, p.factors, ctx.device, p.batch_size, ctx.compute_precision())
-        return spc, None, {}
+        return Scored(spc)

@@ -17,7 +17,7 @@ from ..config import param
 from ..errors import ConfigError
 from ..models.features import penultimate_features
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
+from .base import PAPER_SUSPECT, Detector, IsolationRule, Scored, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
@@ -71,4 +71,4 @@ class SpectralSignature(Detector):
             top = torch.sort(s, descending=True, stable=True).indices[:count]
             native[idx[top]] = True
             removed[c] = count
-        return scores, native, {"removed_per_class": removed}
+        return Scored(scores, native, info={"removed_per_class": removed})

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..precision import PLAIN, Precision
 from ..seeding import generator, seeded_rng
 from ..training import TrainConfig
-from .base import PAPER_SUSPECT, Detector, IsolationRule, register_detector, rule_param, suspect_param
+from .base import PAPER_SUSPECT, Detector, IsolationRule, Scored, register_detector, rule_param, suspect_param
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class _AugSplit(Detector):
         p = self.params
         scores = augmented_sce(model, data, self.augmentation, p.views, ctx.seed, ctx.device, p.batch_size,
                                ctx.compute_precision())
-        return scores, None, {}
+        return Scored(scores)
 
 
 @register_detector

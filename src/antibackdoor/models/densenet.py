@@ -64,6 +64,6 @@ class DenseNet(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@register_model("densenet121", "DenseNet-121 (growth 32), 3x3 stem (A-ABL Table 6)")
+@register_model("densenet121", "DenseNet-121 (growth 32), 3x3 stem (A-ABL Table 6)", label="DenseNet121")
 def densenet121(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return DenseNet([6, 12, 24, 16], 32, num_classes, in_channels, image_size)

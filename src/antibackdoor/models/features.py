@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adversarial.pgd import eval_mode
 from ..errors import ConfigError
 from ..precision import PLAIN, Precision
 from .registry import Normalized
@@ -89,8 +90,6 @@ def penultimate_features(model: nn.Module, images: torch.Tensor, device: torch.d
                          batch_size: int = 512, precision: Precision | None = None) -> torch.Tensor:
     """Penultimate features (float32, on the CPU) of uint8 ``images`` in eval mode, in whole batches, computed
     in ``precision`` (None: plain fp32 in the layout given)."""
-    from ..adversarial.pgd import eval_mode
-
     prec = PLAIN if precision is None else precision
     parts = []
     with eval_mode(model), capture(model, stages=False) as feats:

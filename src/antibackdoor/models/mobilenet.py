@@ -60,6 +60,6 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(out, 1))
 
 
-@register_model("mobilenetv2", "MobileNetV2, CIFAR strides (A-ABL Table 6)")
+@register_model("mobilenetv2", "MobileNetV2, CIFAR strides (A-ABL Table 6)", label="MobileNetV2")
 def mobilenetv2(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return MobileNetV2(num_classes, in_channels, image_size)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..registry import Registry
 
 
 class Normalize(nn.Module):
@@ -43,16 +43,21 @@ class ModelEntry:
     name: str
     builder: Builder
     description: str
+    #: how tables name it (the papers' spelling, e.g. ``ResNet-18``); empty: the name
+    label: str = ""
+
+    def display_label(self) -> str:
+        return self.label or self.name
 
 
-MODELS: dict[str, ModelEntry] = {}
+MODELS: Registry[ModelEntry] = Registry("model", "--model")
 
 
-def register_model(name: str, description: str = ""):
+def register_model(name: str, description: str = "", label: str = ""):
     """Decorator: ``builder(num_classes, in_channels, image_size) -> nn.Module`` (without normalisation)."""
 
     def deco(fn: Builder) -> Builder:
-        MODELS[name] = ModelEntry(name, fn, description)
+        MODELS.register(ModelEntry(name, fn, description, label))
         return fn
 
     return deco
@@ -61,9 +66,7 @@ def register_model(name: str, description: str = ""):
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
     """Build a registered model with its normalisation layer (mean 0.5 / std 0.25 when not given)."""
-    entry = MODELS.get(name)
-    if entry is None:
-        raise ConfigError(f"--model: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    entry = MODELS.lookup(name)
     mean = tuple(mean) if mean is not None else (0.5,) * in_channels
     std = tuple(std) if std is not None else (0.25,) * in_channels
     backbone = entry.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size)

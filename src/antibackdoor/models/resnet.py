@@ -82,11 +82,11 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
-@register_model("preact-resnet18", "PreAct-ResNet18, CIFAR stem (BackdoorBench's default)")
+@register_model("preact-resnet18", "PreAct-ResNet18, CIFAR stem (BackdoorBench's default)", label="PreAct-ResNet18")
 def preact_resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return ResNet(PreActBlock, [2, 2, 2, 2], num_classes, in_channels, image_size, preact=True)
 
 
-@register_model("resnet18", "ResNet-18, CIFAR stem (A-ABL's and AIBD's CIFAR-10 model)")
+@register_model("resnet18", "ResNet-18, CIFAR stem (A-ABL's and AIBD's CIFAR-10 model)", label="ResNet-18")
 def resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, image_size)

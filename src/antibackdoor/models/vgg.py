@@ -37,6 +37,6 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
 
 
-@register_model("vgg16", "VGG16 with BatchNorm, CIFAR head (one linear layer; A-ABL Table 6)")
+@register_model("vgg16", "VGG16 with BatchNorm, CIFAR head (one linear layer; A-ABL Table 6)", label="VGG16")
 def vgg16(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return VGG(VGG16, num_classes, in_channels, image_size)

@@ -63,11 +63,11 @@ class WideResNet(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@register_model("wrn16-1", "WRN-16-1, wide ResNet of width 1 (AIBD's GTSRB model)")
+@register_model("wrn16-1", "WRN-16-1, wide ResNet of width 1 (AIBD's GTSRB model)", label="WRN-16-1")
 def wrn16_1(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return WideResNet(16, 1, num_classes, in_channels, image_size)
 
 
-@register_model("wrn16-2", "WRN-16-2, wide ResNet of width 2")
+@register_model("wrn16-2", "WRN-16-2, wide ResNet of width 2", label="WRN-16-2")
 def wrn16_2(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return WideResNet(16, 2, num_classes, in_channels, image_size)

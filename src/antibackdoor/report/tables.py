@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bench.labels import DATASET_PAPER, MODEL_LABELS
+from ..bench.labels import part_label
 from ..bench.suites import TableSpec
 from .collect import Record
 
@@ -75,7 +75,7 @@ def axis_label(axis: str, value: Any) -> str:
     if axis == "poison_rate":
         return f"{100 * float(value):g}%"
     if axis == "model":
-        return MODEL_LABELS.get(str(value), str(value))
+        return part_label("model", str(value))
     if axis == "target":
         return f"target {value}"
     return str(value)
@@ -84,7 +84,7 @@ def axis_label(axis: str, value: Any) -> str:
 def join_key(axis: str, value: Any) -> str:
     """How the published data files name an axis value."""
     if axis == "dataset":
-        return DATASET_PAPER.get(str(value), str(value))
+        return part_label("dataset", str(value))
     return axis_label(axis, value)
 
 

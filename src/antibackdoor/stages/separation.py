@@ -18,30 +18,33 @@ padding and nearest-neighbour sampling. High FCT = suspicious.
 The functions are plain so that a detector can call ``fct_scores`` or ``quantile_split`` alone.
 Differences from the official code: the same draw of tau scores the samples and places them against the
 thresholds (the official code draws tau again when it separates, so a sample's FCT at separation is not
-the one the thresholds were computed from), and the split is by rank (exactly round-down(ratio * N) samples
-in D_c and D_p, ties by index) rather than "<= the score at that rank", which adds ties and one sample.
+the one the thresholds were computed from), and the split is by rank (exactly ``top_count(N, ratio)`` samples in
+D_c and D_p, ties by index) rather than "<= the score at that rank", which adds ties and one sample.
+
+``Separation.result`` (the D-BR/D-ST result) and ``write_separation`` live with those defenses
+(``defenses/_separation.py``); this module is the scorer a detector may call too.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import param
+from ..config import key_path, param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
-from ..jsonutil import write_json
 from ..models.features import capture
 from ..precision import Precision
 from ..seeding import generator
 from ..training import Batch, StepOutput, TrainConfig
-from .base import DefenseContext, DefenseResult
-from .stages import rank_fraction, sample_features, train_stage
+from .context import DefenseContext
+from .fit import train_stage
+from .scores import sample_features
+from .select import top_fraction
 
 log = logging.getLogger("antibackdoor")
 
@@ -58,8 +61,8 @@ class SeparationParams:
     poison_ratio: float = param(0.05, doc="alpha_p: share of the samples in D_p (highest FCT)")
 
     def validate(self, where: str = "separation") -> None:
-        self.warmup.validate(f"{where}.warmup")
-        self.intra.validate(f"{where}.intra")
+        self.warmup.validate(key_path(where, 'warmup'))
+        self.intra.validate(key_path(where, 'intra'))
         for key in ("clean_ratio", "poison_ratio"):
             value = getattr(self, key)
             if not 0 < value < 1:
@@ -68,9 +71,9 @@ class SeparationParams:
             raise ConfigError(f"{where}: clean_ratio + poison_ratio = {self.clean_ratio + self.poison_ratio} "
                               "must be <= 1")
         if not 0 <= self.rotate <= 180:
-            raise ConfigError(f"{where}.rotate: {self.rotate} must be in [0, 180] degrees")
+            raise ConfigError(f"{key_path(where, 'rotate')}: {self.rotate} must be in [0, 180] degrees")
         if not 0 <= self.translate < 1:
-            raise ConfigError(f"{where}.translate: {self.translate} must be in [0, 1)")
+            raise ConfigError(f"{key_path(where, 'translate')}: {self.translate} must be in [0, 1)")
 
 
 #: D-BR's and D-ST's quick separation: the small CNN with Adam, 2 + 10 epochs as in the paper, no augmentation
@@ -142,10 +145,10 @@ def fct_scores(model: nn.Module, data: ImageSet, draw: FCTDraw, device: torch.de
 
 def quantile_split(scores: torch.Tensor, clean_ratio: float,
                    poison_ratio: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """D_c = the int(clean_ratio * N) lowest scores, D_p = the int(poison_ratio * N) highest; returns both
-    masks and the thresholds gamma_c (highest score in D_c) and gamma_p (lowest score in D_p)."""
-    clean = rank_fraction(scores, clean_ratio, lowest=True)
-    poisoned = rank_fraction(scores, poison_ratio, lowest=False)
+    """D_c = the ``top_count(N, clean_ratio)`` lowest scores, D_p = the ``top_count(N, poison_ratio)`` highest;
+    returns both masks and the thresholds gamma_c (highest score in D_c) and gamma_p (lowest score in D_p)."""
+    clean = top_fraction(-scores.double(), clean_ratio)
+    poisoned = top_fraction(scores.double(), poison_ratio)
     if (clean & poisoned).any():
         raise ConfigError(f"separation: clean_ratio {clean_ratio} and poison_ratio {poison_ratio} overlap")
     return clean, poisoned, float(scores[clean].max()), float(scores[poisoned].min())
@@ -177,13 +180,6 @@ class Separation:
                 "clean": int(self.clean.sum()), "uncertain": int(self.uncertain.sum()),
                 "poisoned": int(self.poisoned.sum())}
 
-    def result(self, model: nn.Module, history: dict[str, list[dict]]) -> DefenseResult:
-        """D-BR's and D-ST's result: ``model`` after their treatment, with D_p isolated and the separation's
-        scores, facts and parts (``history`` adds the defense's own stages to the separation's)."""
-        return DefenseResult(model, kept=~self.poisoned, scores=self.scores, score_name="fct",
-                             higher_is_suspicious=True, info=self.info(), history={**self.history, **history},
-                             sample_stats={"sd_part": self.part()})
-
 
 def intra_loss_fn(num_classes: int):
     """The intra-class fine-tuning objective for train(loss_fn=...)."""
@@ -213,26 +209,3 @@ def separate(ctx: DefenseContext, data: ImageSet, p: SeparationParams, prefix: s
     log.info("separation: D_c %d (FCT <= %.4g), D_p %d (FCT >= %.4g), uncertain %d", int(clean.sum()), g_c,
              int(poisoned.sum()), g_p, int((~(clean | poisoned)).sum()))
     return Separation(scores, clean, poisoned, g_c, g_p, {f"{prefix}_warmup": hist_w, f"{prefix}_intra": hist_i})
-
-
-def write_separation(result: DefenseResult, poison_mask: torch.Tensor, run_dir: Path) -> list[Path]:
-    """separation.json (how much true poison each part holds) and fct_scores.png (both thresholds), drawn
-    from a D-BR/D-ST result: its FCT scores, ``sample_stats["sd_part"]`` and the thresholds in ``info``."""
-    if result.scores is None or "sd_part" not in result.sample_stats:
-        return []
-    result_info, scores, code = result.info, result.scores, result.sample_stats["sd_part"].cpu()
-
-    from ..plots import score_histogram
-
-    truth = poison_mask.bool().cpu()
-    parts = {name: code == value for name, value in PARTS.items()}
-    summary = {name: {"samples": int(m.sum()), "true_poison": int((m & truth).sum())} for name, m in parts.items()}
-    summary["gamma_clean"] = result_info.get("gamma_clean")
-    summary["gamma_poison"] = result_info.get("gamma_poison")
-    path_json = run_dir / "separation.json"
-    write_json(path_json, summary)
-    lines = [(key, float(result_info[key]), style) for key, style in (("gamma_clean", ":"), ("gamma_poison", "--"))
-             if result_info.get(key) is not None]
-    path_png = score_histogram(scores, truth, run_dir / "fct_scores.png",
-                               xlabel="FCT (feature change under rotation + shift)", lines=lines)
-    return [path_json, path_png]
