@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..adversarial.pgd import PGDConfig
+from ..config import param
 from ..data.imageset import ImageSet
 from ..training import TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
@@ -22,7 +23,8 @@ QUICK_AT = TrainConfig(epochs=20, optimizer="adam", lr=1e-3, schedule="cosine", 
 
 @dataclass(frozen=True)
 class AdvTrainParams:
-    train: TrainConfig = field(default_factory=lambda: PAPER_AT)
+    train: TrainConfig = param(factory=lambda: PAPER_AT, doc="adversarial training on all the data (adversary: the "
+                                                              "PGD attack)")
 
 
 @register_defense

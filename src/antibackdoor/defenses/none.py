@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..config import param
 from ..data.imageset import ImageSet
 from ..training import TrainConfig
 from .base import Defense, DefenseContext, DefenseResult, register_defense
@@ -19,7 +20,7 @@ PAPER_PLAIN = TrainConfig(epochs=100, optimizer="sgd", lr=0.1, schedule="step", 
 
 @dataclass(frozen=True)
 class NoDefenseParams:
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = param(factory=TrainConfig, doc="plain training on all the data")
 
 
 @register_defense
