@@ -262,7 +262,8 @@ def test_paper_settings_give_isolate_then_train_the_defenses_split(small_train):
     paper = PaperSettings(defense_params={"aibd": {"pgd_step": 2 / 255, "pgd_cap": 20}})
     aibd = get_defense("aibd", "paper", {}, paper)
     flip = get_defense("isolate-then-train", "paper", {"detector": "aibd-flip"}, paper)
-    stats = pgd_statistics(model, data.x, data.y, flip_config(aibd.params.pgd_step, aibd.params.pgd_cap, aibd.params.grad_norm_p))
+    a = aibd.params
+    stats = pgd_statistics(model, data.x, data.y, flip_config(a.pgd_step, a.pgd_cap, a.grad_norm_p))
     want = amplified_scores(flip_counts(stats, aibd.params.pgd_cap), stats.grad_norm)
     assert torch.equal(flip.detector.score(data, ctx, model=model).scores, want)
 
@@ -341,7 +342,8 @@ def test_bad_settings_are_config_errors_before_any_work(tmp_path, tiny_npz):
     with pytest.raises(ConfigError, match="unknown detector"):
         ab.get_defense("isolate-then-train", "quick", {"detector": "nope"})
     # the detector's own parameters are checked when the defense is built: unknown keys, wrong types, ...
-    with pytest.raises(ConfigError, match=r"^--defense-param detector_params.facto: unknown parameter of detector scale-up"):
+    with pytest.raises(ConfigError, match=r"^--defense-param detector_params.facto: unknown parameter of detector "
+                                          r"scale-up"):
         ab.get_defense("isolate-then-train", "quick", {"detector": "scale-up", "detector_params": {"facto": [2]}})
     with pytest.raises(ConfigError, match=r"reduce: 'svd' is not one of ica, pca"):
         get_detector("activation-clustering", overrides={"reduce": "svd"})

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adversarial.pgd import PGDConfig, eval_mode, pgd
+from .config import param
 from .data.imageset import ImageSet
 from .precision import PLAIN, Precision
 from .seeding import fixed_generator
@@ -24,10 +25,10 @@ class EvalConfig:
     """How RA is measured: L-inf PGD with random start; by default PGD-10, eps 8/255, step 2/255 (both papers).
     The one definition of RA: ``robust_accuracy`` and the run's ``eval`` section use it."""
 
-    ra_eps: float = 8 / 255
-    ra_step: float = 2 / 255
-    ra_steps: int = 10
-    ra_samples: int = 0  # evaluate RA on the first N test images (0 = all)
+    ra_eps: float = param(8 / 255, doc="L-inf radius of the RA attack, pixel units")
+    ra_step: float = param(2 / 255, doc="step size of the RA attack, pixel units")
+    ra_steps: int = param(10, doc="PGD steps of the RA attack (random start)")
+    ra_samples: int = param(0, doc="measure RA on the first N test images (0: all)")
 
     def pgd(self) -> PGDConfig:
         return PGDConfig(eps=self.ra_eps, step=self.ra_step, steps=self.ra_steps, random_start=True)

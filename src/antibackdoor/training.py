@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch import nn
 
 from .adversarial.pgd import PGDConfig, adversarial_examples
 from .caching import atomic_write
-from .config import key_path
+from .config import key_path, param
 from .data.augment import augment
 from .data.imageset import ImageSet
 from .errors import ConfigError, RunStateError, TrainingDivergedError
@@ -43,25 +44,26 @@ class TrainConfig:
     ``adam``, which is AdamW: Adam with ``weight_decay`` decoupled from the gradient (Loshchilov & Hutter), so
     the decay means the same shrinkage whatever the gradients' scale."""
 
-    epochs: int = 20
-    batch_size: int = 128
-    optimizer: str = "adam"  # "sgd" or "adam" (AdamW)
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "none"  # "none", "step" (x lr_gamma at milestones) or "cosine"
-    milestones: tuple[int, ...] = ()
-    lr_gamma: float = 0.1
-    warmup_epochs: int = 0  # linear warm-up: epoch e < warmup_epochs runs at (e+1)/(warmup_epochs+1) of the lr
-    crop: int = 4  # random-crop padding in pixels (0 = off)
-    flip: bool = True
-    adversary: PGDConfig | None = None  # PGD adversarial training when set
+    epochs: int = param(20, doc="passes over the training data")
+    batch_size: int = param(128, doc="samples per optimizer step")
+    optimizer: Literal["sgd", "adam"] = param("adam", doc="sgd (Nesterov momentum when momentum > 0) or adam "
+                                                          "(AdamW: Adam with decoupled weight decay)")
+    lr: float = param(1e-3, doc="learning rate before the schedule and the warm-up scale it")
+    momentum: float = param(0.9, doc="sgd's momentum (Nesterov when > 0; adam does not use it)")
+    weight_decay: float = param(5e-4, doc="sgd: an L2 term in the gradient; adam: decoupled, each step shrinks the "
+                                          "weights by lr * weight_decay")
+    schedule: Literal["none", "step", "cosine"] = param("none", doc="lr per epoch: none (constant), step (x lr_gamma "
+                                                                    "at each milestone), cosine (lr to 0 over epochs)")
+    milestones: tuple[int, ...] = param((), doc="step: the epoch counts after which the lr is multiplied by lr_gamma")
+    lr_gamma: float = param(0.1, doc="step: the factor applied to the lr at each milestone")
+    warmup_epochs: int = param(0, doc="linear warm-up: epoch e < warmup_epochs runs at (e+1)/(warmup_epochs+1) of "
+                                      "the lr")
+    crop: int = param(4, doc="random-crop padding in pixels: zero-pad, crop back at a random offset (0: off)")
+    flip: bool = param(True, doc="mirror a random half of each batch left-right")
+    adversary: PGDConfig | None = param(None, doc="PGD adversarial training: each batch is replaced by its PGD "
+                                                  "examples (null: plain training)")
 
     def validate(self, where: str = "train") -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"{key_path(where, 'optimizer')}: {self.optimizer!r} is not 'sgd' or 'adam'")
-        if self.schedule not in ("none", "step", "cosine"):
-            raise ConfigError(f"{key_path(where, 'schedule')}: {self.schedule!r} is not 'none', 'step' or 'cosine'")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(f"{where}: epochs >= 0, batch_size >= 1 and lr > 0 are required")
         if not self.weight_decay >= 0:

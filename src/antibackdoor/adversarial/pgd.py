@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..config import param
 from ..precision import PLAIN, Precision
 from ..progress import bar
 from .losses import per_sample_loss
@@ -29,17 +31,19 @@ class PGDConfig:
     noise, no projection back onto the eps-ball).
     """
 
-    eps: float = 8 / 255
-    step: float = 2 / 255
-    steps: int = 10
-    random_start: bool = True
-    loss: str = "ce"  # "ce" or "sce"
-    early_stop: bool = False  # freeze a sample at the step its prediction first leaves its label
-    sce_alpha: float = 0.1
-    sce_beta: float = 1.0
-    grad_norm_p: float = 1.0  # norm of the clean-input gradient reported as grad_norm (1 = L1, 2 = L2)
-    start_eps: float | None = None  # radius of the uniform random start (None: eps)
-    project: bool = True  # project each step back onto the eps-ball (always onto the [0, 1] box)
+    eps: float = param(8 / 255, doc="L-inf radius around the clean image, pixel units (inf: only the [0, 1] box)")
+    step: float = param(2 / 255, doc="size of each sign-gradient ascent step, pixel units")
+    steps: int = param(10, doc="ascent steps")
+    random_start: bool = param(True, doc="start from a uniform random point of the start ball instead of the image")
+    loss: Literal["ce", "sce"] = param("ce", doc="loss the attack ascends and reports: ce (cross-entropy) or sce "
+                                                 "(symmetric: sce_alpha * CE + sce_beta * reverse CE)")
+    early_stop: bool = param(False, doc="freeze a sample at the step its prediction first leaves its label")
+    sce_alpha: float = param(0.1, doc="sce: weight of the cross-entropy")
+    sce_beta: float = param(1.0, doc="sce: weight of the reverse cross-entropy")
+    grad_norm_p: float = param(1.0, doc="p of the norm of the clean-input gradient reported as grad_norm (1 = L1, "
+                                        "2 = L2)")
+    start_eps: float | None = param(None, doc="radius of the uniform random start, pixel units (None: eps)")
+    project: bool = param(True, doc="project each step back onto the eps-ball (always onto the [0, 1] box)")
 
     @classmethod
     def ifgsm(cls, eps: float, steps: int, step: float | None = None, loss: str = "ce") -> PGDConfig:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..config import param
 from ..data.imageset import ImageSet
 from ..stages import DefenseContext, train_stage
 from ..stages.recipes import PAPER_AT, QUICK_AT
@@ -13,7 +14,8 @@ from .base import Defense, DefenseResult, register_defense
 
 @dataclass(frozen=True)
 class AdvTrainParams:
-    train: TrainConfig = field(default_factory=lambda: PAPER_AT)
+    train: TrainConfig = param(factory=lambda: PAPER_AT, doc="adversarial training on all the data (adversary: the "
+                                                              "PGD attack)")
 
 
 @register_defense

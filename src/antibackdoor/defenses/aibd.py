@@ -34,11 +34,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..adversarial.pgd import PGDStats
+from ..config import param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..jsonutil import write_json
@@ -59,31 +61,36 @@ TREATMENTS = ("adversarial", "random", "unlearn")
 
 @dataclass(frozen=True)
 class AIBDParams:
-    infected: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=65, optimizer="sgd", lr=0.1, schedule="step", milestones=(25, 50), crop=0, flip=False))
-    holdout: float = 0.1  # fraction of the training data held out to measure ACC / ACC_p
-    pgd_step: float = 1 / 255
-    pgd_cap: int = 255  # most PGD steps; never-flipped samples get k = cap
-    grad_norm_p: float = 1.0  # Eq. 4's gradient magnitude: 1 = L1 norm, 2 = L2 norm of grad_x
-    amplify: bool = True  # apply Eq. 4 (False: rank by the raw k)
-    qs: tuple[float, ...] = PAPER_QS  # isolation rates, tried in this order (largest first)
-    retrain: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=15, optimizer="sgd", lr=0.1, schedule="step", milestones=(5, 10), crop=0, flip=False))
-    from_scratch: bool = False  # retrain each q from a fresh model instead of fine-tuning f_p
-    tolerance: float = 0.035  # "ACC close to ACC_p": ACC >= ACC_p - tolerance (tested at level alpha)
-    judge_epochs: int = 3  # ACC = the mean held-out accuracy of the last this-many fine-tuning epochs
-    alpha: float = ALPHA  # level of the one-sided tests behind both decisions (target filter, q)
-    abandon_epoch: int = 6  # check for a collapse after this many epochs (0 = never abandon)
-    abandon_drop: float = 0.07  # abandon the q if ACC < ACC_p - abandon_drop at that epoch
-    treatment: str = "adversarial"  # D^t labels: "adversarial" (y^), "random" (uniform != y), "unlearn"
-    unlearn_weight: float = 1.0  # "unlearn": loss weight -unlearn_weight on D^t (gradient ascent, as ABL)
-    target_filter: bool = False  # isolate only samples of the target class, when the surplus test finds one
-    target_fractions: tuple[float, ...] = TARGET_FRACTIONS  # depths (fractions of N) of the surplus test
-    batch_size: int = 512  # PGD batch size
+    infected: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=65, optimizer="sgd", lr=0.1, schedule="step", milestones=(25, 50), crop=0, flip=False),
+        doc="f_p, the infected model, trained on everything but the held-out slice")
+    holdout: float = param(0.1, doc="fraction of the training data held out to measure ACC / ACC_p")
+    pgd_step: float = param(1 / 255, doc="step of the unbounded flip-counting PGD, pixel units")
+    pgd_cap: int = param(255, doc="most PGD steps; never-flipped samples get k = cap")
+    grad_norm_p: float = param(1.0, doc="Eq. 4's gradient magnitude: 1 = L1 norm, 2 = L2 norm of grad_x")
+    amplify: bool = param(True, doc="apply Eq. 4 (False: rank by the raw k)")
+    qs: tuple[float, ...] = param(PAPER_QS, doc="isolation rates (fractions of N), tried in this order (largest "
+                                                "first)")
+    retrain: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=15, optimizer="sgd", lr=0.1, schedule="step", milestones=(5, 10), crop=0, flip=False),
+        doc="per q: training on D^c + the treated D^t (from f_p unless from_scratch)")
+    from_scratch: bool = param(False, doc="retrain each q from a fresh model instead of fine-tuning f_p")
+    tolerance: float = param(0.035, doc="a q is kept unless its ACC is significantly below ACC_p - tolerance "
+                                        "(a fraction)")
+    judge_epochs: int = param(3, doc="ACC = the mean held-out accuracy of the last this-many fine-tuning epochs")
+    alpha: float = param(ALPHA, doc="level of the one-sided tests behind both decisions (target filter, q)")
+    abandon_epoch: int = param(6, doc="check for a collapse after this many fine-tuning epochs (0: never abandon)")
+    abandon_drop: float = param(0.07, doc="abandon the q if its ACC is then significantly below ACC_p - "
+                                          "abandon_drop (a fraction)")
+    treatment: Literal["adversarial", "random", "unlearn"] = param(
+        "adversarial", doc="D^t labels: adversarial (y^, Eq. 6), random (uniform != y) or unlearn (gradient ascent)")
+    unlearn_weight: float = param(1.0, doc="unlearn: loss weight -unlearn_weight on D^t (gradient ascent, as ABL)")
+    target_filter: bool = param(False, doc="isolate only samples of the target class, when the surplus test finds "
+                                           "one")
+    target_fractions: tuple[float, ...] = param(TARGET_FRACTIONS, doc="depths (fractions of N) of the surplus test")
+    batch_size: int = param(512, doc="images per batch of the flip-counting PGD")
 
     def validate(self) -> None:
-        if self.treatment not in TREATMENTS:
-            raise ConfigError(f"aibd.treatment: {self.treatment!r} is not one of {', '.join(TREATMENTS)}")
         if not self.qs or any(not 0 < q < 1 for q in self.qs):
             raise ConfigError(f"aibd.qs: {list(self.qs)} must be a non-empty list of fractions in (0, 1)")
         if not 0 < self.holdout < 1:

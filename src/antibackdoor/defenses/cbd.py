@@ -28,7 +28,7 @@ Choices where the sources disagree (docs/baselines.md):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,11 +85,12 @@ def mi_estimate(disc: MIDiscriminator, r: torch.Tensor, z: torch.Tensor, perm: t
 
 @dataclass(frozen=True)
 class CBDParams:
-    backdoored: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=5, optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=64, crop=4, flip=True))
-    clean: TrainConfig = field(default_factory=lambda: TrainConfig(
+    backdoored: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=5, optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=64, crop=4, flip=True),
+        doc="f_B: a short plain training on all the data, then frozen")
+    clean: TrainConfig = param(factory=lambda: TrainConfig(
         epochs=100, optimizer="sgd", lr=0.1, schedule="step", milestones=(20, 70), weight_decay=1e-4,
-        batch_size=64, crop=4, flip=True))
+        batch_size=64, crop=4, flip=True), doc="f_C: a fresh model on all the data, loss weights L_B / (L_B + L_C)")
     mi: bool = param(True, doc="the mutual-information term (paper); the official code ships it off")
     mi_weight: float = param(0.01, doc="weight of the mutual-information term")
     mi_lr: float = param(0.2, doc="discriminator Adam learning rate")

@@ -20,7 +20,7 @@ redoes the removal rounds (they are short); the separation and backdoored models
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,12 +42,13 @@ log = logging.getLogger("antibackdoor")
 
 @dataclass(frozen=True)
 class DBRParams:
-    separation: SeparationParams = field(default_factory=SeparationParams)
-    backdoored: TrainConfig = field(default_factory=lambda: TrainConfig(
+    separation: SeparationParams = param(factory=SeparationParams, doc="the FCT split into D_c, D_p and the rest")
+    backdoored: TrainConfig = param(factory=lambda: TrainConfig(
         epochs=200, optimizer="sgd", lr=0.01, schedule="step", milestones=(100, 150), weight_decay=5e-4,
-        batch_size=128, crop=4, flip=True))
-    rounds: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=20, optimizer="sgd", lr=1e-4, weight_decay=5e-4, batch_size=128, crop=4, flip=True))
+        batch_size=128, crop=4, flip=True), doc="the backdoored model: plain training on all the data")
+    rounds: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=20, optimizer="sgd", lr=1e-4, weight_decay=5e-4, batch_size=128, crop=4, flip=True),
+        doc="removal: epochs = rounds of one unlearning pass on D_p and one relearning pass on D_c")
     unlearn_weight: float = param(1.0, doc="loss weight -unlearn_weight on D_p when unlearning")
 
     def validate(self, where: str = "d-br") -> None:

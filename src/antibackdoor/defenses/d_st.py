@@ -26,7 +26,7 @@ Choices where the sources disagree (docs/baselines.md):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,15 +145,17 @@ class FrozenFeatures(nn.Module):
 
 @dataclass(frozen=True)
 class DSTParams:
-    separation: SeparationParams = field(default_factory=SeparationParams)
-    contrastive: TrainConfig = field(default_factory=lambda: TrainConfig(
+    separation: SeparationParams = param(factory=SeparationParams, doc="the FCT split into D_c, D_p and the rest")
+    contrastive: TrainConfig = param(factory=lambda: TrainConfig(
         epochs=200, optimizer="sgd", lr=0.5, schedule="cosine", warmup_epochs=10, weight_decay=1e-4,
-        batch_size=512, crop=0, flip=False))
+        batch_size=512, crop=0, flip=False), doc="contrastive training of a fresh extractor (crop and flip stay "
+                                                 "off: D-ST draws its own views)")
     temperature: float = param(0.1, doc="contrastive temperature")
     proj_dim: int = param(128, doc="projection head output dimension")
     crop_scale: float = param(0.2, doc="smallest crop area of the random resized crop")
-    head: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=10, optimizer="sgd", lr=5.0, weight_decay=0.0, batch_size=512, crop=0, flip=False))
+    head: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=10, optimizer="sgd", lr=5.0, weight_decay=0.0, batch_size=512, crop=0, flip=False),
+        doc="the final linear layer on D_c and D_p, extractor frozen (crop and flip stay off)")
     poison_weight: float = param(0.001, doc="lambda of the head loss CE(D_c) - lambda * CE(D_p)")
 
     def validate(self, where: str = "d-st") -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,20 +61,23 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, power: float = 
 
 @dataclass(frozen=True)
 class NADParams:
-    backdoored: TrainConfig = field(default_factory=lambda: PAPER_PLAIN)
+    backdoored: TrainConfig = param(factory=lambda: PAPER_PLAIN, doc="the backdoored model: plain training on all "
+                                                                    "the data")
     trusted_fraction: float = param(0.05, doc="share of the clean training data reserved as the trusted set")
-    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(
+    teacher: TrainConfig = param(factory=lambda: TrainConfig(
         epochs=10, optimizer="sgd", lr=0.1, schedule="step", milestones=(2,), weight_decay=1e-4, batch_size=64,
-        crop=4, flip=True))
-    student: TrainConfig = field(default_factory=lambda: TrainConfig(
+        crop=4, flip=True), doc="the teacher: the backdoored model fine-tuned on the trusted set")
+    student: TrainConfig = param(factory=lambda: TrainConfig(
         epochs=20, optimizer="sgd", lr=0.1, schedule="step", milestones=(2,), weight_decay=1e-4, batch_size=64,
-        crop=4, flip=True))
+        crop=4, flip=True), doc="the student: the backdoored model trained on the trusted set with attention "
+                                "distillation")
     betas: tuple[float, ...] = param((500.0, 1000.0, 1000.0), doc="attention weight per last stage (0s: fine-tune)")
     power: float = param(2.0, doc="attention map exponent p: channel mean of |F|^p")
 
     def validate(self, where: str = "nad") -> None:
         if not self.betas or any(b < 0 for b in self.betas):
-            raise ConfigError(f"{key_path(where, 'betas')}: {list(self.betas)} must be a non-empty list of numbers >= 0")
+            raise ConfigError(f"{key_path(where, 'betas')}: {list(self.betas)} must be a non-empty list of numbers "
+                              ">= 0")
         if not self.power > 0:
             raise ConfigError(f"{key_path(where, 'power')}: {self.power} must be > 0")
         if not 0 < self.trusted_fraction < 1:
@@ -107,8 +110,8 @@ class NAD(Defense):
         """The stages NAD distils at: the model's last len(betas) stages."""
         names = list(stage_modules(model))
         if len(self.params.betas) > len(names):
-            raise ConfigError(f"--defense-param betas: {len(self.params.betas)} values, but the model has only {len(names)} "
-                              f"stages ({', '.join(names)})")
+            raise ConfigError(f"--defense-param betas: {len(self.params.betas)} values, but the model has only "
+                              f"{len(names)} stages ({', '.join(names)})")
         return names[len(names) - len(self.params.betas):]
 
     def distillation_loss(self, teacher: nn.Module, stages: list[str]):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..config import param
 from ..data.imageset import ImageSet
 from ..stages import DefenseContext, train_stage
 from ..stages.recipes import PAPER_PLAIN, QUICK_PLAIN
@@ -13,7 +14,7 @@ from .base import Defense, DefenseResult, register_defense
 
 @dataclass(frozen=True)
 class NoDefenseParams:
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = param(factory=TrainConfig, doc="plain training on all the data")
 
 
 @register_defense
