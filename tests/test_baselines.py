@@ -309,7 +309,7 @@ def test_warmup_scales_the_first_epochs():
     cfg = TrainConfig(epochs=10, lr=1.0, schedule="none", warmup_epochs=3)
     assert [round(cfg.lr_at(e), 4) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     with pytest.raises(ConfigError, match="warmup_epochs"):
-        TrainConfig(warmup_epochs=-1).validate()
+        TrainConfig(warmup_epochs=-1).validate("train")
 
 
 # -- trusted slice and parameter errors --------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Every setting a user can change is documented and every choice is a ``Literal``: the listings
-(``antibackdoor attacks`` / ``defenses``) print each field's doc, and the config loader rejects a value outside
+(``antibackdoor attacks`` / ``defenses`` / ``detectors``) print each field's doc (every attack, defense and
+detector in both presets, nested settings included), and the config loader rejects a value outside
 a Literal with one line naming the key."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pytest
 from antibackdoor.adversarial.pgd import PGDConfig
 from antibackdoor.attacks.base import ATTACKS, get_attack
 from antibackdoor.config import describe_fields, from_dict
+from antibackdoor.defenses import DEFENSES
+from antibackdoor.detectors import DETECTORS
 from antibackdoor.errors import ConfigError
 from antibackdoor.metrics import EvalConfig
 from antibackdoor.training import TrainConfig
@@ -21,8 +24,8 @@ CONFIGS = [
     ("TrainConfig", TrainConfig(adversary=PGDConfig())),
     ("PGDConfig", PGDConfig()),
     ("EvalConfig", EvalConfig()),
-    *((f"attack {name} ({preset})", params) for name, cls in sorted(ATTACKS.items())
-      for preset, params in cls.presets.items()),
+    *((f"{registry.kind} {name} ({preset})", params) for registry in (ATTACKS, DEFENSES, DETECTORS)
+      for name, cls in sorted(registry.items()) for preset, params in cls.presets.items()),
 ]
 
 
@@ -104,3 +107,21 @@ def test_every_attack_choice_is_checked_under_its_option():
             checked.add(f"{name}.{key}")
     assert {"pixels.layout", "pixels.corner", "trojan.shape", "clb.corners", "clb.robust_optimizer",
             "iab.proxy_optimizer"} <= checked
+
+
+def undocumented(params: object, prefix: str = "") -> list[str]:
+    """Dotted names of the fields of ``params`` (nested settings themselves included) without a doc."""
+    out = []
+    for f in dataclasses.fields(params):
+        if not f.metadata.get("doc", "").strip():
+            out.append(prefix + f.name)
+        value = getattr(params, f.name)
+        if dataclasses.is_dataclass(value):
+            out += undocumented(value, f"{prefix}{f.name}.")
+    return out
+
+
+@pytest.mark.parametrize("label, params", CONFIGS, ids=[label for label, _ in CONFIGS])
+def test_every_nested_setting_has_a_doc_of_its_own(label, params):
+    """A stage's settings (``naive``, ``final``, ``separation``) say what the stage is, not only its fields."""
+    assert undocumented(params) == []

@@ -93,7 +93,7 @@ def test_adam_applies_weight_decay():
     for b, p in zip(before, model.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), b * (1 - 0.1 * 0.5))
     with pytest.raises(ConfigError, match="weight_decay"):
-        TrainConfig(weight_decay=-1.0).validate()
+        TrainConfig(weight_decay=-1.0).validate("train")
 
 
 def test_nan_loss_is_reported(small_train):

@@ -4,7 +4,6 @@ describing them (type, default, one-line doc per field) for the CLI listings and
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import types
 import typing
 from typing import Any, TypeVar
@@ -108,7 +107,7 @@ def check_tree(obj: Any, where: str) -> None:
             check_tree(value, name)
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        validate(where) if inspect.signature(validate).parameters else validate()
+        validate(where)
 
 
 def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class TrainConfig:
     adversary: PGDConfig | None = param(None, doc="PGD adversarial training: each batch is replaced by its PGD "
                                                   "examples (null: plain training)")
 
-    def validate(self, where: str = "train") -> None:
+    def validate(self, where: str) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(f"{where}: epochs >= 0, batch_size >= 1 and lr > 0 are required")
         if not self.weight_decay >= 0:

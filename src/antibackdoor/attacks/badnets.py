@@ -16,7 +16,7 @@ class BadNetsParams:
     margin: int = param(0, doc="distance of the patch to the bottom and right border, in pixels")
     value: float = param(1.0, doc="patch intensity in [0, 1] (1 = white)")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if self.size < 1:
             raise param_error("size", f"{self.size} must be >= 1")
         if self.margin < 0:

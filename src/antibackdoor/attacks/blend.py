@@ -43,7 +43,7 @@ class BlendParams:
     pattern_seed: int = param(0, doc="seed of the uniform-noise pattern")
     pattern_file: str | None = param(None, doc="an image file to blend instead of the noise (resized)")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise param_error("alpha", f"{self.alpha} must lie in [0, 1]")
         if self.pattern_file and not Path(self.pattern_file).expanduser().is_file():

@@ -66,7 +66,7 @@ class CLBParams:
     robust_lr: float = param(1e-3, doc="its learning rate, cosine schedule")
     model_seed: int = param(0, doc="seed of the robust model (independent of the run's seed)")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         check_model("robust_model", self.robust_model)
         if self.steps < 1 or not self.eps > 0 or not self.step > 0:
             raise param_error("eps", "eps > 0, step > 0 and steps >= 1 are required")

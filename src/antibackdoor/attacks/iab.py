@@ -140,7 +140,7 @@ class IABParams:
     flip: bool = param(True, doc="horizontal flips while training G/M/C")
     model_seed: int = param(0, doc="network initialisation and batch order (independent of the run's seed)")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if not self.cross_ratio >= 0:
             raise param_error("cross_ratio", f"{self.cross_ratio} must be >= 0")
         if not (0 < self.p_attack and 0 <= self.p_cross and self.p_attack + self.p_cross < 1):

@@ -57,7 +57,7 @@ class PixelsParams:
             return len(SHAPES[self.layout])
         return 1 if self.pixels is None else self.pixels
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if self.layout in SHAPES and self.pixels not in (None, len(SHAPES[self.layout])):
             raise param_error("pixels", f"layout {self.layout} has {len(SHAPES[self.layout])} pixels, not "
                                         f"{self.pixels}; leave pixels unset")

@@ -33,7 +33,7 @@ class SIGParams:
     freq: float = param(6.0, doc="periods of the sinusoid across the image width")
     test_delta: float | None = param(None, doc="another amplitude for test images only (None: delta)")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if not self.delta > 0:
             raise param_error("delta", f"{self.delta} must be > 0")
         if self.test_delta is not None and not self.test_delta > 0:

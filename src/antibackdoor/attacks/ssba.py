@@ -136,7 +136,7 @@ class SSBAParams:
     l2_ramp: float = param(0.2, doc="fraction of the steps over which the L2 weight rises")
     model_seed: int = param(0, doc="network initialisation and random codes (independent of the run's seed)")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if self.n_bits < 1:
             raise param_error("n_bits", f"{self.n_bits} must be >= 1")
         if not self.secret:

@@ -77,7 +77,7 @@ class TrojanParams:
     clean_epochs: int = param(10, doc="its training epochs, Adam 1e-3")
     model_seed: int = param(0, doc="seed of the clean model (independent of the run's seed)")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if self.size < 1 or self.margin < 0:
             raise param_error("size", f"size {self.size} must be >= 1 and margin {self.margin} >= 0")
         if not 0.0 <= self.alpha <= 1.0:

@@ -55,7 +55,7 @@ class WaNetParams:
     cross_ratio: float = param(2.0, doc="noise-mode (cover) samples per backdoor sample (paper)")
     grid_seed: int = param(0, doc="seed of the warping field (the trigger)")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if self.k < 2:
             raise param_error("k", f"{self.k} must be >= 2")
         if not self.cross_ratio >= 0:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..adversarial.pgd import PGDStats
-from ..config import param
+from ..config import key_path, param
 from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..jsonutil import write_json
@@ -90,20 +90,21 @@ class AIBDParams:
     target_fractions: tuple[float, ...] = param(TARGET_FRACTIONS, doc="depths (fractions of N) of the surplus test")
     batch_size: int = param(512, doc="images per batch of the flip-counting PGD")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if not self.qs or any(not 0 < q < 1 for q in self.qs):
-            raise ConfigError(f"aibd.qs: {list(self.qs)} must be a non-empty list of fractions in (0, 1)")
+            raise ConfigError(f"{key_path(where, 'qs')}: {list(self.qs)} must be a non-empty list of fractions in "
+                              "(0, 1)")
         if not 0 < self.holdout < 1:
-            raise ConfigError(f"aibd.holdout: {self.holdout} must be in (0, 1)")
+            raise ConfigError(f"{key_path(where, 'holdout')}: {self.holdout} must be in (0, 1)")
         if self.pgd_cap < 1 or not self.pgd_step > 0:
-            raise ConfigError("aibd: pgd_cap >= 1 and pgd_step > 0 are required")
+            raise ConfigError(f"{where}: pgd_cap >= 1 and pgd_step > 0 are required")
         if not self.target_fractions or any(not 0 < f <= 1 for f in self.target_fractions):
-            raise ConfigError(f"aibd.target_fractions: {list(self.target_fractions)} must be a non-empty list of "
-                              "fractions in (0, 1]")
+            raise ConfigError(f"{key_path(where, 'target_fractions')}: {list(self.target_fractions)} must be a "
+                              "non-empty list of fractions in (0, 1]")
         if not 0 < self.alpha < 1:
-            raise ConfigError(f"aibd.alpha: {self.alpha} must be in (0, 1)")
+            raise ConfigError(f"{key_path(where, 'alpha')}: {self.alpha} must be in (0, 1)")
         if self.judge_epochs < 1:
-            raise ConfigError(f"aibd.judge_epochs: {self.judge_epochs} must be at least 1")
+            raise ConfigError(f"{key_path(where, 'judge_epochs')}: {self.judge_epochs} must be at least 1")
 
 
 # -- the pieces of Algorithm 1 that the aibd-flip detector does not share ------------------------------------

@@ -97,7 +97,7 @@ class CBDParams:
     mi_lr_step: int = param(20, doc="discriminator lr x0.1 every this many epochs (0: constant)")
     mi_dropout: float = param(0.2, doc="discriminator dropout")
 
-    def validate(self, where: str = "cbd") -> None:
+    def validate(self, where: str) -> None:
         if self.mi_weight < 0:
             raise ConfigError(f"{key_path(where, 'mi_weight')}: {self.mi_weight} must be >= 0")
         if not self.mi_lr > 0:

@@ -51,7 +51,7 @@ class DBRParams:
         doc="removal: epochs = rounds of one unlearning pass on D_p and one relearning pass on D_c")
     unlearn_weight: float = param(1.0, doc="loss weight -unlearn_weight on D_p when unlearning")
 
-    def validate(self, where: str = "d-br") -> None:
+    def validate(self, where: str) -> None:
         self.separation.validate(key_path(where, 'separation'))
         if not self.unlearn_weight > 0:
             raise ConfigError(f"{key_path(where, 'unlearn_weight')}: {self.unlearn_weight} must be > 0")

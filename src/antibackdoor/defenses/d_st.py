@@ -158,7 +158,7 @@ class DSTParams:
         doc="the final linear layer on D_c and D_p, extractor frozen (crop and flip stay off)")
     poison_weight: float = param(0.001, doc="lambda of the head loss CE(D_c) - lambda * CE(D_p)")
 
-    def validate(self, where: str = "d-st") -> None:
+    def validate(self, where: str) -> None:
         self.separation.validate(key_path(where, 'separation'))
         if not self.temperature > 0:
             raise ConfigError(f"{key_path(where, 'temperature')}: {self.temperature} must be > 0")

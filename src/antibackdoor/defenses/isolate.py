@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import param
+from ..config import key_path, param
 from ..data.imageset import ImageSet, PaperSettings
 from ..detectors import Detector, get_detector
 from ..detectors.evaluate import plot_roc
@@ -52,11 +52,10 @@ class IsolateParams:
                                                             "model fine-tuned")
     unlearn_weight: float = param(1.0, doc="unlearn: isolated samples get loss weight -unlearn_weight")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if not isinstance(self.detector_params, dict):
-            raise ConfigError(f"defense_params (isolate-then-train).detector_params: expected a mapping, got "
+            raise ConfigError(f"{key_path(where, 'detector_params')}: expected a mapping, got "
                               f"{self.detector_params!r}")
-        self.train.validate("defense_params (isolate-then-train).train")
 
 
 @register_defense

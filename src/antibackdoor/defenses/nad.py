@@ -74,7 +74,7 @@ class NADParams:
     betas: tuple[float, ...] = param((500.0, 1000.0, 1000.0), doc="attention weight per last stage (0s: fine-tune)")
     power: float = param(2.0, doc="attention map exponent p: channel mean of |F|^p")
 
-    def validate(self, where: str = "nad") -> None:
+    def validate(self, where: str) -> None:
         if not self.betas or any(b < 0 for b in self.betas):
             raise ConfigError(f"{key_path(where, 'betas')}: {list(self.betas)} must be a non-empty list of numbers "
                               ">= 0")

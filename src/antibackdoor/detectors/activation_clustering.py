@@ -35,9 +35,9 @@ class ACParams:
                                        "its class")
     rule: IsolationRule = rule_param()
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if self.dims < 1 or not 0 < self.max_share <= 0.5:
-            raise ConfigError("detector_params (activation-clustering): dims >= 1 and max_share in (0, 0.5] are "
+            raise ConfigError(f"{where}: dims >= 1 and max_share in (0, 0.5] are "
                               "required")
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ..config import param
+from ..config import key_path, param
 from ..errors import ConfigError
 from ..stages.aabl import ifgsm_scores
 from ..stages.aibd import TARGET_FRACTIONS, flip_scores, flip_statistics, guess_target, rank_desc
@@ -64,11 +64,11 @@ class AIBDFlipParams:
     alpha: float = param(ALPHA, doc="level of the surplus test (Bonferroni-adjusted p below it: a target)")
     rule: IsolationRule = rule_param("otsu")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if self.pgd_cap < 1 or not self.pgd_step > 0:
-            raise ConfigError("detector_params (aibd-flip): pgd_cap >= 1 and pgd_step > 0 are required")
+            raise ConfigError(f"{where}: pgd_cap >= 1 and pgd_step > 0 are required")
         if not self.target_fractions or any(not 0 < f <= 1 for f in self.target_fractions):
-            raise ConfigError(f"detector_params (aibd-flip).target_fractions: {list(self.target_fractions)} must "
+            raise ConfigError(f"{key_path(where, 'target_fractions')}: {list(self.target_fractions)} must "
                               "be fractions in (0, 1]")
 
 

@@ -28,9 +28,9 @@ class ScaleUpParams:
     batch_size: int = param(512, doc="images per forward pass")
     rule: IsolationRule = rule_param("threshold", 1.0)
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if not self.factors or self.batch_size < 1:
-            raise ConfigError("detector_params (scale-up): at least one factor and batch_size >= 1 are required")
+            raise ConfigError(f"{where}: at least one factor and batch_size >= 1 are required")
 
 
 @torch.no_grad()

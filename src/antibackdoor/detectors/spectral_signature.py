@@ -27,9 +27,9 @@ class SpectralParams:
     removal_factor: float = param(1.5, doc="the rule removes removal_factor * eps * n_c samples per class")
     rule: IsolationRule = rule_param()
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if not 0 < self.poison_rate < 1 or self.removal_factor <= 0:
-            raise ConfigError("detector_params (spectral-signature): poison_rate in (0, 1) and removal_factor > 0 "
+            raise ConfigError(f"{where}: poison_rate in (0, 1) and removal_factor > 0 "
                               "are required")
 
 

@@ -28,9 +28,9 @@ class AugSplitParams:
     batch_size: int = param(512, doc="images per forward pass")
     rule: IsolationRule = rule_param("otsu")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if self.views < 1 or self.batch_size < 1:
-            raise ConfigError("detector_params: views >= 1 and batch_size >= 1 are required")
+            raise ConfigError(f"{where}: views >= 1 and batch_size >= 1 are required")
 
 
 @torch.no_grad()

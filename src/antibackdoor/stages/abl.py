@@ -6,7 +6,8 @@ settings (the detector reads the isolation ones; fine-tuning and unlearning are 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from .select import top_fraction
 
 log = logging.getLogger("antibackdoor")
 
-BOUNDS = ("lga", "flooding")
+Bound = Literal["lga", "flooding"]
+BOUNDS: tuple[str, ...] = Bound.__args__
 
 
 def bounded_loss(per_sample: torch.Tensor, bound: str = "lga", level: float = 0.5,
@@ -53,22 +55,23 @@ def isolate_lowest(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ABLParams:
-    isolation: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=20, optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=128, crop=0, flip=False))
-    bound: str = param("lga", doc="lga: sign(L-gamma)*L (paper); flooding: |L-b|+b (official default)")
+    isolation: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=20, optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=128, crop=0, flip=False),
+        doc="stage 1: a fresh model trained on all the data with the bounded loss")
+    bound: Bound = param("lga", doc="lga: sign(L-gamma)*L (paper); flooding: |L-b|+b (official default)")
     gamma: float = param(0.5, doc="the LGA floor gamma")
     flooding: float = param(0.5, doc="the flooding level b")
     per_sample: bool = param(False, doc="bound each loss (paper) instead of the batch mean (official code)")
     isolation_ratio: float = param(0.01, doc="share of the samples isolated (lowest isolation loss)")
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
+    finetune: TrainConfig = param(factory=lambda: TrainConfig(
         epochs=60, optimizer="sgd", lr=0.1, schedule="step", milestones=(40,), weight_decay=1e-4,
-        batch_size=128, crop=4, flip=True))
-    unlearn: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=5, optimizer="sgd", lr=5e-4, weight_decay=1e-4, batch_size=128, crop=0, flip=False))
+        batch_size=128, crop=4, flip=True), doc="stage 3: fine-tuning the isolation model on the kept samples "
+                                                "(epochs 0: skipped); the abl defense only")
+    unlearn: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=5, optimizer="sgd", lr=5e-4, weight_decay=1e-4, batch_size=128, crop=0, flip=False),
+        doc="stage 4: gradient ascent on the isolated samples; the abl defense only")
 
-    def validate(self, where: str = "abl") -> None:
-        if self.bound not in BOUNDS:
-            raise ConfigError(f"{key_path(where, 'bound')}: {self.bound!r} is not one of {', '.join(BOUNDS)}")
+    def validate(self, where: str) -> None:
         if not self.gamma > 0:
             raise ConfigError(f"{key_path(where, 'gamma')}: {self.gamma} must be > 0")
         if not self.flooding > 0:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..adversarial.losses import symmetric_cross_entropy
 from ..adversarial.pgd import eval_mode
-from ..config import param
+from ..config import key_path, param
 from ..data.augment import augment
 from ..data.imageset import ImageSet
 from ..data.strong_augment import SimCLRViews
@@ -48,14 +48,11 @@ class DBDParams:
     sce_alpha: float = param(0.1, doc="SCE's CE weight")
     sce_beta: float = param(1.0, doc="SCE's reverse-CE weight")
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         if not 0 < self.epsilon < 1:
-            raise ConfigError(f"defense_params (dbd).epsilon: {self.epsilon} must lie in (0, 1)")
+            raise ConfigError(f"{key_path(where, 'epsilon')}: {self.epsilon} must lie in (0, 1)")
         if self.iterations < 1 or self.proj_dim < 1 or self.blur_kernel % 2 == 0:
-            raise ConfigError("defense_params (dbd): iterations >= 1, proj_dim >= 1 and an odd blur_kernel are "
-                              "required")
-        for name in ("simclr", "warmup", "finetune"):
-            getattr(self, name).validate(f"defense_params (dbd).{name}")
+            raise ConfigError(f"{where}: iterations >= 1, proj_dim >= 1 and an odd blur_kernel are required")
 
 
 def _backbone_params(model: nn.Module) -> list[nn.Parameter]:

@@ -28,7 +28,7 @@ D_c and D_p, ties by index) rather than "<= the score at that rank", which adds 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,16 +51,18 @@ log = logging.getLogger("antibackdoor")
 
 @dataclass(frozen=True)
 class SeparationParams:
-    warmup: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2, optimizer="sgd", lr=0.01, weight_decay=5e-4, batch_size=128, crop=0, flip=False))
-    intra: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=10, optimizer="sgd", lr=0.01, weight_decay=5e-4, batch_size=128, crop=0, flip=False))
+    warmup: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=2, optimizer="sgd", lr=0.01, weight_decay=5e-4, batch_size=128, crop=0, flip=False),
+        doc="step 1: a briefly trained model (plain cross-entropy, no augmentation)")
+    intra: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=10, optimizer="sgd", lr=0.01, weight_decay=5e-4, batch_size=128, crop=0, flip=False),
+        doc="step 2: intra-class fine-tuning (spreads the class centres apart)")
     rotate: float = param(180.0, doc="FCT rotation in degrees, uniform in [-rotate, rotate]")
     translate: float = param(0.2, doc="FCT shift: fraction of the image size, per axis")
     clean_ratio: float = param(0.20, doc="alpha_c: share of the samples in D_c (lowest FCT)")
     poison_ratio: float = param(0.05, doc="alpha_p: share of the samples in D_p (highest FCT)")
 
-    def validate(self, where: str = "separation") -> None:
+    def validate(self, where: str) -> None:
         self.warmup.validate(key_path(where, 'warmup'))
         self.intra.validate(key_path(where, 'intra'))
         for key in ("clean_ratio", "poison_ratio"):
