@@ -37,6 +37,10 @@ class Registry(Mapping[str, T], Generic[T]):
         self._parts[name] = part
         return part
 
+    def pop(self, name: str, default: T | None = None) -> T | None:
+        """Remove the part called ``name`` (a test's or a plugin's part that goes away); ``default`` if absent."""
+        return self._parts.pop(name, default)
+
     def lookup(self, name: str, shown: str | None = None, extra: Iterable[str] = ()) -> T:
         """The part called ``name``, or a one-line error naming the option, ``shown`` (default ``name``) and the
         known names (with ``extra`` names the option also accepts, such as ``none``)."""
