@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
@@ -126,18 +127,54 @@ def test_config_file_and_flag_override(tmp_path, tiny_npz, capsys):
     assert "seed: 3" in text and "alpha: 0.2" in text and "name: blend" in text
 
 
-def test_flags_merge_into_config_file_sections(tmp_path):
+def test_flags_merge_into_config_file_sections(tmp_path, capsys):
     from antibackdoor.cli import build_parser, config_from_args
 
     cfg = tmp_path / "exp.yaml"
-    cfg.write_text("defense: aibd\ndefense_params:\n  retrain:\n    epochs: 2\n    lr: 0.01\n")
+    cfg.write_text("defense: aibd\ndefense_params:\n  retrain:\n    epochs: 2\n    lr: 0.01\n"
+                   "eval: {ra_steps: 3}\n")
     args = build_parser().parse_args(["run", "--config", str(cfg), "--defense-param", "retrain.epochs=4",
-                                      "--no-aibd-target-filter"])
+                                      "--no-aibd-target-filter", "--ra-samples", "8"])
     data = config_from_args(args)
     # one dotted key replaces one value, not the file's whole section
     assert data["defense_params"] == {"retrain": {"epochs": 4, "lr": 0.01}, "target_filter": False}
+    assert data["eval"] == {"ra_steps": 3, "ra_samples": 8}
+    # the AIBD-only flag is a deprecated alias: one line names the --defense-param form it stands for
+    assert capsys.readouterr().err.splitlines() == [
+        "antibackdoor: --no-aibd-target-filter is deprecated; use --defense-param target_filter=false"]
     args = build_parser().parse_args(["run", "--defense", "aibd", "--aibd-target-filter"])
     assert config_from_args(args)["defense_params"] == {"target_filter": True}
+    assert "--defense-param target_filter=true" in capsys.readouterr().err
+    same = build_parser().parse_args(["run", "--defense", "aibd", "--defense-param", "target_filter=true"])
+    assert config_from_args(same) == config_from_args(args)
+
+
+def test_shared_options_are_declared_once_and_mean_the_same_in_run_and_defend(capsys):
+    """run and defend declare the options they share with one helper (one group in --help) and map them to
+    config values with one function: the same flags give the same config values in both."""
+    from antibackdoor.cli import SHARED_FLAGS, build_parser, config_from_args, defend_config_from_args
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def shared_group(name):
+        (group,) = [g for g in subs[name]._action_groups if g.title == "options shared by run and defend"]
+        return [a.option_strings for a in group._group_actions]
+
+    assert shared_group("run") == shared_group("defend")
+    assert {f"--{f.replace('_', '-')}" for f in SHARED_FLAGS} <= {o for opts in shared_group("run") for o in opts}
+    given = ["--defense", "aibd", "--defense-param", "qs=[0.1]", "--model", "cnn-small", "--preset", "paper",
+             "--seed", "4", "--ra-samples", "16", "--data-root", "/data", "--out", "/tmp/o", "--device", "cpu",
+             "--precision", "bf16"]
+    run = config_from_args(parser.parse_args(["run", *given]))
+    defend = defend_config_from_args(parser.parse_args(["defend", "folder:x", *given]))
+    assert defend.pop("data") == "folder:x"
+    assert run == defend == {"defense": "aibd", "defense_params": {"qs": [0.1]}, "model": "cnn-small",
+                             "preset": "paper", "seed": 4, "eval": {"ra_samples": 16}, "data_root": "/data",
+                             "out": "/tmp/o", "device": "cpu", "precision": "bf16"}
+    # the AIBD-only flag is gone from the help (its --defense-param form is the one documented)
+    subs["run"].print_help()
+    assert "aibd-target-filter" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -416,3 +416,30 @@ def test_test_and_trusted_data_are_matched_by_class_name(tmp_path):
     (test / "yak").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(test / "yak" / "0.png")
     assert main([*base, "--test", f"folder:{test}", "--out", str(tmp_path / "c")]) == 2
+
+
+def test_a_split_only_defense_claims_no_model_and_measures_none(tmp_path):
+    """With no stage training the returned model (final.epochs=0), defend does what run does on the shared
+    path: no model.safetensors, no ACC/RA of random weights, the report says why; the ranking still comes."""
+    root, files = write_folder(tmp_path / "d", per_class=12, rate=0.1)
+    mask = tmp_path / "poison.txt"
+    mask.write_text("\n".join(files) + "\n")
+    out = tmp_path / "runs"
+    args = ["defend", f"folder:{root}", "--model", "cnn-small", "--out", str(out), "--poison-mask", str(mask),
+            "--defense-param", "naive.epochs=1", "--defense-param", "final.epochs=0"]
+    assert main(args) == 0
+    run_dir = run_dir_of(out)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["eval_kind"] == "holdout" and m["heldout"] > 0
+    assert m["acc"] is None and m["ra"] is None and "eval_size" not in m
+    assert not (run_dir / "model.safetensors").exists()
+    rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))
+    # the truth is still read against the ranking; the held-out backdoor check needs a trained model
+    assert m["mask"]["poisoned"] == sum(r["file"] in set(files) for r in rows) and "heldout_clean_acc" not in m["mask"]
+    assert len(rows) == m["train_size"] == 120 - m["heldout"]
+    kept = np.loadtxt(run_dir / "clean_indices.txt", dtype=np.int64, comments="#", ndmin=1)
+    assert len(kept) == m["kept"]
+    md = (run_dir / "report.md").read_text()
+    assert "no stage trained the returned model" in md and "load_model" not in md and md.endswith("\n")
+    page = parse(run_dir / "report.html")
+    assert "eval-table" not in page.rows and "model.safetensors" not in page.of("files")

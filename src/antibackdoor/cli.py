@@ -20,12 +20,13 @@ from .jsonutil import dumps
 
 log = logging.getLogger("antibackdoor")
 
-# flag -> config key, for flags that override a config-file value only when given
-RUN_FLAGS = {
-    "dataset": "dataset", "attack": "attack", "defense": "defense", "model": "model",
-    "poison_rate": "poison_rate", "target": "target", "seed": "seed", "preset": "preset", "out": "out",
-    "data_root": "data_root", "device": "device", "precision": "precision",
-}
+#: the options ``run`` and ``defend`` share whose flag sets one config value, only when given (a config file's
+#: value or the default stays otherwise); both declare them with ``add_shared_options``
+SHARED_FLAGS = ("defense", "model", "preset", "seed", "out", "data_root", "device", "precision")
+#: ``run``'s own such flags
+RUN_FLAGS = ("dataset", "attack", "poison_rate", "target")
+#: ``defend``'s own such flags
+DEFEND_FLAGS = ("detector", "trusted", "test", "holdout", "poison_mask", "export_kept")
 
 
 def _key_value(text: str) -> tuple[list[str], Any]:
@@ -62,45 +63,26 @@ def _names(registry: dict, default: str | None = None, extra: tuple[str, ...] = 
 def build_parser() -> argparse.ArgumentParser:
     from .attacks import ATTACKS
     from .data import DATASETS
-    from .defenses import DEFENSES
-    from .experiment import PRESETS, QUICK_MODEL, ExperimentConfig
-    from .models import MODELS
+    from .experiment import ExperimentConfig
 
     d = ExperimentConfig()
     datasets = ", ".join(f"{n}:ARG" if e.takes_argument else (f"{n} (default)" if n == d.dataset else n)
                          for n, e in sorted(DATASETS.items()))
-    p = argparse.ArgumentParser(prog="antibackdoor", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="antibackdoor", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = p.add_subparsers(dest="command")
 
     r = sub.add_parser("run", help="poison a dataset, train with a defense, report ACC/ASR/RA and split metrics")
     r.add_argument("--config", help="YAML file with any ExperimentConfig field; flags given here override it")
     r.add_argument("--dataset", help=datasets)
-    r.add_argument("--data-root",
-                   help="where datasets are looked for (default $ANTIBACKDOOR_DATA or ~/.cache/antibackdoor)")
     r.add_argument("--attack", help=_names(ATTACKS, d.attack, ("none",)) + "; none trains on clean data")
-    r.add_argument("--defense", help=_names(DEFENSES, d.defense))
-    r.add_argument("--model", help=f"{_names(MODELS)} (default: {QUICK_MODEL} in quick, the dataset's paper model "
-                                   "in paper)")
     r.add_argument("--poison-rate", type=float, help=f"fraction of poisoned training samples (default {d.poison_rate})")
     r.add_argument("--target", type=int, help=f"target class (default {d.target})")
-    r.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    r.add_argument("--preset", choices=list(PRESETS), help="quick (default): small CPU setting; paper: the papers' "
-                                                           "setting")
-    r.add_argument("--out", help="parent folder of run directories (default runs)")
-    r.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto (default): bf16 where the hardware runs it natively, else fp32 "
-                        "(see antibackdoor doctor); fp16 only when asked, with a gradient scaler")
     r.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="attack parameter, e.g. alpha=0.2 (repeatable; `antibackdoor attacks` lists them)")
-    r.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="defense parameter, dotted for nested ones, e.g. naive.epochs=40 (repeatable)")
+    # deprecated: --defense-param target_filter=true|false says the same for every defense that has it
     r.add_argument("--aibd-target-filter", action=argparse.BooleanOptionalAction, default=None,
-                   help="AIBD: isolate only samples of the target class found by the surplus test, if any "
-                        "(on in quick, off in paper)")
-    r.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    r.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
-    r.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
+                   help=argparse.SUPPRESS)
+    add_shared_options(r, d, "metrics.json instead of the table")
 
     _add_defend(sub)
 
@@ -125,11 +107,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_defend(sub) -> None:
+def add_shared_options(p: argparse.ArgumentParser, defaults: Any, json_help: str, model_note: str = "") -> None:
+    """The options ``run`` and ``defend`` share, declared once, with defaults and choices drawn from the
+    registries and ``defaults`` (the command's config as built with no options)."""
     from .defenses import DEFENSES
     from .experiment import PRESETS, QUICK_MODEL
     from .models import MODELS
     from .precision import PRECISIONS
+
+    g = p.add_argument_group("options shared by run and defend")
+    g.add_argument("--defense", help=_names(DEFENSES, defaults.defense))
+    g.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense parameter, dotted for nested ones, e.g. naive.epochs=40 (repeatable; "
+                        "`antibackdoor defenses` lists them)")
+    g.add_argument("--model", help=f"{_names(MODELS)} (default: {QUICK_MODEL} in quick, the dataset's paper model "
+                                   f"in paper{model_note})")
+    g.add_argument("--preset", choices=list(PRESETS),
+                   help=f"quick: small CPU setting; paper: the papers' setting (default {defaults.preset})")
+    g.add_argument("--seed", type=int, metavar="S", help=f"random seed (default {defaults.seed})")
+    g.add_argument("--ra-samples", type=int, metavar="N",
+                   help="measure robust accuracy on the first N evaluation images (default: all)")
+    g.add_argument("--data-root",
+                   help="where named datasets are looked for (default $ANTIBACKDOOR_DATA or ~/.cache/antibackdoor)")
+    g.add_argument("--out", help=f"parent folder of run directories (default {defaults.out})")
+    g.add_argument("--device", help=f"auto, cpu, cuda, cuda:N (default {defaults.device})")
+    g.add_argument("--precision", choices=list(PRECISIONS),
+                   help=f"default {defaults.precision}: bf16 where the hardware runs it natively, else fp32 "
+                        "(see antibackdoor doctor); fp16 only when asked, with a gradient scaler")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    g.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
+    g.add_argument("--json", action="store_true", help=f"print {json_help}")
+
+
+def shared_config(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a config file's content, or a command's own options) with the shared options given on the
+    command line: a flag replaces one value; a dotted --defense-param key or --ra-samples replaces one value of
+    its section, not the whole section."""
+    for flag in SHARED_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = value
+    sections = {"defense_params": _nest(args.defense_param, "--defense-param"),
+                "eval": {"ra_samples": args.ra_samples} if args.ra_samples is not None else {}}
+    for key, extra in sections.items():
+        if extra:
+            data[key] = deep_update(data.get(key) or {}, extra)
+    return data
+
+
+def _add_defend(sub) -> None:
+    from .defend import DefendConfig
 
     d = sub.add_parser(
         "defend", help="run a defense on your own, untrusted data: a clean model, a ranked list of suspicious "
@@ -140,20 +167,15 @@ def _add_defend(sub) -> None:
                    help="folder:PATH (one sub-folder per class, any images Pillow reads; options after '?': "
                         "labels=FILE for a CSV with columns file,label; size=N; channels=1|3), npz:PATH "
                         "(x_train, y_train[, x_test, y_test, classes]) or a dataset name (cifar10-mini, ...)")
-    d.add_argument("--defense", help=_names(DEFENSES, "a-abl"))
     d.add_argument("--detector", help="an isolation detector composed with a treatment: runs --defense "
                    "isolate-then-train with detector=NAME (antibackdoor detectors lists them)")
-    d.add_argument("--preset", choices=list(PRESETS), help="quick (default): small CPU setting; paper: the papers' "
-                                                           "setting")
-    d.add_argument("--model", help=f"{_names(MODELS)} (default: {QUICK_MODEL} in quick, the dataset's paper model "
-                                   "in paper; resnet18 for folders and npz files)")
     d.add_argument("--trusted", metavar="DATA", help="a small set you know is clean, for defenses that use one "
                                                      "(else it is the evaluation set when --test is absent)")
     d.add_argument("--test", metavar="DATA", help="images to measure the returned model on (default: DATA's own "
                                                   "test split, else a held-out slice of DATA)")
     d.add_argument("--holdout", type=float,
-                   help="fraction of each class held out for evaluation when there is no test data (default 0.1; "
-                        "0: no evaluation, every sample inspected)")
+                   help="fraction of each class held out for evaluation when there is no test data (default "
+                        f"{DefendConfig.holdout}; 0: no evaluation, every sample inspected)")
     d.add_argument("--poison-mask", metavar="FILE",
                    help="evaluation only, never shown to the defense: .npy boolean mask over DATA's indices (or "
                         "integer indices), or a text file of indices or folder-relative file paths")
@@ -162,23 +184,8 @@ def _add_defend(sub) -> None:
                         "in the report) instead of stopping at the first")
     d.add_argument("--export-kept", choices=["folder", "npz"],
                    help="also write the kept samples as kept/<class>/... or kept.npz in the run directory")
-    d.add_argument("--seed", type=int, help="random seed (default 0)")
-    d.add_argument("--out", help="parent folder of run directories (default runs)")
-    d.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    d.add_argument("--precision", choices=list(PRECISIONS),
-                   help="auto (default): bf16 where the hardware runs it natively, else fp32 "
-                        "(see antibackdoor doctor); fp16 only when asked, with a gradient scaler")
-    d.add_argument("--data-root", help="where named datasets are looked for")
-    d.add_argument("--ra-samples", type=int, help="measure robust accuracy on the first N evaluation images")
-    d.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="defense parameter, dotted for nested ones, e.g. naive.epochs=40 (repeatable)")
-    d.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    d.add_argument("--force", action="store_true", help="delete the run directory of this config and start over")
-    d.add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
-
-
-DEFEND_FLAGS = ("defense", "detector", "preset", "model", "trusted", "test", "holdout", "poison_mask",
-                "export_kept", "seed", "out", "device", "precision", "data_root")
+    add_shared_options(d, DefendConfig(""), "metrics.json instead of the summary",
+                       model_note="; resnet18 for folders and npz files")
 
 
 def defend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,12 +196,7 @@ def defend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             data[flag] = value
     if args.skip_bad_files:
         data["skip_bad_files"] = True
-    if args.ra_samples is not None:
-        data["eval"] = {"ra_samples": args.ra_samples}
-    params = _nest(args.defense_param, "--defense-param")
-    if params:
-        data["defense_params"] = params
-    return data
+    return shared_config(args, data)
 
 
 def cmd_defend(args: argparse.Namespace) -> int:
@@ -239,22 +241,31 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from .experiment import load_config_file
+    from .experiment import ExperimentConfig, load_config_file
 
     data = load_config_file(args.config) if args.config else {}
-    for flag, key in RUN_FLAGS.items():
+    for flag in RUN_FLAGS:
         value = getattr(args, flag)
         if value is not None:
-            data[key] = value
-    for option, key in (("attack_param", "attack_params"), ("defense_param", "defense_params")):
-        extra = _nest(getattr(args, option), "--" + option.replace("_", "-"))
-        if option == "defense_param" and args.aibd_target_filter is not None:
-            if data.get("defense", "a-abl") != "aibd":
-                raise ConfigError("--aibd-target-filter: only for --defense aibd")
-            extra["target_filter"] = args.aibd_target_filter
-        if extra:  # a flag's dotted key overrides one value of the config file, not its whole section
-            data[key] = deep_update(data.get(key) or {}, extra)
+            data[flag] = value
+    attack = _nest(args.attack_param, "--attack-param")
+    if attack:  # a flag's dotted key overrides one value of the config file, not its whole section
+        data["attack_params"] = deep_update(data.get("attack_params") or {}, attack)
+    data = shared_config(args, data)
+    if args.aibd_target_filter is not None:
+        data = _aibd_target_filter(args.aibd_target_filter, data, data.get("defense", ExperimentConfig.defense))
     return data
+
+
+def _aibd_target_filter(on: bool, data: dict[str, Any], defense: str) -> dict[str, Any]:
+    """The deprecated ``--[no-]aibd-target-filter``: what ``--defense-param target_filter=true|false`` says;
+    one line on stderr names that form."""
+    flag = "--aibd-target-filter" if on else "--no-aibd-target-filter"
+    if defense != "aibd":
+        raise ConfigError(f"{flag}: only for --defense aibd")
+    print(f"antibackdoor: {flag} is deprecated; use --defense-param target_filter={'true' if on else 'false'}",
+          file=sys.stderr)
+    return {**data, "defense_params": deep_update(data.get("defense_params") or {}, {"target_filter": on})}
 
 
 def _fmt(v: Any, pct: bool = True) -> str:

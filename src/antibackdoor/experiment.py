@@ -3,39 +3,44 @@
 A run's id is a hash of its resolved config, so re-running finds and reuses finished work. ``metrics.json``
 is written last and atomically: its presence is what marks a run finished; ``status.json`` says whether an
 unfinished directory is running or failed. Checkpoints live in ``checkpoints/`` and ``--resume`` continues.
+Training, measuring and recording take the path ``defend`` takes too (runpath.py); what is ``run``'s own is
+here: the config, resolving it, poisoning, and the records measured against the attack's truth.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
-import os
-import re
-import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
+from . import runpath
 from .attacks.base import ATTACKS, Attack, PoisonedSet, get_attack
 from .caching import atomic_write
 from .config import from_dict, to_dict
 from .data.imageset import DatasetSplits, ImageSet, PaperSettings
 from .data.registry import load_dataset
 from .data.trusted import reserve_trusted
-from .defenses.base import Defense, DefenseContext, DefenseResult, get_defense, sample_flags
-from .errors import ConfigError, RunStateError
-from .metrics import EvalConfig, accuracy, attack_success_rate, robust_accuracy, split_metrics
-from .models.io import save_model
-from .models.registry import MODELS, build_model
-from .precision import PRECISIONS, Precision, resolve_precision, use_precision
+from .defenses.base import Defense, DefenseResult, get_defense, sample_flags
+from .errors import ConfigError
+from .metrics import EvalConfig, split_metrics
+from .models.registry import MODELS
+from .precision import PRECISIONS, Precision, resolve_precision
+from .runpath import (
+    Inputs,
+    Job,
+    RunResult,
+    Trained,
+    resolved_record,
+    run_dir_for,
+    run_id,
+    run_in_dir,
+    write_json,
+)
 from .seeding import generator
 
 log = logging.getLogger("antibackdoor")
@@ -99,10 +104,6 @@ class ExperimentConfig(RunOptions):
             raise ConfigError(f"--target {self.target}: must be a class index >= 0")
 
 
-#: fields that do not change a run's results (excluded from its id)
-_NOT_IN_ID = ("out", "device", "data_root", "precision_reason")
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
@@ -138,18 +139,13 @@ class Resolved:
     precision: Precision
 
     def as_dict(self) -> dict[str, Any]:
-        d = self.config.as_dict()
-        d["model"] = self.model
-        d["precision"] = self.precision.name  # what auto resolved to: results differ by precision
-        d["precision_reason"] = self.precision.reason
+        d = resolved_record(self.config, self.model, self.precision)
         d["attack_resolved"] = self.attack.describe() if self.attack is not None else {"name": "none"}
         d["defense_resolved"] = self.defense.describe()
         return d
 
     def run_id(self) -> str:
-        d = {k: v for k, v in self.as_dict().items() if k not in _NOT_IN_ID}
-        blob = json.dumps(d, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
+        return run_id(self.as_dict())
 
 
 def pick_device(name: str) -> torch.device:
@@ -164,26 +160,6 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(s).name if ":" in s else s).strip("_")[:40] or "data"
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    metrics: dict[str, Any]
-    reused: bool = False
-    result: DefenseResult | None = None
-    poisoned: PoisonedSet | None = None
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Strict JSON, written atomically: undefined metrics (NaN) are ``null`` (see jsonutil)."""
-    from .jsonutil import write_json as _write
-
-    _write(path, data)
-
-
 def no_poison(train: ImageSet, target: int) -> PoisonedSet:
     return PoisonedSet(train, torch.zeros(len(train), dtype=torch.bool), train.y.clone(), target, "none")
 
@@ -195,42 +171,6 @@ def resolve_model(model: str | None, defense: str, paper: PaperSettings | None) 
     if name not in MODELS:
         raise ConfigError(f"--model: unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     return name
-
-
-def run_in_dir(run_dir: Path, config: dict[str, Any], resume: bool, force: bool,
-               execute: Callable[[Path], RunResult]) -> RunResult:
-    """The run-directory protocol shared by ``run`` and ``defend``.
-
-    A finished directory (metrics.json present) is reused unless ``force``; an unfinished one needs
-    ``resume`` (or ``force``, which deletes it). While ``execute(run_dir)`` works, status.json says running
-    and log.txt records the log; a failure leaves status.json saying failed or interrupted, with the error.
-    """
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists() and not force:
-        log.info("found finished run %s; reusing it (use --force to run again)", run_dir)
-        return RunResult(run_dir, json.loads(metrics_path.read_text()), reused=True)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if force:
-            shutil.rmtree(run_dir)
-        elif not resume:
-            state = _read_status(run_dir)
-            raise RunStateError(
-                f"{run_dir}: holds an unfinished run ({state}); pass --resume to continue it or --force "
-                "to start over")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _attach_log(run_dir / "log.txt")
-    try:
-        write_json(run_dir / "status.json", {"state": "running", "pid": os.getpid(), "started": time.time()})
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        return execute(run_dir)
-    except BaseException as exc:
-        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        write_json(run_dir / "status.json", {"state": state, "error": str(exc) or exc.__class__.__name__})
-        log.debug("run %s: %s", state, exc)
-        raise
-    finally:
-        logging.getLogger("antibackdoor").removeHandler(handler)
-        handler.close()
 
 
 class Experiment:
@@ -280,68 +220,76 @@ class Experiment:
 
     def run_dir(self, resolved: Resolved) -> Path:
         c = self.config
-        name = f"{_slug(c.dataset)}-{c.attack}-{c.defense}-{resolved.run_id()}"
-        return Path(c.out).expanduser() / name
+        return run_dir_for(c.out, c.dataset, c.attack, c.defense, resolved.run_id())
 
     # -- the job ------------------------------------------------------------------------------
     def run(self, resume: bool = False, force: bool = False) -> RunResult:
         resolved = self.resolve()
-        return run_in_dir(self.run_dir(resolved), resolved.as_dict(), resume, force,
-                          lambda run_dir: self._execute(resolved, run_dir, resume))
+        job = PoisonedRun(self, resolved)
+        out = run_in_dir(self.run_dir(resolved), resolved.as_dict(), resume, force,
+                         lambda run_dir: runpath.train_and_record(job, run_dir, resume, resolved.device,
+                                                                  resolved.precision))
+        out.poisoned = job.poisoned  # None for a reused run
+        return out
 
-    def _execute(self, resolved: Resolved, run_dir: Path, resume: bool) -> RunResult:
-        t0 = time.time()
-        device = resolved.device
-        prec = resolved.precision
-        log.info("precision: %s", prec.describe())
-        with use_precision(prec):  # attacks that train networks in prepare() compute in it too
-            return self._execute_in(resolved, run_dir, resume, t0, device, prec)
 
-    def _execute_in(self, resolved: Resolved, run_dir: Path, resume: bool, t0: float, device: torch.device,
-                    prec: Precision) -> RunResult:
-        c = self.config
-        attack, defense = resolved.attack, resolved.defense
-        splits = self.load_data()
+class PoisonedRun(Job):
+    """``run``'s part of the shared path (runpath): reserve the trusted slice and poison the data first; then
+    record what only ``run`` knows, measured against the attack's truth: the split metrics, isolation.csv and
+    trusted.json."""
+
+    def __init__(self, experiment: Experiment, resolved: Resolved):
+        self.experiment, self.resolved = experiment, resolved
+        self.poisoned: PoisonedSet | None = None
+        self.trusted_mask: torch.Tensor | None = None
+
+    def inputs(self) -> Inputs:
+        c, r = self.experiment.config, self.resolved
+        defense, device = r.defense, r.device
+        splits = self.experiment.load_data()
         # on the compute device before poisoning, so attacks that train networks in prepare() use it too
         train_set, test_set = splits.train.to(device), splits.test.to(device)
-        gen = torch.Generator().manual_seed(c.seed)
         log.info("data: %s (%d train, %d test, %d classes)", c.dataset, len(train_set), len(test_set),
                  train_set.num_classes)
-        trusted, trusted_mask = None, None
+        trusted = None
         fraction = defense.trusted_fraction()
         if fraction is not None:
             # drawn from the clean data before poisoning and removed from it: the defense's known-clean slice
-            trusted_mask = self.trusted_mask(defense, train_set)
-            trusted, train_set = train_set.subset(trusted_mask), train_set.subset(~trusted_mask)
+            self.trusted_mask = mask = self.experiment.trusted_mask(defense, train_set)
+            trusted, train_set = train_set.subset(mask), train_set.subset(~mask)
             log.info("trusted slice: %d clean samples (%.3g of the training data) reserved before poisoning",
                      len(trusted), fraction)
+        self.poisoned, triggered = self.poison(train_set, test_set)
+        p = self.poisoned
+        return Inputs(model=r.model, defense=defense, defense_name=c.defense, preset=c.preset, seed=c.seed,
+                      train=p.data, trusted=trusted, eval=c.eval, test=test_set, triggered=triggered,
+                      poison_mask=p.poison_mask, true_labels=p.true_labels.cpu(),
+                      stage_cache=self.experiment.stage_cache, model_meta={"dataset": c.dataset},
+                      title=f"{c.attack} / {c.defense}")
+
+    def poison(self, train: ImageSet, test: ImageSet) -> tuple[PoisonedSet, ImageSet | None]:
+        """The training data with the truth about it, and the test images with the trigger (for ASR; None
+        when no trigger is known): from the attack, or the clean data as it is under ``--attack none``."""
+        c, attack = self.experiment.config, self.resolved.attack
         if attack is None:
-            poisoned = no_poison(train_set, c.target)
+            poisoned, triggered = no_poison(train, c.target), None
         else:
             log.info("attack: %s at rate %g towards class %d", c.attack, c.poison_rate, c.target)
-            poisoned = attack.poison(train_set, c.poison_rate, c.target, gen)
-        log.info("poisoned samples: %d of %d (and %d cover samples)", poisoned.num_poison, len(train_set),
+            poisoned = attack.poison(train, c.poison_rate, c.target, torch.Generator().manual_seed(c.seed))
+            triggered = attack.triggered_test(test, c.target)
+        log.info("poisoned samples: %d of %d (and %d cover samples)", poisoned.num_poison, len(train),
                  poisoned.num_cover)
+        return poisoned, triggered
 
-        def factory():
-            return build_model(resolved.model, train_set.num_classes, train_set.channels, train_set.image_size,
-                               train_set.mean, train_set.std)
-
-        ctx = DefenseContext(factory, device=device, seed=c.seed, workdir=run_dir / "checkpoints", resume=resume,
-                             precision=prec, trusted=trusted, stage_cache=self.stage_cache)
-        log.info("defense: %s (%s preset, model %s, device %s)", c.defense, c.preset, resolved.model, device)
-        result = defense.run(poisoned.data, ctx)
-        t_defense = time.time() - t0
-
-        trained = ctx.is_trained(result.model)
-        metrics: dict[str, Any] = {"model_trained": trained}
-        if trained:
-            metrics.update(self._evaluate(result.model.eval(), test_set, attack, device, prec))
-        else:  # a split-only run: no stage trained the returned model, so it has no ACC/ASR/RA to report
-            log.info("no stage trained the final model (split only): ACC, ASR and RA are not applicable")
-            metrics.update({"acc": None, "asr": None, "ra": None})
+    def record(self, run_dir: Path, out: Trained) -> dict[str, Any]:
+        c, result, poisoned = self.experiment.config, out.result, self.poisoned
+        ev = out.evaluation
+        metrics: dict[str, Any] = {"model_trained": out.trained}
+        metrics.update({"acc": ev.acc, "asr": ev.asr, "ra": ev.ra} if ev is not None
+                       else {"acc": None, "asr": None, "ra": None})
         metrics["ra_attack"] = c.eval.label()
-        kept = result.kept if result.kept is not None else torch.ones(len(train_set), dtype=torch.bool)
+        n = len(poisoned.data)
+        kept = result.kept if result.kept is not None else torch.ones(n, dtype=torch.bool)
         metrics.update(split_metrics(kept, poisoned.poison_mask))
         flags = sample_flag_counts(result.sample_stats, poisoned.poison_mask)
         if flags:
@@ -352,49 +300,17 @@ class Experiment:
             suspicion = result.scores.double() * (1 if result.higher_is_suspicious else -1)
             metrics["auc"] = roc_auc(suspicion, poisoned.poison_mask)  # how well the scores rank the poison
         metrics["poisoned"] = poisoned.num_poison
-        metrics["train_size"] = len(train_set)
-        if trusted_mask is not None:
-            metrics["trusted_size"] = int(trusted_mask.sum())
-            write_json(run_dir / "trusted.json", {"fraction": fraction, "size": int(trusted_mask.sum()),
-                                                  "index": trusted_mask.nonzero().flatten().tolist()})
-        metrics["precision"] = prec.name
+        metrics["train_size"] = n
+        mask = self.trusted_mask
+        if mask is not None:
+            metrics["trusted_size"] = int(mask.sum())
+            write_json(run_dir / "trusted.json", {"fraction": self.resolved.defense.trusted_fraction(),
+                                                  "size": int(mask.sum()), "index": mask.nonzero().flatten().tolist()})
+        metrics["precision"] = self.resolved.precision.name
         metrics["defense_info"] = result.info
-        metrics["time_defense_s"] = round(t_defense, 1)
-        metrics["time_total_s"] = round(time.time() - t0, 1)
-        if self.stage_cache is not None:  # which stages were loaded instead of trained, and the seconds saved
-            metrics["stage_cache"] = self.stage_cache.take_events()
-        self._write_artifacts(run_dir, resolved, result, poisoned, kept, train_set, trained)
-        write_json(run_dir / "history.json", result.history)
-        write_json(run_dir / "metrics.json", metrics)
-        write_json(run_dir / "status.json", {"state": "done", "finished": time.time()})
-        return RunResult(run_dir, metrics, result=result, poisoned=poisoned)
-
-    def _evaluate(self, model: nn.Module, test_set: ImageSet, attack: Attack | None, device: torch.device,
-                  prec: Precision) -> dict[str, Any]:
-        """ACC, ASR (None without an attack) and RA of the final model."""
-        c = self.config
-        out: dict[str, Any] = {"acc": accuracy(model, test_set, device, prec), "asr": None}
-        if attack is not None:
-            out["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device, prec)
-        ra_set = test_set
-        if c.eval.ra_samples:
-            ra_set = test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
-        out["ra"] = robust_accuracy(model, ra_set, c.eval.pgd(), device, seed=c.seed, precision=prec)
-        return out
-
-    def _write_artifacts(self, run_dir: Path, resolved: Resolved, result: DefenseResult, poisoned: PoisonedSet,
-                         kept: torch.Tensor, like: ImageSet, trained: bool = True) -> None:
-        if trained:  # an untrained model (split only) is not the run's model: no weights file claims it is
-            save_model(result.model, run_dir / "model.safetensors", resolved.model, like,
-                       dataset=self.config.dataset)
+        metrics["time_defense_s"] = out.time_defense_s
         write_isolation_csv(run_dir / "isolation.csv", result, poisoned, kept)
-        if result.scores is not None:
-            from .plots import score_histogram
-
-            score_histogram(result.scores.cpu(), poisoned.poison_mask, run_dir / "scores_hist.png",
-                            xlabel=result.score_name or "score", threshold=result.info.get("threshold"),
-                            title=f"{self.config.attack} / {self.config.defense}")
-        resolved.defense.write_plots(result, poisoned.poison_mask, run_dir, true_labels=poisoned.true_labels.cpu())
+        return metrics
 
 
 def sample_flag_counts(stats: dict[str, torch.Tensor], poison_mask: torch.Tensor) -> dict[str, dict[str, int]]:
@@ -428,23 +344,6 @@ def write_isolation_csv(path: Path, result: DefenseResult, poisoned: PoisonedSet
                 w.writerow(row + [int(v[i]) for v in flags.values()])
 
     atomic_write(path, write)
-
-
-def _read_status(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "status.json").read_text()).get("state", "unknown")
-    except (OSError, ValueError):
-        return "unknown state"
-
-
-def _attach_log(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    lg = logging.getLogger("antibackdoor")
-    lg.setLevel(logging.DEBUG)
-    lg.addHandler(handler)
-    return handler
 
 
 def run_experiment(config: ExperimentConfig | dict[str, Any], resume: bool = False,

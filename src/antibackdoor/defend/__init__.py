@@ -1,5 +1,6 @@
 """``antibackdoor defend``: a defense on a practitioner's own, untrusted data (see job.py)."""
 
-from .job import DefendConfig, Defender, make_defend_config, run_defend
+from .job import Defender, run_defend
+from .prepare import DefendConfig, DefendSetup, make_defend_config
 
-__all__ = ["DefendConfig", "Defender", "make_defend_config", "run_defend"]
+__all__ = ["DefendConfig", "DefendSetup", "Defender", "make_defend_config", "run_defend"]

@@ -4,9 +4,49 @@ truth, how well it isolated."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ..defenses.base import DefenseResult
 from ..surplus import ALPHA, DEPTHS, MIN_DEPTH, ClassRow, Surplus, class_surplus, scan_depths
+
+
+@dataclass
+class Findings:
+    """What one defense result says about the inspected samples; every array is over their positions."""
+
+    order: np.ndarray  # positions, most suspicious first: isolated samples before kept ones, each by score
+    score_order: np.ndarray  # positions by score alone (what the class-surplus test reads)
+    isolated: np.ndarray  # bool
+    scores: np.ndarray | None  # float64 (None: the defense scores nothing)
+    surplus: Surplus
+    suggested: np.ndarray  # the label the defense trained an isolated sample with where it changed it, else -1
+    flags: dict[str, np.ndarray]  # the defense's own boolean per-sample flags (A-ABL's taken_back, purged)
+
+    @property
+    def left_out(self) -> np.ndarray:
+        """Samples the model was not trained on as given: the isolated ones and those a purge dropped after
+        the split (a-abl+'s ``purged``)."""
+        purged = self.flags.get("purged")
+        return self.isolated | purged if purged is not None else self.isolated
+
+
+def analyse(result: DefenseResult, y: np.ndarray, classes: list[str]) -> Findings:
+    """The ranking, the isolated mask and the class-surplus test of one defense result."""
+    n = len(y)
+    isolated = (~result.kept.cpu().numpy()) if result.kept is not None else np.zeros(n, bool)
+    scores = result.scores.double().cpu().numpy() if result.scores is not None else None
+    order = suspicion_order(scores, result.higher_is_suspicious, isolated)
+    # the surplus test reads the ranking by score alone: a defense may restrict its isolation itself (AIBD's
+    # target filter isolates within one class), which would make any class test meaningless
+    score_order = suspicion_order(scores, result.higher_is_suspicious, np.zeros(n, bool)) if scores is not None \
+        else order
+    surplus = class_surplus(y, score_order, isolated, classes)
+    new = result.new_labels.cpu().numpy() if result.new_labels is not None else None
+    suggested = np.where(isolated & (new != y), new, -1) if new is not None else np.full(n, -1)
+    flags = {name: v.numpy() for name, v in result.flags(n).items()}
+    return Findings(order, score_order, isolated, scores, surplus, suggested, flags)
 
 
 def suspicion_order(scores: np.ndarray | None, higher_is_suspicious: bool, isolated: np.ndarray) -> np.ndarray:
@@ -78,5 +118,5 @@ def mask_metrics(order: np.ndarray, isolated: np.ndarray, poison: np.ndarray,
     return out
 
 
-__all__ = ["ALPHA", "DEPTHS", "MIN_DEPTH", "ClassRow", "Surplus", "class_surplus", "mask_metrics", "ranking_auc",
-           "scan_depths", "score_auc", "suspicion_order", "top_by_score"]
+__all__ = ["ALPHA", "DEPTHS", "MIN_DEPTH", "ClassRow", "Findings", "Surplus", "analyse", "class_surplus",
+           "mask_metrics", "ranking_auc", "scan_depths", "score_auc", "suspicion_order", "top_by_score"]

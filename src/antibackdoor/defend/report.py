@@ -12,16 +12,15 @@ import base64
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..caching import atomic_write
+from ..defenses.base import DefenseResult
 from ..surplus import TargetGuess, fmt_p
-
-if TYPE_CHECKING:
-    from ..defenses.base import DefenseResult
-    from .job import Defender
+from .analysis import Findings
+from .prepare import DefendSetup
 
 GRID = 32
 MAX_BAD_LISTED = 500
@@ -137,29 +136,23 @@ def data_uri(png: bytes) -> str:
 
 
 # -- the report ---------------------------------------------------------------------------------------------
-def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings: dict, rows: np.ndarray,
-                  metrics: dict[str, Any]) -> dict[str, Any]:
-    from ..plots import score_histogram
-
-    c, data = job.config, job.data
+def build_context(run_dir: Path, setup: DefendSetup, result: DefenseResult, findings: Findings,
+                  metrics: dict[str, Any], trained: bool = True) -> dict[str, Any]:
+    """Everything the two templates show. ``trained`` False: no stage trained the returned model (split
+    only), so there is neither a measurement nor a model file to speak of."""
+    c, data = setup.config, setup.data
     train = data.train
     classes = train.classes
+    rows, index = setup.rows, setup.index
     y = train.y.numpy()[rows]
-    index = data.index[rows]
-    surplus = findings["surplus"]
-    isolated = findings["isolated"]
+    surplus = findings.surplus
+    isolated = findings.isolated
     n_iso, n = int(isolated.sum()), len(rows)
-    poison = job.poison[index] if job.poison is not None else None
+    poison = setup.poison_rows
 
     figures: dict[str, bytes] = {}
-    if findings["scores"] is not None:
-        import torch
-
-        hist = score_histogram(torch.from_numpy(findings["scores"]),
-                               torch.from_numpy(poison) if poison is not None else None,
-                               run_dir / "scores_hist.png", xlabel=result.score_name or "score",
-                               threshold=result.info.get("threshold"), title=f"{c.defense} on {c.data}"[:70])
-        figures["hist"] = hist.read_bytes()
+    if findings.scores is not None:  # drawn by the shared path (runpath) with the same ground truth
+        figures["hist"] = (run_dir / "scores_hist.png").read_bytes()
     figures["classes"] = class_figure(surplus)
     (run_dir / "isolated_per_class.png").write_bytes(figures["classes"])
     guess = TargetGuess.from_info(result.info)  # AIBD's own target guess (its target filter), where recorded
@@ -167,17 +160,17 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
         figures["target"] = target_figure(guess)
         (run_dir / "target_surplus.png").write_bytes(figures["target"])
 
-    top = findings["order"][:GRID]
+    top = findings.order[:GRID]
     grid = []
     images, captions, marks = [], [], []
     x = train.x
     for rank, r in enumerate(top, start=1):
         img = x[int(rows[r])].permute(1, 2, 0).numpy()
-        s = int(findings["suggested"][r])
+        s = int(findings.suggested[r])
         entry = {
             "rank": rank, "index": int(index[r]), "file": data.sources[int(rows[r])] if data.sources else "",
             "label": classes[int(y[r])],
-            "score": f"{findings['scores'][r]:.4g}" if findings["scores"] is not None else "-",
+            "score": f"{findings.scores[r]:.4g}" if findings.scores is not None else "-",
             "isolated": bool(isolated[r]), "suggested": classes[s] if s >= 0 else "",
             "poisoned": None if poison is None else bool(poison[r]), "src": thumbnail(img),
         }
@@ -192,10 +185,11 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
     info = {k: v for k, v in result.info.items() if isinstance(v, int | float | str | bool) or v is None}
     mask = metrics.get("mask")
     bad = [{"path": b.path, "reason": b.reason, "index": "" if b.index is None else b.index} for b in data.bad]
+    eval_label = metrics.get("eval_set") if trained else NOT_TRAINED
     return {
         "title": f"antibackdoor defend: {c.data}",
-        "config": c, "data": data, "defense": c.defense, "model": job.model_name, "preset": c.preset,
-        "precision": job.precision.describe(),
+        "config": c, "data": data, "defense": c.defense, "model": setup.model, "preset": c.preset,
+        "precision": setup.precision.describe(),
         "verdict": verdict(surplus, c.defense, n_iso, n),
         "surplus": surplus, "alpha": surplus.alpha, "depths": ", ".join(map(str, surplus.depths)),
         "rows": [{**r.__dict__, "share_pct": pct(r.share), "flagged_pct": pct(r.flagged_share),
@@ -203,16 +197,16 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
                   "p_exact_s": fmt_p(r.p_exact), "p_adj_s": fmt_p(r.p_adjusted),
                   "is_target": r.label == surplus.target} for r in surplus.rows],
         "n_inspected": n, "n_isolated": n_iso, "isolated_pct": pct(n_iso / n if n else 0.0),
-        "n_data": data.num_indexed, "n_samples": len(train), "heldout": int(job.heldout.sum()),
+        "n_data": data.num_indexed, "n_samples": len(train), "heldout": int(setup.heldout.sum()),
         "image": f"{train.image_size}x{train.image_size}, {train.channels} channel(s)",
         "classes": classes, "bad": bad[:MAX_BAD_LISTED], "bad_more": max(0, len(bad) - MAX_BAD_LISTED),
         "n_bad": len(bad), "notes": data.notes,
         "grid": grid, "score_name": result.score_name or "score",
         "higher": "higher" if result.higher_is_suspicious else "lower",
         "threshold": result.info.get("threshold"),
-        "eval_label": metrics.get("eval_set"), "acc": pct(metrics.get("acc")), "ra": pct(metrics.get("ra")),
+        "eval_label": eval_label, "acc": pct(metrics.get("acc")), "ra": pct(metrics.get("ra")),
         "ra_desc": f"PGD-{c.eval.ra_steps}, eps {c.eval.ra_eps * 255:.0f}/255",
-        "has_eval": metrics.get("acc") is not None,
+        "has_eval": metrics.get("acc") is not None, "has_model": trained,
         "mask": mask, "mask_rows": _mask_rows(mask) if mask else [],
         "guess": None if guess is None else {
             "target": guess.target, "best": guess.best, "p": fmt_p(guess.surplus.p), "alpha": guess.surplus.alpha,
@@ -221,22 +215,27 @@ def build_context(run_dir: Path, job: Defender, result: DefenseResult, findings:
             "rows": [{"name": r.name, "label": r.label, "flagged": r.flagged, "expected": f"{r.expected:.1f}",
                       "p": fmt_p(r.p_adjusted), "is_target": r.label == guess.surplus.target}
                      for r in guess.surplus.rows]},
-        "assumptions": list(getattr(job.defense, "assumptions", ()) or ()),
-        "info": info, "params": job.defense.describe(),
-        "trusted_note": _trusted_note(job),
+        "assumptions": list(getattr(setup.defense, "assumptions", ()) or ()),
+        "info": info, "params": setup.defense.describe(),
+        "trusted_note": _trusted_note(setup),
         "figures": {k: data_uri(v) for k, v in figures.items()},
         "has_hist": "hist" in figures,
         "time": metrics.get("time_defense_s"),
     }
 
 
-def _trusted_note(job: Defender) -> str:
-    if job.trusted is None:
+#: what the report says instead of a measurement when no stage trained the returned model
+NOT_TRAINED = ("no stage trained the returned model (split only: e.g. final.epochs=0), so nothing is measured "
+               "and no model.safetensors is written; the ranking and the kept indices are the result")
+
+
+def _trusted_note(setup: DefendSetup) -> str:
+    if setup.trusted is None:
         return ""
-    if job.uses_trusted:
-        return f"The defense used the {len(job.trusted)} trusted images given with --trusted."
-    return (f"--trusted gave {len(job.trusted)} images; {job.config.defense} does not use trusted data"
-            + (" (they serve as the evaluation set)." if job.eval.kind == "trusted" else "."))
+    if setup.uses_trusted:
+        return f"The defense used the {len(setup.trusted)} trusted images given with --trusted."
+    return (f"--trusted gave {len(setup.trusted)} images; {setup.config.defense} does not use trusted data"
+            + (" (they serve as the evaluation set)." if setup.eval.kind == "trusted" else "."))
 
 
 def _mask_rows(m: dict) -> list[tuple[str, str]]:
@@ -260,11 +259,12 @@ def _mask_rows(m: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def write_report(run_dir: Path, job: Defender, result: DefenseResult, findings: dict, rows: np.ndarray,
-                 metrics: dict[str, Any]) -> tuple[Path, Path]:
+def write_report(run_dir: Path, setup: DefendSetup, result: DefenseResult, findings: Findings,
+                 metrics: dict[str, Any], trained: bool = True) -> tuple[Path, Path]:
+    """report.html and report.md (and the figures beside them) from what the run resolved and found."""
     import jinja2
 
-    ctx = build_context(run_dir, job, result, findings, rows, metrics)
+    ctx = build_context(run_dir, setup, result, findings, metrics, trained)
     loader = jinja2.FileSystemLoader(str(TEMPLATES))
     html_env = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined,
                                   trim_blocks=True, lstrip_blocks=True)
