@@ -22,7 +22,7 @@ LAYERS = [
     {"attacks", "stages"},
     {"detectors"},
     {"defenses"},
-    {"experiment", "doctor"},
+    {"runpath", "experiment", "doctor"},
     {"defend", "bench"},
     {"report"},
     {"cli", "__init__"},

@@ -14,9 +14,23 @@ from typing import Any
 
 import yaml
 
-from .config import deep_update
+from .attacks import ATTACKS
+from .bench.cli import add_parsers as add_bench_parsers
+from .bench.cli import cmd_bench, cmd_suites
+from .config import deep_update, describe_fields
+from .data import DATASETS
+from .data.registry import default_data_root
+from .defend import DefendConfig, make_defend_config, run_defend
+from .defenses import DEFENSES
+from .detectors import DETECTORS
+from .doctor import DEFAULT, QUICK, diagnose, format_report
 from .errors import AntibackdoorError, ConfigError
+from .experiment import PRESETS, QUICK_MODEL, ExperimentConfig, load_config_file, make_config, run_experiment
 from .jsonutil import dumps
+from .models import MODELS, build_model, count_parameters
+from .precision import PRECISIONS
+from .report.cli import add_parser as add_report_parser
+from .report.cli import cmd_report
 
 log = logging.getLogger("antibackdoor")
 
@@ -61,9 +75,6 @@ def _names(registry: dict, default: str | None = None, extra: tuple[str, ...] = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .attacks import ATTACKS
-    from .data import DATASETS
-    from .experiment import ExperimentConfig
 
     d = ExperimentConfig()
     datasets = ", ".join(f"{n}:ARG" if e.takes_argument else (f"{n} (default)" if n == d.dataset else n)
@@ -99,8 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         if name == "datasets":
             s.add_argument("--data-root", help="data root to check")
-    from .bench.cli import add_parsers as add_bench_parsers
-    from .report.cli import add_parser as add_report_parser
 
     add_bench_parsers(sub)
     add_report_parser(sub)
@@ -110,11 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
 def add_shared_options(p: argparse.ArgumentParser, defaults: Any, json_help: str, model_note: str = "") -> None:
     """The options ``run`` and ``defend`` share, declared once, with defaults and choices drawn from the
     registries and ``defaults`` (the command's config as built with no options)."""
-    from .defenses import DEFENSES
-    from .experiment import PRESETS, QUICK_MODEL
-    from .models import MODELS
-    from .precision import PRECISIONS
-
     g = p.add_argument_group("options shared by run and defend")
     g.add_argument("--defense", help=_names(DEFENSES, defaults.defense))
     g.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
@@ -156,7 +160,6 @@ def shared_config(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, A
 
 
 def _add_defend(sub) -> None:
-    from .defend import DefendConfig
 
     d = sub.add_parser(
         "defend", help="run a defense on your own, untrusted data: a clean model, a ranked list of suspicious "
@@ -200,7 +203,6 @@ def defend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_defend(args: argparse.Namespace) -> int:
-    from .defend import make_defend_config, run_defend
 
     result = run_defend(make_defend_config(defend_config_from_args(args)), resume=args.resume, force=args.force)
     m = result.metrics
@@ -241,7 +243,6 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from .experiment import ExperimentConfig, load_config_file
 
     data = load_config_file(args.config) if args.config else {}
     for flag in RUN_FLAGS:
@@ -308,7 +309,6 @@ def print_table(metrics: dict[str, Any], run_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .experiment import make_config, run_experiment
 
     cfg = make_config(config_from_args(args), where=args.config or "options")
     result = run_experiment(cfg, resume=args.resume, force=args.force)
@@ -323,7 +323,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import DEFAULT, QUICK, diagnose, format_report
 
     report = diagnose(QUICK if args.quick else DEFAULT, measure=not args.no_measure)
     if args.json:
@@ -336,8 +335,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "datasets":
-        from .data import DATASETS
-        from .data.registry import default_data_root
 
         root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
         print(f"data root: {root}")
@@ -347,25 +344,21 @@ def cmd_list(args: argparse.Namespace) -> int:
             where = e.where(root) if e.where else ""
             print(f"  {e.name:<16} {mark:<8} {e.description}\n  {'':<16} {'':<8} looks in: {where}")
     elif args.command == "models":
-        from .models import MODELS, build_model, count_parameters
 
         for e in sorted(MODELS.values(), key=lambda e: e.name):
             n = count_parameters(build_model(e.name, 10))
             print(f"  {e.name:<18} {n / 1e6:>7.2f} M params (10 classes)  {e.description}")
     elif args.command == "attacks":
-        from .attacks import ATTACKS
 
         for name, cls in sorted(ATTACKS.items()):
             print(f"{name} ({cls.label_mode} label): {cls.description}")
             _print_params(cls.presets, "--attack-param")
     elif args.command == "defenses":
-        from .defenses import DEFENSES
 
         for name, cls in sorted(DEFENSES.items()):
             print(f"{name}: {cls.description}")
             _print_params(cls.presets, "--defense-param")
     elif args.command == "detectors":
-        from .detectors import DETECTORS
 
         print("(set with --defense isolate-then-train --defense-param detector=NAME "
               "--defense-param detector_params.KEY=VALUE)\n")
@@ -379,8 +372,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _print_params(presets: dict[str, Any], option: str) -> None:
     """One line per parameter: name, type, quick value (paper value where it differs) and its doc. Fields of
     nested settings (a stage's TrainConfig) appear under dotted names where a preset sets them."""
-    from .config import describe_fields
-
     if "quick" not in presets:
         return
     quick = {f.name: f for f in describe_fields(presets["quick"])}
@@ -445,8 +436,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "defend":
             return cmd_defend(args)
         if args.command in ("bench", "suites", "report"):
-            from .bench.cli import cmd_bench, cmd_suites
-            from .report.cli import cmd_report
 
             return {"bench": cmd_bench, "suites": cmd_suites, "report": cmd_report}[args.command](args)
         if args.command == "doctor":

@@ -27,7 +27,7 @@ from .data.registry import load_dataset
 from .data.trusted import reserve_trusted
 from .defenses.base import Defense, DefenseResult, get_defense, sample_flags
 from .errors import ConfigError
-from .metrics import EvalConfig, split_metrics
+from .metrics import EvalConfig, roc_auc, split_metrics
 from .models.registry import MODELS
 from .precision import PRECISIONS, Precision, resolve_precision
 from .runpath import (
@@ -295,10 +295,7 @@ class PoisonedRun(Job):
         if flags:
             metrics["sample_flags"] = flags
         if result.scores is not None and poisoned.num_poison:
-            from .detectors.evaluate import roc_auc
-
-            suspicion = result.scores.double() * (1 if result.higher_is_suspicious else -1)
-            metrics["auc"] = roc_auc(suspicion, poisoned.poison_mask)  # how well the scores rank the poison
+            metrics["auc"] = roc_auc(result.suspicion(), poisoned.poison_mask)  # how well the scores rank the poison
         metrics["poisoned"] = poisoned.num_poison
         metrics["train_size"] = n
         mask = self.trusted_mask

@@ -139,3 +139,20 @@ def plot_cbd_weights(weights: torch.Tensor, poison_mask: torch.Tensor, path: Pat
     ax.set_ylabel("density")
     ax.legend()
     return _finish(fig, path)
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str = "") -> Path:
+    """One ROC panel: ``curves`` maps a label to (fpr, tpr, auc)."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=120)
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{label} ({auc:.2f})", linewidth=1.2)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -30,13 +30,15 @@ import yaml
 
 from .attacks.base import PoisonedSet
 from .data.imageset import ImageSet
-from .defenses.base import Defense, DefenseContext, DefenseResult
+from .defenses.base import Defense, DefenseResult
 from .errors import RunStateError
 from .jsonutil import write_json as _write_json
 from .metrics import EvalConfig, accuracy, attack_success_rate, robust_accuracy
 from .models.io import save_model
 from .models.registry import build_model
+from .plots import score_histogram
 from .precision import Precision, use_precision
+from .stages import DefenseContext
 
 log = logging.getLogger("antibackdoor")
 
@@ -251,7 +253,6 @@ def _figures(run_dir: Path, inp: Inputs, result: DefenseResult) -> None:
     """The score histogram (clean vs poisoned where the truth is known) and the defense's own figures (only
     with the truth: they show what it got right)."""
     if result.scores is not None:
-        from .plots import score_histogram
 
         score_histogram(result.scores.cpu(), inp.poison_mask, run_dir / "scores_hist.png",
                         xlabel=result.score_name or "score", threshold=result.info.get("threshold"), title=inp.title)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..defenses.base import DefenseResult
+from ..metrics import roc_auc, suspicion
 from ..surplus import ALPHA, DEPTHS, MIN_DEPTH, ClassRow, Surplus, class_surplus, scan_depths
 
 
@@ -56,20 +57,9 @@ def suspicion_order(scores: np.ndarray | None, higher_is_suspicious: bool, isola
     if scores is None:
         key = np.zeros(n)
     else:
-        key = -np.asarray(scores, np.float64) if higher_is_suspicious else np.asarray(scores, np.float64)
+        key = -suspicion(scores, higher_is_suspicious)  # ascending: the most suspicious first
         key = np.where(np.isnan(key), np.inf, key)
     return np.lexsort((np.arange(n), key, ~isolated.astype(bool)))
-
-
-def top_by_score(scores: np.ndarray, higher_is_suspicious: bool, count: int) -> np.ndarray:
-    """Boolean mask of the ``count`` highest-scored samples (by score alone, ties by index)."""
-    s = np.asarray(scores, np.float64)
-    key = -s if higher_is_suspicious else s
-    key = np.where(np.isnan(key), np.inf, key)
-    order = np.lexsort((np.arange(len(s)), key))
-    mask = np.zeros(len(s), bool)
-    mask[order[:count]] = True
-    return mask
 
 
 def ranking_auc(order: np.ndarray, poison: np.ndarray) -> float:
@@ -83,17 +73,8 @@ def ranking_auc(order: np.ndarray, poison: np.ndarray) -> float:
 
 
 def score_auc(scores: np.ndarray, higher_is_suspicious: bool, poison: np.ndarray) -> float:
-    """ROC AUC of the raw score (ties count half)."""
-    from scipy.stats import rankdata
-
-    s = np.asarray(scores, np.float64)
-    s = s if higher_is_suspicious else -s
-    p = poison.astype(bool)
-    n_p, n_c = int(p.sum()), int((~p).sum())
-    if n_p == 0 or n_c == 0 or np.isnan(s).any():
-        return float("nan")
-    r = rankdata(s)
-    return float((r[p].sum() - n_p * (n_p + 1) / 2) / (n_p * n_c))
+    """ROC AUC of the raw score (ties count half): ``metrics.roc_auc`` of the oriented scores."""
+    return roc_auc(suspicion(scores, higher_is_suspicious), poison)
 
 
 def mask_metrics(order: np.ndarray, isolated: np.ndarray, poison: np.ndarray,
@@ -119,4 +100,4 @@ def mask_metrics(order: np.ndarray, isolated: np.ndarray, poison: np.ndarray,
 
 
 __all__ = ["ALPHA", "DEPTHS", "MIN_DEPTH", "ClassRow", "Findings", "Surplus", "analyse", "class_surplus",
-           "mask_metrics", "ranking_auc", "scan_depths", "score_auc", "suspicion_order", "top_by_score"]
+           "mask_metrics", "ranking_auc", "scan_depths", "score_auc", "suspicion_order"]

@@ -35,6 +35,7 @@ from .prepare import (
     prepare,
     with_detector,
 )
+from .report import write_report
 
 log = logging.getLogger("antibackdoor")
 
@@ -125,8 +126,6 @@ class DefendJob(Job):
 
     def write(self, run_dir: Path, out: Trained, findings: Findings, metrics: dict[str, Any]) -> None:
         """suspicious.csv, clean_indices.txt (and clean_files.txt, heldout_indices.txt), the report."""
-        from .report import write_report
-
         s, result = self.setup, out.result
         data, rows, index = s.data, s.rows, s.index
         sources = [data.sources[r] for r in rows] if data.sources else None

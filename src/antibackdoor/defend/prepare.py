@@ -22,6 +22,7 @@ from ..config import deep_update, from_dict
 from ..data.imageset import ImageSet
 from ..data.userdata import UserData, conform, load_user_data
 from ..defenses.base import Defense, get_defense
+from ..detectors import DETECTORS
 from ..errors import ConfigError, DataError
 from ..experiment import RunOptions, pick_device, resolve_model
 from ..precision import Precision, resolve_precision
@@ -71,7 +72,6 @@ def with_detector(config: DefendConfig) -> DefendConfig:
     ``detector=NAME`` (its own ``--defense-param`` settings, e.g. ``treatment``, still apply)."""
     if config.detector is None:
         return config
-    from ..detectors import DETECTORS
 
     if config.detector not in DETECTORS:
         raise ConfigError(f"--detector {config.detector}: unknown detector; known: {', '.join(sorted(DETECTORS))}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..caching import atomic_write
 from ..defenses.base import DefenseResult
+from ..plots import class_surplus_figure, plt
 from ..surplus import TargetGuess, fmt_p
 from .analysis import Findings
 from .prepare import DefendSetup
@@ -91,20 +92,16 @@ def _png(fig) -> bytes:
 
 
 def class_figure(surplus) -> bytes:
-    from ..plots import class_surplus_figure
 
     return _png(class_surplus_figure(surplus))
 
 
 def target_figure(guess: TargetGuess) -> bytes:
     """The per-class surplus behind a defense's target guess (AIBD's target filter) as bars."""
-    from ..plots import class_surplus_figure
-
     return _png(class_surplus_figure(guess.surplus, title=guess.title()))
 
 
 def grid_figure(images: list[np.ndarray], captions: list[str], marks: list[bool]) -> bytes:
-    from ..plots import plt
 
     cols = 8
     nrows = max(1, math.ceil(len(images) / cols))

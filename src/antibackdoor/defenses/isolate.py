@@ -28,9 +28,9 @@ import torch
 from ..config import key_path, param
 from ..data.imageset import ImageSet, PaperSettings
 from ..detectors import Detector, get_detector
-from ..detectors.evaluate import plot_roc
 from ..errors import ConfigError
 from ..metrics import roc_auc, roc_curve_points
+from ..plots import plot_roc
 from ..seeding import generator
 from ..stages import DefenseContext, Treatment, train_stage, treat
 from ..stages.recipes import PAPER_AT, QUICK_AT
