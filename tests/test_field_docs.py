@@ -125,3 +125,18 @@ def undocumented(params: object, prefix: str = "") -> list[str]:
 def test_every_nested_setting_has_a_doc_of_its_own(label, params):
     """A stage's settings (``naive``, ``final``, ``separation``) say what the stage is, not only its fields."""
     assert undocumented(params) == []
+
+
+def test_the_listing_shows_every_accepted_key_with_its_doc(capsys):
+    """``antibackdoor defenses`` lists a stage's own doc and every key under it, also the ones at their default."""
+    from antibackdoor.cli import main
+
+    assert main(["defenses"]) == 0
+    out = "\n" + capsys.readouterr().out
+    assert "    naive: TrainConfig  stage 1: naive training on all the data" in out
+    assert "    naive.batch_size: int = 128  samples per optimizer step" in out  # at its default in both presets
+    assert "    final.adversary.steps: int = 2 (paper: 10)  ascent steps" in out
+    for name, cls in DEFENSES.items():
+        listed = {line.split(":")[0].strip() for line in out.split(f"\n{name}: ", 1)[1].split("\n\n", 1)[0].splitlines()
+                  if line.startswith("    ")}
+        assert {r.name for r in describe_fields(cls.presets["quick"])} <= listed, name

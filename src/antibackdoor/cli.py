@@ -370,19 +370,21 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _print_params(presets: dict[str, Any], option: str) -> None:
-    """One line per parameter: name, type, quick value (paper value where it differs) and its doc. Fields of
-    nested settings (a stage's TrainConfig) appear under dotted names where a preset sets them."""
+    """One line per accepted key: name, type, quick value (paper value where it differs) and its doc. A nested
+    settings block (a stage's TrainConfig) gets a line with its own doc, then every one of its keys under the
+    dotted names ``--defense-param`` takes."""
     if "quick" not in presets:
         return
-    quick = {f.name: f for f in describe_fields(presets["quick"])}
-    paper = {f.name: f for f in describe_fields(presets["paper"])} if "paper" in presets else {}
+    quick = {f.name: f for f in describe_fields(presets["quick"], groups=True)}
+    paper = {f.name: f for f in describe_fields(presets["paper"], groups=True)} if "paper" in presets else {}
     if not quick and not paper:
         print(f"    (no {option})")
     for name in [*quick, *(n for n in paper if n not in quick)]:
         q, pp = quick.get(name), paper.get(name)
         f = q or pp
-        if "." in name and all(x is None or x.value == x.default for x in (q, pp)):
-            continue  # a nested field at its declared default in both presets
+        if f.group:
+            print(f"    {name}: {f.type}  {f.doc}".rstrip())
+            continue
         value = _short(q.value) if q is not None else "-"
         if pp is not None and (q is None or pp.value != q.value):
             value += f" (paper: {_short(pp.value)})"

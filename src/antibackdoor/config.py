@@ -156,6 +156,8 @@ class FieldInfo:
     value: Any
     doc: str
     default: Any  # the field's declared default (``dataclasses.MISSING`` when it has none)
+    #: a nested settings block itself (``naive``: its doc says what the stage is); its fields follow as rows
+    group: bool = False
 
 
 def _declared_default(f: dataclasses.Field) -> Any:
@@ -166,16 +168,20 @@ def _declared_default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def describe_fields(params: Any, prefix: str = "") -> list[FieldInfo]:
+def describe_fields(params: Any, prefix: str = "", groups: bool = False) -> list[FieldInfo]:
     """Name, type, value (in ``params``, a dataclass instance), doc and declared default of each field, for
     listings; the fields of nested dataclasses are listed one by one under dotted names (``naive.epochs``), the
-    names ``--defense-param`` takes."""
+    names ``--defense-param`` takes, each block first announced by a ``group`` row with its own doc when
+    ``groups``."""
     hints = typing.get_type_hints(type(params))
     rows: list[FieldInfo] = []
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)
         if dataclasses.is_dataclass(value):
-            rows += describe_fields(value, f"{prefix}{f.name}.")
+            if groups:
+                rows.append(FieldInfo(prefix + f.name, type(value).__name__, None, f.metadata.get("doc", ""),
+                                      dataclasses.MISSING, group=True))
+            rows += describe_fields(value, f"{prefix}{f.name}.", groups)
         else:
             rows.append(FieldInfo(prefix + f.name, type_name(hints[f.name]), to_dict(value),
                                   f.metadata.get("doc", ""), _declared_default(f)))
