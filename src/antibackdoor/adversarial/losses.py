@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-#: log of the clamped zero entries of the one-hot label in reverse cross-entropy (A = -4 in Wang et al.)
+#: log of the zero entries of the one-hot label in reverse cross-entropy, clamped at 1e-4: log(1e-4) = -9.21,
+#: as the SCE authors' code clamps (their paper writes the constant as A = -4); docs/a-abl.md
 RCE_LOG_ZERO = math.log(1e-4)
 
 
