@@ -1,12 +1,17 @@
-"""Shared fixtures: small slices of the bundled real CIFAR-10 and tiny synthetic .npz files."""
+"""Shared fixtures: small slices of the bundled real CIFAR-10, tiny synthetic .npz files, a spy on the training
+that defense stages start, and a classifier whose answers are known without training."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 os.environ.setdefault("ANTIBACKDOOR_PROGRESS", "0")
 # precision "auto" means fp32 in every test (and in the CLI runs they start), so that no outcome depends on
@@ -54,10 +59,11 @@ def tiny_npz(tmp_path):
     return write_npz(tmp_path / "tiny.npz")
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for the test: tiny networks gain nothing from two and lose badly on a shared, busy CPU
-    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    """One torch thread for a module: tiny networks gain nothing from two and lose badly on a shared, busy CPU
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``; module-scoped so that the
+    module's own module-scoped fixtures can request it too)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -73,3 +79,99 @@ def tiny_set(n: int = 40, size: int = 16, classes: int = 4, seed: int = 0):
     x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     y = torch.arange(n) % classes
     return ImageSet(x, y, [f"c{i}" for i in range(classes)], (0.5,) * 3, (0.25,) * 3, "tiny")
+
+
+# -- which stages got trained with what ------------------------------------------------------------------------
+#: where every defense stage's training loop is looked up (``train_stage`` calls ``<module>.train``): the one
+#: place to change when the stages move
+STAGE_TRAIN = "antibackdoor.stages.fit.train"
+
+
+@dataclass
+class TrainCall:
+    """One training run a stage started: the arguments ``training.train`` got."""
+
+    stage: str  # the stage name (train's ``desc``)
+    data: Any  # the ImageSet it trained on
+    model: nn.Module
+    cfg: Any  # its TrainConfig
+    kwargs: dict = field(default_factory=dict)  # the rest: seed, sample_weight, on_epoch_end, loss_fn, ...
+
+
+class TrainSpy(list):
+    """The stages' training runs in call order (a list of TrainCall). ``train = False`` skips the training
+    itself: the model stays as built and the stage's history is empty."""
+
+    def __init__(self, real):
+        super().__init__()
+        self.real = real
+        self.train = True
+
+    def __call__(self, model, data, cfg, **kwargs):
+        self.append(TrainCall(kwargs.get("desc", "train"), data, model, cfg, kwargs))
+        return self.real(model, data, cfg, **kwargs) if self.train else []
+
+    @property
+    def stages(self) -> list[str]:
+        return [c.stage for c in self]
+
+
+@pytest.fixture()
+def train_calls(monkeypatch) -> TrainSpy:
+    """Records every training run a defense stage starts (``train_stage``), and still trains."""
+    import importlib
+
+    module, name = STAGE_TRAIN.rsplit(".", 1)
+    spy = TrainSpy(getattr(importlib.import_module(module), name))
+    monkeypatch.setattr(STAGE_TRAIN, spy)
+    return spy
+
+
+# -- a classifier whose answers are known ----------------------------------------------------------------------
+class KnownMargins(nn.Module):
+    """A classifier whose every answer is known, with no training.
+
+    It predicts the class written as the grey level of pixel (0, 0) in channel 1 (mod ``classes``), with a logit
+    of (grey level of pixel (0, 0) in channel 0) - 0.5 for that class and 0 for every other. An image whose
+    bottom-right 3x3 patch is brighter than 0.5 in every channel (BadNets' white patch) is predicted as
+    ``target`` instead, with a logit of 255 * (the patch's mean) - 0.5.
+
+    Only the margin pixel (or the patch) carries gradient, so a sign-gradient step of s lowers the logit by
+    exactly 255 * s (until the pixel reaches 0): with steps of 1/255 a sample whose margin pixel holds v <= 15
+    flips after exactly v steps, to the first other class, and an L-inf attack of eps lowers its logit to
+    max(v - 255 * eps, 0) - 0.5. A logit above ~17 saturates float32's softmax: the loss's gradient is exactly 0
+    and no attack moves the sample (a triggered one, or a clean one with a margin of 20 or more). Training
+    cannot change any of that: its one parameter is added to every logit alike.
+    """
+
+    def __init__(self, classes: int, target: int = 0):
+        super().__init__()
+        self.classes, self.target = classes, target
+        self.anchor = nn.Parameter(torch.zeros(()))  # an optimizer needs a parameter; softmax ignores it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        written = (x[:, 1, 0, 0] * 255).round().long() % self.classes
+        patch = x[:, :, -3:, -3:]
+        triggered = patch.amin(dim=(1, 2, 3)) > 0.5
+        label = torch.where(triggered, torch.full_like(written, self.target), written)
+        logit = torch.where(triggered, patch.mean(dim=(1, 2, 3)) * 255, x[:, 0, 0, 0] * 255) - 0.5
+        return F.one_hot(label, self.classes).float() * logit[:, None] + self.anchor
+
+
+def known_margin_set(margins, labels, classes: int, size: int = 8):
+    """Black ``size`` x ``size`` images that tell KnownMargins their label (channel 1) and margin (channel 0) in
+    pixel (0, 0); labels are the given ones."""
+    from antibackdoor.data.imageset import ImageSet
+
+    margins, labels = torch.as_tensor(margins), torch.as_tensor(labels).long()
+    x = torch.zeros(len(labels), 3, size, size, dtype=torch.uint8)
+    x[:, 0, 0, 0] = margins.to(torch.uint8)
+    x[:, 1, 0, 0] = labels.to(torch.uint8)
+    return ImageSet(x, labels, [f"c{i}" for i in range(classes)], (0.5,) * 3, (0.25,) * 3, "known-margins")
+
+
+def margin_logits(margins, labels, classes: int) -> torch.Tensor:
+    """The logits KnownMargins gives a sample whose label logit is ``margins`` (others 0)."""
+    labels = torch.as_tensor(labels).long()
+    return F.one_hot(labels, classes).float() * torch.as_tensor(margins, dtype=torch.float32)[:, None]

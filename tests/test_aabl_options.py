@@ -21,7 +21,6 @@ from antibackdoor.defenses.base import get_defense
 from antibackdoor.errors import ConfigError
 from antibackdoor.experiment import sample_flag_counts
 from antibackdoor.stages import agrees_with_label, otsu_threshold, take_back
-from antibackdoor.stages import fit as stages
 
 
 class PixelClassifier(nn.Module):
@@ -75,7 +74,7 @@ def test_paper_defaults_are_unchanged():
     assert ab.get_defense("a-abl", "paper").params == AABLParams(min_isolated=0.1)
 
 
-def test_take_back_stage_trains_the_stage3_model_on_kept_plus_taken_back(small_train, monkeypatch):
+def test_take_back_stage_trains_the_stage3_model_on_kept_plus_taken_back(small_train, monkeypatch, train_calls):
     data = small_train
     scores = 9 + torch.linspace(0, 1, len(data))
     scores[:60] = 0.01  # a robust cluster: isolated
@@ -89,24 +88,16 @@ def test_take_back_stage_trains_the_stage3_model_on_kept_plus_taken_back(small_t
         return back.clone()
 
     monkeypatch.setattr(a_abl, "take_back", fake_take_back)
-    seen = []
-    real = stages.train
-
-    def spy(model, d, cfg, **kw):
-        seen.append((kw["desc"], len(d), model, cfg))
-        return real(model, d, cfg, **kw)
-
-    monkeypatch.setattr(stages, "train", spy)
     d = ab.get_defense("a-abl", "quick", {"naive": {"epochs": 1}, "final": {"epochs": 1, "adversary": {"steps": 1}},
                                           "takeback_epochs": 2})
     r = d.run(data, ab.DefenseContext(ab.model_factory("cnn-small", data)))
     kept = scores > r.info["threshold"]
     assert torch.equal(r.kept, kept) and int((~kept).sum()) == 60  # kept still describes the split
-    assert [(s[0], s[1]) for s in seen] == [("naive", 300), ("adv_train", 240), ("takeback", 260)]
-    stage3_model = seen[1][2]
+    assert [(c.stage, len(c.data)) for c in train_calls] == [("naive", 300), ("adv_train", 240), ("takeback", 260)]
+    stage3_model = train_calls[1].model
     assert calls[0][0] is stage3_model and torch.equal(calls[0][1], kept)
-    assert seen[2][2] is stage3_model and r.model is stage3_model  # continued, not a fresh model
-    cfg = seen[2][3]
+    assert train_calls[2].model is stage3_model and r.model is stage3_model  # continued, not a fresh model
+    cfg = train_calls[2].cfg
     final = d.params.final
     assert cfg.epochs == 2 and cfg.schedule == "cosine" and math.isclose(cfg.lr, final.lr / 10)
     assert cfg.adversary == final.adversary and cfg.optimizer == final.optimizer
@@ -182,9 +173,22 @@ def test_levers_bench_cells_keep_the_paper_variant_and_count_the_final_set(capsy
     assert "| - | no surplus | 1.2 | 12 |" in line  # 10 / 800 = 1.25 %
 
 
-def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tiny_npz, capsys):
+def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tiny_npz, capsys, monkeypatch):
+    import numpy as np
+
+    from antibackdoor.attacks import get_attack
     from antibackdoor.cli import main
 
+    stamp = get_attack("pixels", pixels=4).mask(16, 16)  # tiny_npz holds 16 x 16 images
+
+    def split_scores(self, model, d, ctx):
+        """The split isolates exactly the samples that carry the four white pixels (all labelled 1)."""
+        triggered = (d.x[:, :, stamp] == 255).flatten(1).all(1).cpu()
+        return torch.where(triggered, 0.01, 9.0) + torch.linspace(0, 1, len(d)) * ~triggered
+
+    monkeypatch.setattr(AABL, "split_scores", split_scores)
+    # the stage-3 model disagrees with the label of every third sample
+    monkeypatch.setattr(a_abl, "agrees_with_label", lambda model, d, ctx: torch.arange(len(d)) % 3 != 0)
     args = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "runs"), "--target", "1",
             "--attack", "pixels", "--attack-param", "pixels=4", "--defense", "a-abl+", "--model", "cnn-small",
             "--defense-param", "naive.epochs=1", "--defense-param", "final.epochs=1",
@@ -198,14 +202,19 @@ def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tin
     assert back["poison"] <= min(back["samples"], metrics["isolated_poison"])
     history = json.loads((run_dir / "history.json").read_text())
     assert len(history["takeback"]) == 1
-    assert "purge_target" in metrics["defense_info"]  # a-abl+ purges (whether it finds a surplus here or not)
     with open(run_dir / "isolation.csv") as f:  # the flags are per-sample columns of isolation.csv too
         table = list(csv.DictReader(f))
     assert sum(int(r["taken_back"]) for r in table) == back["samples"]
     assert sum(int(r["taken_back"]) for r in table if r["is_poison"] == "1") == back["poison"]
-    if metrics["defense_info"]["purge_target"] is not None:
-        assert sum(int(r["purged"]) for r in table) == metrics["sample_flags"]["purged"]["samples"]
-    assert ("purged_adv_train" in history) == (metrics["defense_info"]["purge_target"] is not None)
+    # a-abl+ purges: the isolated samples are all of class 1, so the kept class-1 samples the stage-3 model
+    # disagrees with are dropped and stage 3 is trained again
+    assert [r["kept"] for r in table] == ["0" if r["is_poison"] == "1" else "1" for r in table]
+    assert metrics["defense_info"]["purge_target"] == 1 and "purged_adv_train" in history
+    with np.load(tiny_npz) as f:
+        y = f["y_train"]
+    purged = {int(r["index"]) for r in table if r["purged"] == "1"}
+    assert purged == {i for i, r in enumerate(table) if r["is_poison"] == "0" and y[i] == 1 and i % 3 == 0}
+    assert metrics["sample_flags"]["purged"] == {"samples": len(purged), "poison": 0} and purged
     # a bad attack parameter is one line and exit code 2, before any run directory
     bad = ["run", "--dataset", f"npz:{tiny_npz}", "--out", str(tmp_path / "bad"), "--attack", "pixels",
            "--attack-param", "layout=x", "--attack-param", "pixels=4"]
@@ -216,9 +225,9 @@ def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tin
 
 
 def _purge_run(data: ImageSet, scores: torch.Tensor, agrees: torch.Tensor | list[torch.Tensor], monkeypatch,
-               **params) -> tuple:
+               seen, **params) -> tuple:
     """A quick A-ABL run with ``purge`` on, the split scores and the stage-3 models' agreement given (one mask
-    per round, or the same for every round)."""
+    per round, or the same for every round); ``seen`` is the ``train_calls`` spy."""
     monkeypatch.setattr(AABL, "split_scores", lambda self, model, d, ctx: scores.clone())
     asked = []
 
@@ -227,17 +236,9 @@ def _purge_run(data: ImageSet, scores: torch.Tensor, agrees: torch.Tensor | list
         return (agrees[len(asked) - 1] if isinstance(agrees, list) else agrees).clone()
 
     monkeypatch.setattr(a_abl, "agrees_with_label", fake_agrees)
-    seen = []
-    real = stages.train
-
-    def spy(model, d, cfg, **kw):
-        seen.append((kw["desc"], d, model))
-        return real(model, d, cfg, **kw)
-
-    monkeypatch.setattr(stages, "train", spy)
     d = ab.get_defense("a-abl", "quick", {"naive": {"epochs": 1}, "final": {"epochs": 1, "adversary": {"steps": 1}},
                                           "purge": True, **params})
-    return d.run(data, ab.DefenseContext(ab.model_factory("cnn-small", data))), seen, asked
+    return d.run(data, ab.DefenseContext(ab.model_factory("cnn-small", data))), asked
 
 
 def _surplus_scores(data: ImageSet) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -251,49 +252,52 @@ def _surplus_scores(data: ImageSet) -> tuple[torch.Tensor, int, torch.Tensor]:
     return y, target, scores
 
 
-def test_purge_drops_the_surplus_class_samples_the_robust_model_disagrees_with(small_train, monkeypatch):
+def test_purge_drops_the_surplus_class_samples_the_robust_model_disagrees_with(small_train, monkeypatch,
+                                                                                 train_calls):
     data = small_train
     y, target, scores = _surplus_scores(data)
     agrees = torch.arange(len(data)) % 2 == 0
-    r, seen, asked = _purge_run(data, scores, agrees, monkeypatch)
+    r, asked = _purge_run(data, scores, agrees, monkeypatch, train_calls)
+    seen = train_calls
     kept = scores > r.info["threshold"]
     assert torch.equal(r.kept, kept)  # kept still describes the split
     purged = kept & (y == target) & ~agrees
     assert r.info["purge_target"] == target and r.info["purge_p"] < 0.01
     assert int(purged.sum()) > 0 and torch.equal(r.sample_stats["purged"], purged) and r.info["purged"] == purged.sum()
-    assert [s[0] for s in seen] == ["naive", "adv_train", "purged_adv_train"]
-    assert asked == [seen[1][2]]  # the robust stage-3 model judges
-    assert len(seen[2][1]) == int((kept & ~purged).sum())
-    assert torch.equal(seen[2][1].y.cpu(), y[kept & ~purged])
-    assert seen[2][2] is not seen[1][2] and r.model is seen[2][2]  # retrained from scratch, and returned
+    assert seen.stages == ["naive", "adv_train", "purged_adv_train"]
+    assert asked == [seen[1].model]  # the robust stage-3 model judges
+    assert len(seen[2].data) == int((kept & ~purged).sum())
+    assert torch.equal(seen[2].data.y.cpu(), y[kept & ~purged])
+    assert seen[2].model is not seen[1].model and r.model is seen[2].model  # retrained from scratch, and returned
     counts = sample_flag_counts(r.sample_stats, torch.zeros(len(data), dtype=torch.bool))
     assert counts["purged"] == {"samples": int(purged.sum()), "poison": 0}
 
 
-def test_purge_rounds_are_each_judged_by_the_previous_rounds_model(small_train, monkeypatch):
+def test_purge_rounds_are_each_judged_by_the_previous_rounds_model(small_train, monkeypatch, train_calls):
     data = small_train
     y, target, scores = _surplus_scores(data)
     first, second = torch.arange(len(data)) % 3 != 0, torch.arange(len(data)) % 2 == 0
-    r, seen, asked = _purge_run(data, scores, [first, second], monkeypatch, purge_rounds=2)
+    r, asked = _purge_run(data, scores, [first, second], monkeypatch, train_calls, purge_rounds=2)
+    seen = train_calls
     kept = scores > r.info["threshold"]
     one = kept & (y == target) & ~first
     two = kept & (y == target) & ~second & ~one
     assert r.info["purged_per_round"] == [int(one.sum()), int(two.sum())] and int(two.sum()) > 0
     assert torch.equal(r.sample_stats["purged"], one | two)
-    assert [s[0] for s in seen] == ["naive", "adv_train", "purged_adv_train", "purged_adv_train_2"]
-    assert asked == [seen[1][2], seen[2][2]]  # round 2 is judged by round 1's model
-    assert len(seen[3][1]) == int((kept & ~(one | two)).sum()) and r.model is seen[3][2]
+    assert seen.stages == ["naive", "adv_train", "purged_adv_train", "purged_adv_train_2"]
+    assert asked == [seen[1].model, seen[2].model]  # round 2 is judged by round 1's model
+    assert len(seen[3].data) == int((kept & ~(one | two)).sum()) and r.model is seen[3].model
     with pytest.raises(ConfigError, match=r"^--defense-param purge_rounds: 0 must be >= 1$"):
         ab.get_defense("a-abl", "quick", {"purge_rounds": 0})
 
 
-def test_purge_without_a_surplus_changes_nothing(small_train, monkeypatch):
+def test_purge_without_a_surplus_changes_nothing(small_train, monkeypatch, train_calls):
     data = small_train
     scores = 9 + torch.linspace(0, 1, len(data))
     scores[::10] = 0.01  # every tenth sample isolated: no class stands out
-    r, seen, asked = _purge_run(data, scores, torch.ones(len(data), dtype=torch.bool), monkeypatch)
+    r, asked = _purge_run(data, scores, torch.ones(len(data), dtype=torch.bool), monkeypatch, train_calls)
     assert r.info["purge_target"] is None and "purged" not in r.sample_stats
-    assert [s[0] for s in seen] == ["naive", "adv_train"] and asked == [] and r.model is seen[1][2]
+    assert train_calls.stages == ["naive", "adv_train"] and asked == [] and r.model is train_calls[1].model
 
 
 def test_defend_with_a_abl_plus_leaves_the_purged_samples_out_of_the_clean_indices(tmp_path, monkeypatch, capsys):
@@ -360,11 +364,11 @@ def test_own_triggers_reads_the_flag_columns_of_isolation_csv(tmp_path, monkeypa
     assert read_flags(tmp_path) == {}
 
 
-def test_take_back_after_a_purge_keeps_the_purged_samples_out(small_train, monkeypatch):
+def test_take_back_after_a_purge_keeps_the_purged_samples_out(small_train, monkeypatch, train_calls):
     data = small_train
     y, target, scores = _surplus_scores(data)
     monkeypatch.setattr(a_abl, "take_back", lambda model, d, kept, ctx: ~kept.cpu())  # everything isolated
-    r, seen, _ = _purge_run(data, scores, torch.arange(len(data)) % 2 == 0, monkeypatch, takeback_epochs=1)
+    r, _ = _purge_run(data, scores, torch.arange(len(data)) % 2 == 0, monkeypatch, train_calls, takeback_epochs=1)
     purged = r.sample_stats["purged"]
-    assert int(purged.sum()) > 0 and [s[0] for s in seen][-1] == "takeback"
-    assert len(seen[-1][1]) == len(data) - int(purged.sum())  # kept minus purged, plus every isolated sample
+    assert int(purged.sum()) > 0 and train_calls.stages[-1] == "takeback"
+    assert len(train_calls[-1].data) == len(data) - int(purged.sum())  # kept minus purged, plus every isolated

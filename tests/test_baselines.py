@@ -87,15 +87,18 @@ def test_abl_scores_are_eval_mode_cross_entropy_without_augmentation():
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_unlearning_is_gradient_ascent():
+def test_unlearning_is_gradient_ascent(train_calls):
+    """unlearn trains the given model in place with every sample weighted -1 (that a weight of -1 turns the
+    training step into ascent is tested in test_training.py)."""
     data = tiny_set()
     torch.manual_seed(0)
     model = build_model("cnn-small", 4, 3, 16)
-    ctx = ctx_for()
-    before = sample_losses(model, data, ctx).mean()
     cfg = TrainConfig(epochs=2, optimizer="sgd", lr=0.01, batch_size=8, crop=0, flip=False)
-    unlearn(ctx, model, data, cfg, "unlearn")
-    assert sample_losses(model, data, ctx).mean() > before + 0.05
+    history = unlearn(ctx_for(), model, data, cfg, "unlearn")
+    (call,) = train_calls
+    assert call.stage == "unlearn" and call.model is model and call.data is data and call.cfg == cfg
+    assert torch.equal(call.kwargs["sample_weight"], -torch.ones(len(data)))
+    assert [h["epoch"] for h in history] == [1, 2]
 
 
 # -- NAD ---------------------------------------------------------------------------------------------------

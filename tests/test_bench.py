@@ -47,6 +47,7 @@ def _bench(args, capsys):
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_bench_runs_every_cell_once_and_reuses_them(tmp_path, capsys):
     grid = _grid(tmp_path)
     out, cache = tmp_path / "out", tmp_path / "stages"
@@ -72,6 +73,7 @@ def test_bench_runs_every_cell_once_and_reuses_them(tmp_path, capsys):
     assert code == 0 and "6 done, 0 failed" in text
 
 
+@pytest.mark.slow
 def test_split_only_cells_report_no_model_metrics(tmp_path, capsys):
     """A cell that stops after its split (A-ABL with final.epochs 0, as aabl-t1 runs it) has no trained final
     model: ACC/ASR/RA are null and read n/a in the progress line, `antibackdoor run`'s table and the report
@@ -108,6 +110,7 @@ def test_split_only_cells_report_no_model_metrics(tmp_path, capsys):
     assert capsys.readouterr().out.count("n/a (split only") == 3
 
 
+@pytest.mark.slow
 def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, capsys):
     # an infinite learning rate passes the config checks, then the first update makes the weights inf/NaN
     # (IEEE arithmetic, not rounding): those cells fail when they run, with the training loop's error
@@ -137,6 +140,7 @@ def test_a_cell_the_attack_rejects_stops_the_bench_before_anything_runs(tmp_path
     assert not (out / "runs").exists()
 
 
+@pytest.mark.slow
 def test_bench_killed_midway_reruns_only_the_missing_cells(tmp_path, capsys):
     grid = _grid(tmp_path, epochs=3)
     out = tmp_path / "out"
@@ -162,6 +166,7 @@ def test_bench_killed_midway_reruns_only_the_missing_cells(tmp_path, capsys):
     assert len(list((out / "runs").glob("*/metrics.json"))) == 3
 
 
+@pytest.mark.slow
 def test_local_worker_death_fails_its_cell_only(tmp_path):
     from antibackdoor.bench.executors import LocalExecutor
 
@@ -202,6 +207,7 @@ def test_a_cell_being_run_elsewhere_is_reported_busy(tmp_path):
     assert r["state"] == "busy"
 
 
+@pytest.mark.slow
 def test_slurm_executor_with_submitits_local_executor(tmp_path, capsys):
     pytest.importorskip("submitit")
     grid = _grid(tmp_path)
@@ -222,6 +228,7 @@ def test_parse_time():
     assert parse_time(15) == 15 and parse_time("0:10:30") == 11
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_executor_on_a_real_local_instance(tmp_path, capsys):
     pytest.importorskip("ray")

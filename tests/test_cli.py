@@ -274,6 +274,7 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path, tiny_npz, monkeypat
         assert resumed.metrics[key] == ref.metrics[key], key
 
 
+@pytest.mark.slow
 def test_console_script_and_listing(tmp_path):
     exe = [sys.executable, "-m", "antibackdoor.cli"]
     out = subprocess.run([*exe, "datasets", "--data-root", str(tmp_path)], capture_output=True, text=True)

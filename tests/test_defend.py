@@ -1,8 +1,10 @@
 """``antibackdoor defend`` end to end on folders of PNGs written here, with a trigger no attack module has.
 
 The trigger is a small two-colour sticker away from the corners (BadNets and Trojan use the corner); the
-poisoned files are relabelled to a non-zero class. Assertions are about the ranking and the report, with
-margins wide enough to hold whichever way a short fp32 training rounds on a given CPU.
+poisoned files are relabelled to a non-zero class. The defenses' scores are given (``sticker_scores``,
+``sticker_flips``: what a model that has learned the sticker would give), so the ranking, the surplus test and
+the report have known answers; the stages still train, for one epoch. How well a real short training ranks the
+stickered files is measured in benchmarks/training_outcomes.py, not asserted here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 
 import antibackdoor
 from antibackdoor.cli import main
+from antibackdoor.defenses.a_abl import AABL
 from antibackdoor.errors import DataError
 
 MINI = Path(antibackdoor.__file__).parent / "data" / "assets" / "cifar10_mini.npz"
@@ -52,6 +55,39 @@ def write_folder(root: Path, per_class: int, rate: float, seed: int = 0) -> tupl
         if i in poison:
             files.append(f"class{label}/{i:05d}.png")
     return root, files
+
+
+def stickered(d) -> torch.Tensor:
+    """Which images of an ImageSet carry the sticker (PNGs are lossless: exactly those)."""
+    ref = torch.from_numpy(sticker(np.zeros((32, 32, 3), np.uint8))[4:8, 20:24]).permute(2, 0, 1)
+    return (d.x[:, :, 4:8, 20:24].cpu() == ref).flatten(1).all(1)
+
+
+def sticker_scores(self, model, d, ctx) -> torch.Tensor:
+    """A-ABL's split scores as from a naive model that has learned the sticker: the stickered images keep their
+    label under iFGSM (loss ~0), every other image loses it (5-5.7, in no order of class)."""
+    return torch.where(stickered(d), 0.01, 5.0 + 0.1 * (torch.arange(len(d)) % 8))
+
+
+def round_robin_scores(self, model, d, ctx) -> torch.Tensor:
+    """Split scores of clean data that favour no class: the ranking takes the classes in turn."""
+    y = d.y.cpu()
+    position = torch.zeros(len(y))
+    for c in y.unique():
+        idx = (y == c).nonzero().squeeze(1)
+        position[idx] = torch.arange(len(idx), dtype=torch.float32)
+    return 5.0 + 0.01 * (position * d.num_classes + y)
+
+
+def sticker_flips(self, model, d, ctx):
+    """AIBD's flip statistics as from an infected model that has learned the sticker: a stickered image needs 60
+    steps to leave its label, any other 0-3; each goes to the next class."""
+    from antibackdoor.adversarial import PGDStats
+
+    n = len(d)
+    steps = torch.where(stickered(d), 60, torch.arange(n) % 4)
+    y = d.y.cpu()
+    return PGDStats(torch.zeros(n), steps, (y + 1) % d.num_classes, torch.zeros(n), y.clone())
 
 
 def tiny_args(out: Path, naive_epochs: int) -> list[str]:
@@ -141,8 +177,10 @@ def poisoned(tmp_path_factory):
     mask = tmp / "poison.txt"
     mask.write_text("\n".join(files) + "\n")
     out = tmp / "runs"
-    code = main(["defend", f"folder:{root}", *tiny_args(out, 12), "--poison-mask", str(mask),
-                 "--export-kept", "folder"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AABL, "split_scores", sticker_scores)
+        code = main(["defend", f"folder:{root}", *tiny_args(out, 1), "--poison-mask", str(mask),
+                     "--export-kept", "folder"])
     assert code == 0
     return run_dir_of(out), root, set(files)
 
@@ -151,18 +189,15 @@ def test_patch_trigger_is_ranked_first(poisoned):
     run_dir, _, files = poisoned
     rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    n_p = sum(r["file"] in files for r in rows)
+    assert 30 < n_p < 40  # most of the 40 poisoned files are inspected, a few are in the held-out slice
+    # the stickered files are isolated and fill the top ranks, so a poisoned file ranks above every clean one
+    assert all(r["file"] in files for r in rows[:n_p]) and [r["isolated"] for r in rows].count("yes") == n_p
     poisoned_rank = np.array([int(r["rank"]) for r in rows if r["file"] in files])
     clean_rank = np.array([int(r["rank"]) for r in rows if r["file"] not in files])
-    n_p = len(poisoned_rank)
-    assert n_p >= 30  # most of the 40 poisoned files are inspected (a few are in the held-out slice)
-    # the poisoned files fill the top ranks: most of the top n_p are poisoned (chance: 10 %) ...
-    top = sum(r["file"] in files for r in rows[:n_p])
-    assert top >= 0.6 * n_p, (top, n_p)
-    # ... and a poisoned file ranks above a clean one far more often than not (ROC AUC of the ranking)
-    auc = np.mean(poisoned_rank[:, None] < clean_rank[None, :])
-    assert auc >= 0.85, auc
+    assert np.mean(poisoned_rank[:, None] < clean_rank[None, :]) == 1.0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert np.isclose(metrics["mask"]["auc"], auc)
+    assert metrics["mask"]["auc"] == 1.0 and metrics["mask"]["tpr"] == 1.0 and metrics["mask"]["fpr"] == 0.0
     # the target class is found, with a p-value to say how sure
     assert metrics["surplus"]["target"] == TARGET and metrics["surplus"]["p"] < 1e-3
 
@@ -179,12 +214,12 @@ def test_report_shows_what_a_person_needs(poisoned):
     assert len(table) == 1 + 10 and table[0][0] == "class"
     target_row = next(r for r in table if r[0] == "class3")
     assert int(target_row[4]) > 2 * float(target_row[6])  # flagged > twice the other classes' rate
-    # the grid: the 32 most suspicious, with label and score, in rank order, mostly poisoned
+    # the grid: the 32 most suspicious, with label and score, in rank order, marked where poisoned (all here)
     assert [int(f["data-rank"]) for f in page.figures] == list(range(1, 33))
     csv_rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))[:32]
     assert [f["data-label"] for f in page.figures] == [r["class"] for r in csv_rows]
     assert all(f["data-score"] for f in page.figures)
-    assert sum("poisoned" in (f.get("class") or "") for f in page.figures) >= 16
+    assert all("poisoned" in (f.get("class") or "") for f in page.figures)
     # ground truth section and evaluation set named as what it is
     truth = dict((r[0], r[1]) for r in page.rows["mask-table"])
     assert "TPR (poisoned isolated)" in truth and "ROC AUC of the ranking" in truth
@@ -240,7 +275,7 @@ def test_same_data_reuses_the_run_and_changed_data_does_not(poisoned, capsys):
     run_dir, root, files = poisoned
     out = run_dir.parent
     mask = run_dir.parent.parent / "poison.txt"
-    args = ["defend", f"folder:{root}", *tiny_args(out, 12), "--poison-mask", str(mask)]
+    args = ["defend", f"folder:{root}", *tiny_args(out, 1), "--poison-mask", str(mask)]
     assert main(args) == 0
     assert "reusing finished run" in capsys.readouterr().err
     assert len([p for p in out.iterdir() if p.is_dir()]) == 1
@@ -262,16 +297,17 @@ def test_same_data_reuses_the_run_and_changed_data_does_not(poisoned, capsys):
 
 
 # -- clean data, bad files, flags ------------------------------------------------------------------------------
-def test_clean_folder_does_not_cry_wolf(tmp_path):
+def test_clean_folder_does_not_cry_wolf(tmp_path, monkeypatch):
     root, _ = write_folder(tmp_path / "clean", per_class=40, rate=0.0)
     out = tmp_path / "runs"
-    assert main(["defend", f"folder:{root}", *tiny_args(out, 12), "--holdout", "0"]) == 0
+    monkeypatch.setattr(AABL, "split_scores", round_robin_scores)
+    assert main(["defend", f"folder:{root}", *tiny_args(out, 1), "--holdout", "0"]) == 0
     run_dir = run_dir_of(out)
     page = parse(run_dir / "report.html")
     verdict = page.of("verdict")
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["surplus"]["target"] is None
-    assert "No class has a surplus" in verdict and f"isolated {m['isolated']} of 400 samples" in verdict
+    assert m["surplus"]["target"] is None and m["isolated"] == 200  # the lower half: 20 of each class
+    assert "No class has a surplus" in verdict and "isolated 200 of 400 samples" in verdict
     assert "not evidence of a backdoor" in verdict and "suspected" not in verdict.lower()
     assert m["acc"] is None and "no evaluation set" in (run_dir / "report.md").read_text()
 
@@ -329,22 +365,25 @@ def test_poison_mask_must_fit_the_data(tmp_path, capsys):
     assert "class0/nope.png is not a sample" in capsys.readouterr().err
 
 
-def test_aibd_suggests_labels_and_the_surplus_test_reads_its_score_ranking(tmp_path):
+def test_aibd_suggests_labels_and_the_surplus_test_reads_its_score_ranking(tmp_path, monkeypatch):
+    from antibackdoor.defenses.aibd import AIBD
+
     root, files = write_folder(tmp_path / "d", per_class=40, rate=0.1, seed=1)
     mask = tmp_path / "poison.txt"
     mask.write_text("\n".join(files) + "\n")
     out = tmp_path / "runs"
+    monkeypatch.setattr(AIBD, "flip_statistics", sticker_flips)
     args = ["defend", f"folder:{root}", "--defense", "aibd", "--model", "cnn-small", "--out", str(out),
             "--holdout", "0", "--poison-mask", str(mask), "--ra-samples", "1",
-            "--defense-param", "infected.epochs=12", "--defense-param", "retrain.epochs=1",
+            "--defense-param", "infected.epochs=1", "--defense-param", "retrain.epochs=1",
             "--defense-param", "qs=[0.1]", "--defense-param", "pgd_cap=64"]
     assert main(args) == 0
     run_dir = run_dir_of(out)
     rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))
     isolated = [r for r in rows if r["isolated"] == "yes"]
     assert len(isolated) == 40 and rows[:40] == isolated  # isolated first
-    # the target filter isolates within the guessed class only ...
-    assert {r["class"] for r in isolated} == {"class3"}
+    # the target filter isolates within the guessed class only: the 40 stickered files
+    assert {r["class"] for r in isolated} == {"class3"} and {r["file"] for r in isolated} == set(files)
     # ... so the surplus test reads the ranking by score alone, not the isolation: its counts are those of the
     # top of that ranking (here the class table's depth), whatever the filter kept
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -355,9 +394,8 @@ def test_aibd_suggests_labels_and_the_surplus_test_reads_its_score_ranking(tmp_p
     assert [sum(r["class"] == row["name"] for r in by_score) for row in m["surplus"]["rows"]] == \
         [row["flagged"] for row in m["surplus"]["rows"]]
     # isolated samples that flipped carry the label AIBD trained them with
-    suggested = [r for r in isolated if r["suggested_label"]]
-    assert suggested and all(r["suggested_class"] != r["class"] for r in suggested)
-    assert m["mask"]["auc"] >= 0.85, m["mask"]
+    assert all(r["suggested_class"] == "class4" for r in isolated)
+    assert m["mask"]["auc"] == 1.0 and m["mask"]["tpr"] == 1.0
     # the report shows AIBD's own target guess: the class, its p-value, what the filter did, the surplus bars
     from antibackdoor.surplus import fmt_p
 

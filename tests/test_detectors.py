@@ -15,7 +15,6 @@ from antibackdoor.defenses.base import DefenseContext
 from antibackdoor.detectors import DETECTORS, IsolationRule, apply_rule, detection_metrics, get_detector
 from antibackdoor.detectors.base import DetectionResult
 from antibackdoor.errors import ConfigError
-from antibackdoor.stages import fit as stages
 
 
 class FeatureModel(nn.Module):
@@ -231,14 +230,31 @@ def test_core_scorers_are_unchanged(small_train):
     ref = amplified_scores(flip_counts(stats, 20), stats.grad_norm)
     r = get_detector("aibd-flip", overrides={"pgd_cap": 20}).score(data, ctx, model=model)
     assert torch.equal(r.scores, ref) and torch.equal(r.labels, stats.flip_label)
-    filtered = get_detector("aibd-flip", overrides={"pgd_cap": 20, "target_filter": True, "rule": {
-        "kind": "top", "value": 0.05}}).score(data, ctx, model=model)
-    target = filtered.info["target"]
-    assert filtered.info["target_filter_applied"] == (target is not None) and 0 <= filtered.info["target_p"] <= 1
-    if target is None:  # no class has a significant surplus on this tiny, untrained example: nothing filtered
-        assert torch.equal(filtered.scores, ref)
-    else:
-        assert (data.y[filtered.isolated] == target).all()
+
+
+def test_aibd_flip_target_filter_on_a_known_classifier():
+    """aibd-flip's target filter on KnownMargins, whose flip counts are the margins written in the images (1-8
+    steps alike in every class): BadNets poison labelled 3 never flips, so class 3 crowds the top of the ranking,
+    the filter scores only class 3 and the top-5 % rule isolates exactly the poison; on the same data without
+    poison no class has a surplus and the filter leaves the scores as they are."""
+    from conftest import KnownMargins, known_margin_set
+
+    classes, target, n = 10, 3, 600
+    data = known_margin_set(1 + torch.arange(n) // classes % 8, torch.arange(n) % classes, classes)
+    model = KnownMargins(classes, target)
+    ctx = DefenseContext(lambda: model)
+    over = {"pgd_cap": 20, "rule": {"kind": "top", "value": 0.05}}
+    filtered = get_detector("aibd-flip", overrides={**over, "target_filter": True})
+    plain = get_detector("aibd-flip", overrides=over)
+    poisoned = ab.get_attack("badnets").poison(data, 0.05, target, ab.seeded(0))
+    r = filtered.score(poisoned.data, ctx, model=model)
+    assert r.info["target"] == target and r.info["target_filter_applied"] and r.info["target_p"] < 1e-6
+    assert torch.equal(r.isolated, poisoned.poison_mask)
+    others = poisoned.data.y != target
+    assert r.scores[others].max() < r.scores[~others].min()  # every other class ranks below the candidates
+    clean = filtered.score(data, ctx, model=model)
+    assert clean.info["target"] is None and not clean.info["target_filter_applied"]
+    assert torch.equal(clean.scores, plain.score(data, ctx, model=model).scores)
 
 
 def test_paper_settings_give_isolate_then_train_the_defenses_split(small_train):
@@ -288,11 +304,12 @@ def test_isolate_then_train_quick_is_a_abl(small_train):
 
 
 @pytest.mark.parametrize("treatment", ["drop", "relabel", "unlearn"])
-def test_treatments_train_on_what_they_say(small_train, monkeypatch, treatment):
+def test_treatments_train_on_what_they_say(small_train, monkeypatch, train_calls, treatment):
     data = small_train
-    isolated = torch.zeros(len(data), dtype=torch.bool)
+    n = len(data)
+    isolated = torch.zeros(n, dtype=torch.bool)
     isolated[:30] = True
-    proposed = torch.full((len(data),), -1)
+    proposed = torch.full((n,), -1)
     proposed[:20] = (data.y[:20] + 1) % 10  # a proposed label for 20 of the 30 isolated samples
 
     def fake_score(self, d, ctx, model=None):
@@ -300,24 +317,24 @@ def test_treatments_train_on_what_they_say(small_train, monkeypatch, treatment):
                                None, {"threshold": None})
 
     monkeypatch.setattr(DETECTORS["spectral-signature"], "score", fake_score)
-    seen = {}
-
-    def spy(model, d, cfg, **kw):
-        seen.update(n=len(d), y=d.y.clone(), w=kw.get("sample_weight"))
-        return []
-
-    monkeypatch.setattr(stages, "train", spy)
+    train_calls.train = False  # what is trained on is the point, not the training
     r = ab.get_defense("isolate-then-train", "quick", {"detector": "spectral-signature", "treatment": treatment,
                                                        "train": {"adversary": None}}).run(
         data, DefenseContext(ab.model_factory("cnn-small", data)))
     assert torch.equal(r.kept, ~isolated)
-    if treatment == "drop":
-        assert seen["n"] == len(data) - 30 and seen["w"] is None and torch.equal(seen["y"], data.y[30:])
-    elif treatment == "relabel":  # proposed labels where given; without one the sample is dropped
-        assert seen["n"] == len(data) - 10 and torch.equal(seen["y"][:20], proposed[:20])
-        assert torch.equal(r.new_labels[:20], proposed[:20])
-    else:
-        assert seen["n"] == len(data) and (seen["w"][:30] == -1).all() and (seen["w"][30:] == 1).all()
+    relabelled = torch.where(proposed >= 0, proposed, data.y)
+    # per treatment: the samples trained on, their labels, their loss weights; relabel drops an isolated sample
+    # without a proposed label, unlearn keeps every isolated one with weight -1
+    trained, labels, weight = {
+        "drop": (~isolated, data.y, torch.ones(n)),
+        "relabel": (~isolated | (proposed >= 0), relabelled, torch.ones(n)),
+        "unlearn": (torch.ones(n, dtype=torch.bool), data.y, torch.where(isolated, -1.0, 1.0)),
+    }[treatment]
+    (call,) = train_calls
+    assert torch.equal(call.data.y, labels[trained])
+    given = call.kwargs["sample_weight"]  # None: every weight 1
+    assert torch.equal(torch.ones(len(call.data)) if given is None else given.cpu(), weight[trained])
+    assert torch.equal(r.new_labels if r.new_labels is not None else data.y, labels)
 
 
 def test_isolate_then_train_end_to_end(tmp_path, tiny_npz):

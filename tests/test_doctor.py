@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from antibackdoor.cli import main
@@ -20,6 +21,7 @@ def test_flop_count_of_the_quick_cnn():
     assert train_flops(m, (3, 32, 32)) == 3 * fwd - first
 
 
+@pytest.mark.slow
 def test_doctor_json_quick(capsys):
     assert main(["doctor", "--quick", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

@@ -30,24 +30,11 @@ def _ctx(train: ImageSet, cache: StageCache | None, seed: int = 0) -> DefenseCon
     return DefenseContext(factory, seed=seed, stage_cache=cache)
 
 
-@pytest.fixture()
-def counted_train(monkeypatch):
-    calls = []
-    real = stages_mod.train
-
-    def wrapper(*args, **kwargs):
-        calls.append(kwargs.get("desc"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(stages_mod, "train", wrapper)
-    return calls
-
-
-def test_second_stage_is_loaded_identical(tmp_path, small_train, counted_train):
+def test_second_stage_is_loaded_identical(tmp_path, small_train, train_calls):
     cache = StageCache(tmp_path / "stages")
     m1, h1 = stages_mod.train_stage(_ctx(small_train, cache), small_train, CFG, "naive")
     m2, h2 = stages_mod.train_stage(_ctx(small_train, cache), small_train, CFG, "train")  # another stage name
-    assert counted_train == ["naive"]  # trained once, then loaded
+    assert train_calls.stages == ["naive"]  # trained once, then loaded
     assert [e["hit"] for e in cache.events] == [False, True]
     assert h1 == h2 and len(h1) == 2
     s1, s2 = m1.state_dict(), m2.state_dict()
@@ -83,20 +70,20 @@ def test_key_covers_what_decides_the_model(tmp_path, small_train):
     assert len(set(variants)) == len(variants) and base not in variants
 
 
-def test_epoch_callback_stages_are_not_cached(tmp_path, small_train, counted_train):
+def test_epoch_callback_stages_are_not_cached(tmp_path, small_train, train_calls):
     cache = StageCache(tmp_path)
     for _ in range(2):
         stages_mod.train_stage(_ctx(small_train, cache), small_train, CFG, "q", on_epoch_end=lambda e, m: {})
-    assert counted_train == ["q", "q"] and cache.events == []
+    assert train_calls.stages == ["q", "q"] and cache.events == []
 
 
-def test_unreadable_entry_is_retrained(tmp_path, small_train, counted_train):
+def test_unreadable_entry_is_retrained(tmp_path, small_train, train_calls):
     cache = StageCache(tmp_path)
     stages_mod.train_stage(_ctx(small_train, cache), small_train, CFG, "naive")
     entry = next(tmp_path.glob("*.safetensors"))
     entry.write_bytes(b"not a safetensors file")
     stages_mod.train_stage(_ctx(small_train, cache), small_train, CFG, "naive")
-    assert counted_train == ["naive", "naive"]
+    assert train_calls.stages == ["naive", "naive"]
     assert entry.stat().st_size > 1000  # rewritten
 
 
@@ -119,6 +106,7 @@ def _worker(root: str, out: str, tag: str) -> None:
         json.dump({"w": float(model.weight.mean()), "hit": cache.events[0]["hit"]}, f)
 
 
+@pytest.mark.slow
 def test_concurrent_workers_train_a_stage_once(tmp_path):
     ctx = mp.get_context("spawn")
     out = str(tmp_path / "fits.txt")
@@ -157,7 +145,7 @@ def test_runs_sharing_a_stage_equal_runs_that_train_it(tmp_path):
     assert (cached.run_dir / "isolation.csv").read_text() == (plain.run_dir / "isolation.csv").read_text()
 
 
-def test_stage_precision_is_part_of_the_key(tmp_path, small_train, counted_train):
+def test_stage_precision_is_part_of_the_key(tmp_path, small_train, train_calls):
     """train_stage keys the entry by the context's resolved precision: the same stage under another precision
     (here fp32 without channels_last) is trained, not loaded; under the same one it is loaded."""
     cache = StageCache(tmp_path)
@@ -165,5 +153,5 @@ def test_stage_precision_is_part_of_the_key(tmp_path, small_train, counted_train
         ctx = _ctx(small_train, cache)
         ctx.precision = prec
         stages_mod.train_stage(ctx, small_train, CFG, "naive")
-    assert counted_train == ["naive", "naive"]
+    assert train_calls.stages == ["naive", "naive"]
     assert [e["hit"] for e in cache.events] == [False, False, True]
