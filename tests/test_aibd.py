@@ -69,7 +69,7 @@ def test_flip_counts_are_the_known_margins(cap):
     y = torch.arange(40) % 4
     ps = get_attack("badnets").poison(known_margin_set(margins, y, 4), 0.1, 2, torch.Generator().manual_seed(0))
     data, poison = ps.data, ps.poison_mask
-    stats = pgd_statistics(KnownMargins(4, 2), data.x, data.y, flip_config(AIBDParams(pgd_cap=cap)), batch_size=16)
+    stats = pgd_statistics(KnownMargins(4, 2), data.x, data.y, flip_config(AIBDParams().pgd_step, cap), batch_size=16)
     k = flip_counts(stats, cap)
     flips = ~poison & (margins <= cap)
     assert torch.equal(k, torch.where(flips, margins, cap))
