@@ -27,7 +27,7 @@ from torch import nn
 from .attacks.base import ATTACKS, Attack, PoisonedSet, get_attack
 from .caching import atomic_write
 from .config import from_dict, to_dict
-from .data.imageset import DatasetSplits, ImageSet, PaperSettings
+from .data.imageset import DatasetSplits, GroundTruth, ImageSet, PaperSettings
 from .data.registry import load_dataset
 from .data.trusted import reserve_trusted
 from .defenses.base import Defense, DefenseContext, DefenseResult, get_defense, sample_flags
@@ -315,7 +315,10 @@ class Experiment:
             trusted, train_set = train_set.subset(trusted_mask), train_set.subset(~trusted_mask)
             log.info("trusted slice: %d clean samples (%.3g of the training data) reserved before poisoning",
                      len(trusted), fraction)
-        if attack is None:
+        outside = outside_truth(splits.truth, train_set, trusted_mask) if attack is None else None
+        if outside is not None:  # data that came poisoned: the evaluation reads its ground truth
+            poisoned = outside.poisoned
+        elif attack is None:
             poisoned = no_poison(train_set, c.target)
         else:
             log.info("attack: %s at rate %g towards class %d", c.attack, c.poison_rate, c.target)
@@ -336,7 +339,8 @@ class Experiment:
         trained = ctx.is_trained(result.model)
         metrics: dict[str, Any] = {"model_trained": trained}
         if trained:
-            metrics.update(self._evaluate(result.model.eval(), test_set, attack, device, prec))
+            metrics.update(self._evaluate(result.model.eval(), test_set, attack, device, prec,
+                                          outside.triggered if outside is not None else None))
         else:  # a split-only run: no stage trained the returned model, so it has no ACC/ASR/RA to report
             log.info("no stage trained the final model (split only): ACC, ASR and RA are not applicable")
             metrics.update({"acc": None, "asr": None, "ra": None})
@@ -352,6 +356,8 @@ class Experiment:
             suspicion = result.scores.double() * (1 if result.higher_is_suspicious else -1)
             metrics["auc"] = roc_auc(suspicion, poisoned.poison_mask)  # how well the scores rank the poison
         metrics["poisoned"] = poisoned.num_poison
+        if outside is not None:
+            metrics["truth"] = outside.summary
         metrics["train_size"] = len(train_set)
         if trusted_mask is not None:
             metrics["trusted_size"] = int(trusted_mask.sum())
@@ -370,12 +376,14 @@ class Experiment:
         return RunResult(run_dir, metrics, result=result, poisoned=poisoned)
 
     def _evaluate(self, model: nn.Module, test_set: ImageSet, attack: Attack | None, device: torch.device,
-                  prec: Precision) -> dict[str, Any]:
-        """ACC, ASR (None without an attack) and RA of the final model."""
+                  prec: Precision, triggered: ImageSet | None = None) -> dict[str, Any]:
+        """ACC, ASR (None without an attack or ``triggered``, the outside trigger's test set) and RA."""
         c = self.config
         out: dict[str, Any] = {"acc": accuracy(model, test_set, device, prec), "asr": None}
         if attack is not None:
-            out["asr"] = attack_success_rate(model, attack.triggered_test(test_set, c.target), device, prec)
+            triggered = attack.triggered_test(test_set, c.target)
+        if triggered is not None:
+            out["asr"] = attack_success_rate(model, triggered.to(device), device, prec)
         ra_set = test_set
         if c.eval.ra_samples:
             ra_set = test_set.subset(torch.arange(min(c.eval.ra_samples, len(test_set))))
@@ -395,6 +403,31 @@ class Experiment:
                             xlabel=result.score_name or "score", threshold=result.info.get("threshold"),
                             title=f"{self.config.attack} / {self.config.defense}")
         resolved.defense.write_plots(result, poisoned.poison_mask, run_dir, true_labels=poisoned.true_labels.cpu())
+
+
+@dataclass
+class OutsideTruth:
+    """The ground truth of data that came poisoned (``outside:``), as a run with ``--attack none`` uses it."""
+
+    poisoned: PoisonedSet  # the training data as given, with the truth of its samples
+    triggered: ImageSet  # the trigger's test set (ASR)
+    summary: dict[str, Any]  # metrics.json ``truth``: trigger, target, poison in the trusted slice
+
+
+def outside_truth(truth: GroundTruth | None, train: ImageSet, trusted_mask: torch.Tensor | None) -> OutsideTruth | None:
+    """What a run with ``--attack none`` on data that came poisoned reports like a run with an attack: the
+    dataset's ground truth (None: an ordinary data set) for the samples the defense got, i.e. without the
+    trusted slice a defense reserved first (which may hold poison here: ``trusted_poison`` counts it)."""
+    if truth is None:
+        return None
+    mask, labels = truth.poison_mask.cpu(), truth.true_labels.cpu()
+    summary: dict[str, Any] = {"trigger": truth.trigger, "target": truth.target}
+    if trusted_mask is not None:
+        keep = ~trusted_mask.cpu()
+        summary["trusted_poison"] = int((mask & ~keep).sum())
+        mask, labels = mask[keep], labels[keep]
+    poisoned = PoisonedSet(train, mask, labels, truth.target, f"outside:{truth.trigger}")
+    return OutsideTruth(poisoned, truth.triggered_test, summary)
 
 
 def sample_flag_counts(stats: dict[str, torch.Tensor], poison_mask: torch.Tensor) -> dict[str, dict[str, int]]:
