@@ -261,7 +261,8 @@ def test_bench_runs_an_outside_data_set_and_the_report_shows_its_columns(tmp_pat
         "name": "outside", "datasets": [f"npz:{npz}", f"outside:own-patch?target=1,rate=0.2,base=npz:{npz}"],
         "attacks": ["none"], "models": ["cnn-small"], "precision": "fp32",
         "defenses": [{"name": "none", "label": "none", "params": {"train": {"epochs": 1}}}],
-        "eval": {"ra_steps": 1, "ra_samples": 8}, "columns": ["asr", "poisoned", {"path": "truth.trigger", "label": "trigger"}]}))
+        "eval": {"ra_steps": 1, "ra_samples": 8},
+        "columns": ["asr", "poisoned", {"path": "truth.trigger", "label": "trigger"}]}))
     out = tmp_path / "out"
     code, _, err = _bench([str(grid), "--out", str(out), "--no-stage-cache", "--threads", "1"], capsys)
     assert code == 0, err

@@ -198,3 +198,5 @@ def test_the_benchmark_grids_expand_into_valid_runs(path):
     for c in kept:
         make_config(c.config)
     parse_columns(grid.columns, path.name)
+    # every attack and defense can be picked on the command line, whose lists are comma-separated
+    assert not [c.label for c in grid.attacks + grid.defenses if c.label and "," in c.label]
