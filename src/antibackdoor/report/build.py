@@ -199,7 +199,7 @@ def write_report(root: str | Path, title: str | None = None, columns: str | list
         key = f"{m['name']}-{m['preset']}"
         recs = [r for r in records if key in r.manifests]
         cols = asked if asked is not None else parse_columns(m.get("columns") or [], f"{key}: columns")
-        extra += [c for c in expand(cols, recs) if c not in extra]
+        extra += [c for c in expand(cols, recs) if c.path not in {e.path for e in extra}]
         suite = SUITES.get(m.get("suite") or "")
         if suite is not None:
             sections.append(_section(f"{suite.name} ({m['preset']}): {suite.title}", recs, list(suite.tables),
@@ -212,7 +212,7 @@ def write_report(root: str | Path, title: str | None = None, columns: str | list
     rest = [r for r in records if not r.manifests]
     if rest:
         specs, trecs = _generic_specs(rest)
-        extra += [c for c in expand(asked or [], rest) if c not in extra]
+        extra += [c for c in expand(asked or [], rest) if c.path not in {e.path for e in extra}]
         sections.append(_section("runs not in a bench manifest" if manifests else "runs", rest, specs,
                                  _auto_figures(rest), folder, "runs", table_records=trecs, columns=asked))
     csv_path = write_results_csv(records, root / "results.csv", extra)
