@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_aabl_levers import label, parse_entry, pct
+from _common import label, parse_entry, pct
 
 
 def main(argv: list[str] | None = None) -> int:

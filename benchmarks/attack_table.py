@@ -17,7 +17,6 @@ so that an attack can appear with its defaults and with a stronger setting in th
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from _common import parse_entry, pct
 
 #: A-ABL Table 1 (CIFAR-10): A = isolated by the split, B = left in D_vul (suppressed by adversarial training)
 CATEGORY = {"badnets": "A", "trojan": "A", "clb": "A", "iab": "A", "blend": "B", "ssba": "B", "wanet": "B"}
@@ -42,22 +42,11 @@ def parse_params(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
-    """``NAME[:KEY=VALUE...]`` -> (name, params)."""
-    name, *pairs = entry.strip().split(":")
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--attacks: expected NAME:KEY=VALUE, got {entry!r}")
-        params[key.strip()] = yaml.safe_load(value)
-    return name, params
-
-
 def run_attack(name: str, params: dict[str, Any], splits, args) -> dict[str, Any]:
+    from antibackdoor.defenses.stages import otsu_threshold, train_stage
+
     from antibackdoor.attacks import get_attack
     from antibackdoor.defenses import DefenseContext, get_defense
-    from antibackdoor.defenses.stages import otsu_threshold, train_stage
     from antibackdoor.metrics import accuracy, attack_success_rate, split_metrics
     from antibackdoor.models import build_model
 
@@ -105,10 +94,6 @@ def _with_epochs(cfg, epochs: int):
     from dataclasses import replace
 
     return replace(cfg, epochs=epochs)
-
-
-def pct(v: float) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -3,7 +3,8 @@
     python benchmarks/bench_detectors.py [--attacks badnets,blend,sig,iab,trojan,clb,ssba,wanet]
         [--detectors all] [--target 0] [--seed 0] [--poison-rate 0.1] [--out runs/detectors] [--threads 2]
 
-Attacks ``own-patch`` and ``own-blend`` are triggers written into the data outside the tool (``own_triggers.py``).
+Attacks ``own-patch`` and ``own-blend`` are triggers written into the data before the tool sees it (the data set
+``outside:TRIGGER?target=T``, docs/datasets.md).
 One suspect model per attack (the quick recipe shared by the model-based detectors: A-ABL's naive stage) is
 trained once and scored by every detector, so the detectors differ only in how they score. Writes, under
 --out: per attack the suspect model and every detector's scores (scores_<attack>.npz, reused by later runs),
@@ -22,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from own_triggers import OWN, write_own
+from _common import pct
+from antibackdoor.defenses.stages import train_stage
 
 import antibackdoor as ab
+from antibackdoor.data.outside import TRIGGERS
 from antibackdoor.defenses.base import DefenseContext
-from antibackdoor.defenses.stages import train_stage
 from antibackdoor.detectors import DETECTORS, DetectionResult, detection_metrics, get_detector
 from antibackdoor.detectors.base import QUICK_SUSPECT
 from antibackdoor.detectors.evaluate import roc_curve_points
@@ -35,10 +37,6 @@ from antibackdoor.precision import resolve_precision, use_precision
 TABLE2 = ("badnets", "blend", "sig", "iab", "trojan")
 TABLE5 = ("badnets", "trojan", "clb", "iab", "blend", "ssba", "wanet")
 AUG = ("randaugment-sce", "autoaugment-sce", "augmix-sce", "ifgsm-sce")
-
-
-def pct(v) -> str:
-    return "-" if v is None or v != v else f"{100 * v:.1f}"
 
 
 def suspect_model(data, ctx: DefenseContext, path: Path, cfg):
@@ -84,9 +82,9 @@ def main() -> None:
         key = f"{attack_name}-t{a.target}-s{a.seed}"
         work = out / key
         work.mkdir(parents=True, exist_ok=True)
-        if attack_name in OWN:  # a trigger written into the data outside the tool (own_triggers.py)
-            own = write_own("cifar10-mini", attack_name, a.target, a.poison_rate, a.seed, out)
-            data, mask, triggered = ab.load_dataset(own.dataset).train, torch.from_numpy(own.poison), own.triggered
+        if attack_name in TRIGGERS:  # a trigger written into the data before the tool sees it (outside:)
+            own = ab.load_dataset(f"outside:{attack_name}?target={a.target},rate={a.poison_rate},seed={a.seed}")
+            data, mask, triggered = own.train, own.truth.poison_mask, own.truth.triggered_test
         else:
             attack = ab.get_attack(attack_name)
             with use_precision(prec):  # the attack's own networks (IAB, SSBA, CLB, Trojan) too

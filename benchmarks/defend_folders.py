@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import pct
 from PIL import Image
 
 import antibackdoor
@@ -113,10 +114,6 @@ def trigger_success(model, kind: str, target: int) -> float:
     xt = torch.from_numpy(TRIGGERS[kind](x[keep])).permute(0, 3, 1, 2).float() / 255
     pred = torch.cat([model(xt[s:s + 512]).argmax(1) for s in range(0, len(xt), 512)])
     return float((pred == target).float().mean())
-
-
-def pct(v) -> str:
-    return "-" if v is None or v != v else f"{100 * v:.1f}"
 
 
 def main() -> None:

@@ -61,9 +61,10 @@ def fresh_cache():
 
 
 def aabl_split(seed: int) -> list[Row]:
+    from antibackdoor.defenses.stages import otsu_threshold
+
     import antibackdoor as ab
     from antibackdoor.defenses import stages
-    from antibackdoor.defenses.stages import otsu_threshold
 
     mini = ab.load_dataset("cifar10-mini")
     torch.manual_seed(seed)
@@ -245,9 +246,10 @@ def iab(seed: int) -> list[Row]:
 
 
 def small(seed: int) -> list[Row]:
+    from antibackdoor.defenses.stages import sample_losses, unlearn
+
     import antibackdoor as ab
     from antibackdoor.attacks import get_attack
-    from antibackdoor.defenses.stages import sample_losses, unlearn
     from antibackdoor.metrics import accuracy
     from antibackdoor.models import build_model
     from antibackdoor.training import TrainConfig, train

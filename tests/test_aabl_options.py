@@ -3,7 +3,6 @@ inputs and a model with known predictions; nothing here depends on a training ru
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -131,46 +130,6 @@ def test_sample_flag_counts_count_flagged_poison():
     counts = sample_flag_counts(stats, poison)
     assert counts == {"taken_back": {"samples": 3, "poison": 1}}
     json.dumps(counts, allow_nan=False)
-
-
-def _levers_bench():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_aabl_levers.py"
-    spec = importlib.util.spec_from_file_location("bench_aabl_levers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_levers_bench_cells_keep_the_paper_variant_and_count_the_final_set(capsys):
-    bench = _levers_bench()
-    argv = ["--dry-run", "--attacks", "pixels:pixels=4", "--targets", "3", "--set", "takeback_epochs=9"]
-    assert bench.main(argv) == 0
-    assert len(capsys.readouterr().out.splitlines()) == len(bench.VARIANTS)
-    args = argparse.Namespace(attacks="pixels:pixels=4", targets="3", variants="a-abl,takeback,split_log+purge",
-                              set=["takeback_epochs=9", "naive.crop=0"], seed=0, runs="r", precision="fp32",
-                              dataset="npz:x.npz")
-    plain, back, purge = (c["config"] for c in bench.cells(args))
-    assert plain["defense_params"] == {}  # the paper's A-ABL never gets the --set values
-    assert back["defense_params"] == {"takeback_epochs": 9, "naive": {"crop": 0}}  # dotted keys nest
-    assert purge["defense_params"] == {"split_log": True, "purge": True, "takeback_epochs": 9, "naive": {"crop": 0}}
-    assert back["attack_params"] == {"pixels": 4} and back["target"] == 3 and back["dataset"] == "npz:x.npz"
-    metrics = {"acc": 0.5, "asr": 0.1, "ra": 0.2, "gamma": 0.8, "rho_vul": 0.01, "tpr": 0.9, "fpr": 0.1,
-               "train_size": 1000, "isolated": 200, "isolated_poison": 90, "poisoned": 100, "time_total_s": 12,
-               "sample_flags": {"taken_back": {"samples": 150, "poison": 5}}}
-    line = bench.row({"variant": "takeback", "attack_label": "pixels pixels=4", "config": back}, metrics)
-    # final set: 800 kept (10 poisoned) + 150 taken back (5 poisoned) = 15 / 950
-    assert "| 150 (5) | - | 1.6 | 12 |" in line
-    metrics["sample_flags"] = {"purged": {"samples": 50, "poison": 8}}
-    line = bench.row({"variant": "purge", "attack_label": "pixels pixels=4", "config": purge}, metrics)
-    # final set: 800 kept (10 poisoned) - 50 purged (8 poisoned) = 2 / 750
-    assert "| - | 50 (8) | 0.3 | 12 |" in line
-    del metrics["sample_flags"]
-    metrics["defense_info"] = {"purge_target": None}
-    line = bench.row({"variant": "purge", "attack_label": "pixels pixels=4", "config": purge}, metrics)
-    assert "| - | no surplus | 1.2 | 12 |" in line  # 10 / 800 = 1.25 %
 
 
 def test_cli_runs_pixels_with_a_abl_plus_and_records_the_take_back(tmp_path, tiny_npz, capsys, monkeypatch):
@@ -348,20 +307,6 @@ def test_asr_floor_measures_every_trigger_on_a_model_trained_on_clean_data(tmp_p
     (run_dir,) = (tmp_path / "runs").iterdir()  # one clean run, shared by every trigger
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["poisoned"] == 0 and metrics["asr"] is None
-
-
-def test_own_triggers_reads_the_flag_columns_of_isolation_csv(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from own_triggers import read_flags
-
-    (tmp_path / "isolation.csv").write_text("index,sce_adv,kept,is_poison,is_cover,new_label,purged\n"
-                                            "0,0.1,1,0,0,2,1\n1,0.2,0,0,0,1,0\n2,0.3,1,0,0,0,1\n")
-    flags = read_flags(tmp_path)
-    assert list(flags) == ["purged"] and flags["purged"].tolist() == [True, False, True]
-    (tmp_path / "isolation.csv").write_text("index,score,kept,is_poison,is_cover\n0,,1,0,0\n")
-    assert read_flags(tmp_path) == {}
 
 
 def test_take_back_after_a_purge_keeps_the_purged_samples_out(small_train, monkeypatch, train_calls):

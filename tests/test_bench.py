@@ -257,3 +257,31 @@ def test_plan_counts_each_cells_training_and_groups_equal_poisoned_data(tmp_path
     assert none.passes >= 2 * n_train and aabl.passes >= 2 * n_train + 1 * n_train * (1 + 1)
     assert [k for k, _ in none.shared] == [k for k, _ in aabl.shared] and len(none.shared) == 1  # the naive stage
     assert none.group == aabl.group != by[("badnets", "none", 1)].group
+
+
+def test_bench_runs_an_outside_data_set_and_the_report_shows_its_columns(tmp_path, capsys):
+    """A grid naming a data set that comes poisoned: its cell runs with attack none, records the ground truth's
+    numbers, and the manifest's columns become the report's per-run table."""
+    npz = write_npz(tmp_path / "tiny.npz")
+    grid = tmp_path / "outside.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "outside", "datasets": [f"npz:{npz}", f"outside:own-patch?target=1,rate=0.2,base=npz:{npz}"],
+        "attacks": ["none"], "models": ["cnn-small"], "precision": "fp32",
+        "defenses": [{"name": "none", "label": "none", "params": {"train": {"epochs": 1}}}],
+        "eval": {"ra_steps": 1, "ra_samples": 8},
+        "columns": ["asr", "poisoned", {"path": "truth.trigger", "label": "trigger"}]}))
+    out = tmp_path / "out"
+    code, _, err = _bench([str(grid), "--out", str(out), "--no-stage-cache", "--threads", "1"], capsys)
+    assert code == 0, err
+    assert "own-patch / none / cnn-small / rate 0.2 / target 1" in err  # labelled by what the data holds
+    manifest = _strict(out / "bench" / "outside-quick.json")
+    assert manifest["columns"][:2] == ["asr", "poisoned"]
+    assert main(["report", str(out)]) == 0
+    capsys.readouterr()
+    part = (out / "report.md").read_text().split("### Per run")[1].split("###")[0]
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in part.splitlines() if ln.startswith("|")]
+    assert rows[0] == ["attack", "target", "defense", "asr", "poisoned", "trigger"]
+    (clean,) = [r for r in rows[2:] if r[0] == "clean"]
+    (patch,) = [r for r in rows[2:] if r[0] == "own-patch"]
+    assert clean[1:] == ["0", "none", "–", "0", "–"]
+    assert patch[1:3] == ["1", "none"] and patch[4:] == ["48", "own-patch"] and 0 <= float(patch[3]) <= 100

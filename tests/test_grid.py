@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,56 @@ def test_find_registered_ignores_case_and_punctuation():
     reg = {"d-st": 1, "abl": 2}
     assert find_registered("D_ST", reg) == "d-st" and find_registered("dst", reg) == "d-st"
     assert find_registered("ABL", reg) == "abl" and find_registered("cbd", reg) is None
+
+
+def test_outside_data_sets_are_cells_labelled_by_their_trigger():
+    outside = ["outside:own-patch?target=7", "outside:own-blend?target=3,rate=0.05"]
+    g = Grid.from_dict({"datasets": ["cifar10-mini", *outside],
+                        "attacks": ["badnets", "none"], "defenses": ["none"], "targets": [0, 3],
+                        "precision": "fp32", "exclude": [{"dataset": "outside:*", "attack": "badnets"}],
+                        "columns": ["acc", {"path": "defense_info.q", "label": "q"}]})
+    cells = g.cells()
+    by = {(c.config["dataset"], c.config["attack"], c.config["target"]): c for c in cells}
+    assert set(by) == {("cifar10-mini", "badnets", 0), ("cifar10-mini", "badnets", 3), ("cifar10-mini", "none", 0),
+                       ("outside:own-patch?target=7", "none", 0), ("outside:own-blend?target=3,rate=0.05", "none", 0)}
+    assert all(c.config["precision"] == "fp32" for c in cells)
+    patch = by[("outside:own-patch?target=7", "none", 0)].axes
+    assert (patch["dataset"], patch["attack"], patch["attack_name"], patch["target"], patch["poison_rate"]) == \
+        ("cifar10-mini", "own-patch", "own-patch", 7, 0.1)
+    assert by[("outside:own-blend?target=3,rate=0.05", "none", 0)].axes["poison_rate"] == 0.05
+    assert by[("cifar10-mini", "none", 0)].axes["attack_name"] == "none"  # ordinary clean data stays clean
+    assert g.columns == ["acc", {"path": "defense_info.q", "label": "q"}]
+    for bad in (["acc", 3], [{"path": "acc", "colour": 1}], "acc"):
+        with pytest.raises(ConfigError, match="columns"):
+            Grid.from_dict({"columns": bad})
+
+
+def test_a_label_picks_its_variant_alone_a_name_every_variant():
+    spec = {"defenses": ["abl", {"name": "abl", "label": "abl-sample", "params": {"per_sample": True}},
+                         {"name": "a-abl", "label": "split_log", "params": {"split_log": True}},
+                         {"name": "a-abl", "label": "purge", "params": {"purge": True}}]}
+
+    def pick(*wanted: str) -> list[str]:
+        return [d.label or d.name for d in restrict(Grid.from_dict(spec), only={"defenses": list(wanted)}).defenses]
+
+    assert pick("abl") == ["abl"] and pick("abl-sample") == ["abl-sample"] and pick("ABL-Sample") == ["abl-sample"]
+    assert pick("a-abl") == ["split_log", "purge"] and pick("abl", "purge") == ["abl", "purge"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "grids").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_benchmark_grids_expand_into_valid_runs(path):
+    """Every grid under benchmarks/grids/ loads, its methods exist and accept its parameters, every cell is a
+    valid run config, and its report columns parse."""
+    from antibackdoor.experiment import make_config
+    from antibackdoor.report.columns import parse_columns
+
+    grid, _ = load_grid(str(path), None)
+    cells = grid.cells()
+    kept, missing = check_methods(cells, grid.preset)
+    assert cells and len(kept) == len(cells) and not missing
+    for c in kept:
+        make_config(c.config)
+    parse_columns(grid.columns, path.name)
+    # every attack and defense can be picked on the command line, whose lists are comma-separated
+    assert not [c.label for c in grid.attacks + grid.defenses if c.label and "," in c.label]

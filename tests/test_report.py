@@ -22,6 +22,7 @@ from antibackdoor.bench.runner import restrict
 from antibackdoor.bench.suites import SUITES
 from antibackdoor.cli import main
 from antibackdoor.jsonutil import write_json
+from antibackdoor.report.collect import default_axes
 
 # synthetic results: (ACC, ASR) per (attack, defense); ASR None on clean data
 RESULTS = {("none", "none"): (0.70, None), ("badnets", "none"): (0.61, 0.95), ("blend", "none"): (0.66, 0.98),
@@ -255,3 +256,89 @@ def test_report_page_in_a_headless_browser(tmp_path):
     assert int(images.group(1)) == int(images.group(2)) >= 2  # every figure decoded and laid out
     assert int(rows.group(1)) >= 10
     assert "A-ABL Table 3" in dom and "Worst case" in dom
+
+
+def _flag_runs(root: Path) -> list[dict]:
+    """Two finished A-ABL-like runs recording flags, defense_info and two rounds of a labelled mask."""
+    cells = []
+    for target, flags in ((0, {"taken_back": {"samples": 150, "poison": 5}}),
+                          (3, {"purged": {"samples": 50, "poison": 8}})):
+        config = {"dataset": "cifar10-mini", "attack": "badnets", "attack_params": {}, "poison_rate": 0.1,
+                  "target": target, "defense": "a-abl", "defense_params": {}, "model": "cnn", "preset": "quick",
+                  "seed": 0}
+        d = fake_run(root, config)
+        m = json.loads((d / "metrics.json").read_text())
+        m.update(train_size=1000, isolated=200, isolated_poison=90, poisoned=100,
+                 sample_flags={**flags, "labelled_round_2": {"samples": 40, "poison": 10},
+                               "labelled_round_10": {"samples": 50, "poison": 0}},
+                 defense_info={"threshold": 0.5, "purge_target": None if target == 0 else 3})
+        write_json(d / "metrics.json", m)
+        cells.append({"run": str(d.relative_to(root)), "axes": {**default_axes(config)}, "config": config,
+                      "state": "done"})
+    return cells
+
+
+def _run_rows(md: str, title: str = "### Per run") -> list[dict[str, str]]:
+    part = md.split(title)[1].split("###")[0]
+    lines = [[c.strip() for c in ln.split("|")[1:-1]] for ln in part.splitlines() if ln.startswith("|")]
+    return [dict(zip(lines[0], row, strict=True)) for row in lines[2:]]
+
+
+def test_grid_columns_give_a_per_run_table_of_flags_and_defense_info(tmp_path, capsys):
+    cells = _flag_runs(tmp_path)
+    columns = ["acc", "sample_flags.taken_back.samples", {"path": "sample_flags.purged.poison", "label": "purged p"},
+               "sample_flags.labelled_round_*.share", {"path": "defense_info.purge_target", "label": "purge target"},
+               "final_poison_share", "time_alone_s", "defense_info.nothing"]
+    (tmp_path / "bench").mkdir()
+    write_json(tmp_path / "bench" / "g-quick.json", {"name": "g", "suite": None, "preset": "quick", "cells": cells,
+                                                     "columns": columns})
+    assert main(["report", str(tmp_path)]) == 0
+    rows = _run_rows((tmp_path / "report.md").read_text())
+    assert list(rows[0]) == ["attack", "target", "defense", "acc", "sample_flags.taken_back.samples", "purged p",
+                             "sample_flags.labelled_round_2.share", "sample_flags.labelled_round_10.share",
+                             "purge target", "final_poison_share", "time_alone_s", "defense_info.nothing"]
+    t0, t3 = rows
+    assert (t0["target"], t0["attack"], t0["defense"], t3["target"]) == ("0", "BadNets", "A-ABL", "3")
+    assert t0["acc"] == "46.0" and t3["acc"] == "49.0"  # fractions in %
+    assert (t0["sample_flags.taken_back.samples"], t0["purged p"]) == ("150", "–")
+    assert (t3["sample_flags.taken_back.samples"], t3["purged p"]) == ("–", "8")
+    assert t0["sample_flags.labelled_round_2.share"] == "25.0" and t0["sample_flags.labelled_round_10.share"] == "0.0"
+    assert (t0["purge target"], t3["purge target"]) == ("none", "3")  # recorded null vs a class
+    # the final model's training set: 800 kept (10 poisoned) + 150 taken back (5) = 15 / 950; 800 - 50 (8) = 2 / 750
+    assert (t0["final_poison_share"], t3["final_poison_share"]) == ("1.6", "0.3")
+    assert t0["time_alone_s"] == "90"  # 60 s of its own + 30 s its stage-cache hit saved
+    assert t0["defense_info.nothing"] == "–"
+    html = (tmp_path / "report.html").read_text()
+    assert 'class="results per-run"' in html and "purge target" in html
+    csv_rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert csv_rows[0]["sample_flags.labelled_round_2.share"] == "0.25" and csv_rows[0]["final_poison_share"] != ""
+    assert csv_rows[1]["defense_info.purge_target"] == "3" and csv_rows[0]["defense_info.purge_target"] == ""
+    # --columns replaces the grid's own
+    assert main(["report", str(tmp_path), "--columns", "tpr,sample_flags.*.poison"]) == 0
+    rows = _run_rows((tmp_path / "report.md").read_text())
+    assert list(rows[0])[3:] == ["tpr", "sample_flags.labelled_round_2.poison", "sample_flags.labelled_round_10.poison",
+                                 "sample_flags.purged.poison", "sample_flags.taken_back.poison"]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--columns", "acc,sample_flags..poison"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "antibackdoor: error: --columns" in err
+
+
+def test_runs_on_outside_data_are_labelled_by_their_trigger_and_target(tmp_path):
+    """A run with --attack none on an outside: data set is shown as its trigger at its target, and an AIBD guess
+    on it is judged against that target (not as clean data)."""
+    d = aibd_run(tmp_path, "none", 0, crowded=7)
+    config = yaml.safe_load((d / "config.yaml").read_text())
+    config["dataset"] = "outside:own-patch?target=7"
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    m = json.loads((d / "metrics.json").read_text())
+    m["truth"] = {"trigger": "own-patch", "target": 7}
+    write_json(d / "metrics.json", m)
+    from antibackdoor.report import write_report
+
+    md = write_report(tmp_path, columns="asr,truth.target")["markdown"].read_text()
+    (row,) = _run_rows(md)
+    assert (row["attack"], row["truth.target"]) == ("own-patch", "7")
+    part = md.split("### Target guesses")[1].split("###")[0]
+    guess = [c.strip() for c in next(ln for ln in part.splitlines() if ln.startswith("| `")).split("|")]
+    assert guess[2] == "own-patch" and guess[5:7] == ["c7 (7)", "c7 (7)"] and guess[9] == "yes"

@@ -22,7 +22,7 @@ from . import runpath
 from .attacks.base import ATTACKS, Attack, PoisonedSet, get_attack
 from .caching import atomic_write
 from .config import from_dict, to_dict
-from .data.imageset import DatasetSplits, ImageSet, PaperSettings
+from .data.imageset import DatasetSplits, GroundTruth, ImageSet, PaperSettings
 from .data.registry import load_dataset
 from .data.trusted import reserve_trusted
 from .defenses.base import Defense, DefenseResult, get_defense, sample_flags
@@ -242,6 +242,7 @@ class PoisonedRun(Job):
         self.experiment, self.resolved = experiment, resolved
         self.poisoned: PoisonedSet | None = None
         self.trusted_mask: torch.Tensor | None = None
+        self.outside: OutsideTruth | None = None
 
     def inputs(self) -> Inputs:
         c, r = self.experiment.config, self.resolved
@@ -259,7 +260,7 @@ class PoisonedRun(Job):
             trusted, train_set = train_set.subset(mask), train_set.subset(~mask)
             log.info("trusted slice: %d clean samples (%.3g of the training data) reserved before poisoning",
                      len(trusted), fraction)
-        self.poisoned, triggered = self.poison(train_set, test_set)
+        self.poisoned, triggered = self.poison(train_set, test_set, splits.truth)
         p = self.poisoned
         return Inputs(model=r.model, defense=defense, defense_name=c.defense, preset=c.preset, seed=c.seed,
                       train=p.data, trusted=trusted, eval=c.eval, test=test_set, triggered=triggered,
@@ -267,11 +268,16 @@ class PoisonedRun(Job):
                       stage_cache=self.experiment.stage_cache, model_meta={"dataset": c.dataset},
                       title=f"{c.attack} / {c.defense}")
 
-    def poison(self, train: ImageSet, test: ImageSet) -> tuple[PoisonedSet, ImageSet | None]:
+    def poison(self, train: ImageSet, test: ImageSet,
+               truth: GroundTruth | None) -> tuple[PoisonedSet, ImageSet | None]:
         """The training data with the truth about it, and the test images with the trigger (for ASR; None
-        when no trigger is known): from the attack, or the clean data as it is under ``--attack none``."""
+        when no trigger is known): from the attack; under ``--attack none`` from the ground truth of data that
+        came poisoned (``outside:``), else the clean data as it is."""
         c, attack = self.experiment.config, self.resolved.attack
-        if attack is None:
+        self.outside = outside_truth(truth, train, self.trusted_mask) if attack is None else None
+        if self.outside is not None:  # data that came poisoned: the evaluation reads its ground truth
+            poisoned, triggered = self.outside.poisoned, self.outside.triggered.to(test.device)
+        elif attack is None:
             poisoned, triggered = no_poison(train, c.target), None
         else:
             log.info("attack: %s at rate %g towards class %d", c.attack, c.poison_rate, c.target)
@@ -297,6 +303,8 @@ class PoisonedRun(Job):
         if result.scores is not None and poisoned.num_poison:
             metrics["auc"] = roc_auc(result.suspicion(), poisoned.poison_mask)  # how well the scores rank the poison
         metrics["poisoned"] = poisoned.num_poison
+        if self.outside is not None:
+            metrics["truth"] = self.outside.summary
         metrics["train_size"] = n
         mask = self.trusted_mask
         if mask is not None:
@@ -308,6 +316,31 @@ class PoisonedRun(Job):
         metrics["time_defense_s"] = out.time_defense_s
         write_isolation_csv(run_dir / "isolation.csv", result, poisoned, kept)
         return metrics
+
+
+@dataclass
+class OutsideTruth:
+    """The ground truth of data that came poisoned (``outside:``), as a run with ``--attack none`` uses it."""
+
+    poisoned: PoisonedSet  # the training data as given, with the truth of its samples
+    triggered: ImageSet  # the trigger's test set (ASR)
+    summary: dict[str, Any]  # metrics.json ``truth``: trigger, target, poison in the trusted slice
+
+
+def outside_truth(truth: GroundTruth | None, train: ImageSet, trusted_mask: torch.Tensor | None) -> OutsideTruth | None:
+    """What a run with ``--attack none`` on data that came poisoned reports like a run with an attack: the
+    dataset's ground truth (None: an ordinary data set) for the samples the defense got, i.e. without the
+    trusted slice a defense reserved first (which may hold poison here: ``trusted_poison`` counts it)."""
+    if truth is None:
+        return None
+    mask, labels = truth.poison_mask.cpu(), truth.true_labels.cpu()
+    summary: dict[str, Any] = {"trigger": truth.trigger, "target": truth.target}
+    if trusted_mask is not None:
+        keep = ~trusted_mask.cpu()
+        summary["trusted_poison"] = int((mask & ~keep).sum())
+        mask, labels = mask[keep], labels[keep]
+    poisoned = PoisonedSet(train, mask, labels, truth.target, f"outside:{truth.trigger}")
+    return OutsideTruth(poisoned, truth.triggered_test, summary)
 
 
 def sample_flag_counts(stats: dict[str, torch.Tensor], poison_mask: torch.Tensor) -> dict[str, dict[str, int]]:

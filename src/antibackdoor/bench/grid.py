@@ -19,14 +19,19 @@ A grid file (YAML)::
       - {attack: none, defense: adv-train}
     adjust:                          # cells matching `match` get the `set` fields (merged into params)
       - {match: {attack: clb}, set: {poison_rate: 0.5}}
-    eval: {ra_samples: 500}          # any other ExperimentConfig field applies to every cell
+    eval: {ra_samples: 500}          # eval, data_root, device, precision apply to every cell
+    columns: [acc, asr, sample_flags.purged.poison, defense_info.q]   # the report's per-run table
 
 Clean data (``attack: none``) does not depend on the poison rate or the target, so those cells are
-collapsed to one per remaining coordinates (target 0, the default rate), and duplicates are dropped.
+collapsed to one per remaining coordinates (target 0, the default rate), and duplicates are dropped. A data
+set that comes poisoned (``outside:TRIGGER?target=T,...``) with ``attack: none`` is labelled by what it holds:
+its trigger as the attack, its target and rate, its base data set (``outside_axes``). A ``dataset`` of
+``exclude`` / ``adjust`` with a ``*`` is a pattern (``outside:*``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import deep_update
+from ..data.outside import outside_spec
 from ..errors import ConfigError
 from ..experiment import load_config_file
 from .labels import label
@@ -43,7 +49,7 @@ AXES = ("datasets", "attacks", "defenses", "models", "poison_rates", "targets", 
 #: keys that `exclude` and `adjust` entries may match, and the cell fields they compare with
 MATCH_KEYS = ("dataset", "attack", "defense", "model", "poison_rate", "target", "seed", "preset")
 #: ExperimentConfig fields a grid may set for every cell
-PASS_THROUGH = ("eval", "data_root", "device")
+PASS_THROUGH = ("eval", "data_root", "device", "precision")
 #: what a clean-data cell is normalised to (ExperimentConfig's defaults)
 CLEAN_RATE, CLEAN_TARGET = 0.1, 0
 
@@ -110,10 +116,12 @@ class Grid:
     exclude: list[dict[str, Any]] = field(default_factory=list)
     adjust: list[dict[str, Any]] = field(default_factory=list)
     common: dict[str, Any] = field(default_factory=dict)  # PASS_THROUGH fields
+    #: extra columns of the report's per-run table (dotted paths into metrics.json, see report/columns.py)
+    columns: list[Any] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "grid") -> Grid:
-        known = {"name", "preset", "exclude", "adjust", *AXES, *PASS_THROUGH}
+        known = {"name", "preset", "exclude", "adjust", "columns", *AXES, *PASS_THROUGH}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
@@ -140,6 +148,7 @@ class Grid:
                 _check_entry(e, f"{where}.{key}[{i}]", adjust=key == "adjust")
             setattr(g, key, list(entries))
         g.common = {k: data[k] for k in PASS_THROUGH if k in data}
+        g.columns = _check_columns(data.get("columns") or [], f"{where}.columns")
         return g
 
     @classmethod
@@ -172,9 +181,36 @@ class Grid:
             axes = {"dataset": ds, "attack": alabels[atk.key], "attack_name": atk.name, "defense": dlabels[dfn.key],
                     "defense_name": dfn.name, "model": model, "poison_rate": cfg["poison_rate"],
                     "target": cfg["target"], "seed": seed}
+            if cfg["attack"] == "none":
+                axes.update(outside_axes(cfg["dataset"]) or {})
             cell = Cell(cfg, axes)
             out.setdefault(cell.key(), cell)
         return list(out.values())
+
+
+def outside_axes(dataset: str) -> dict[str, Any] | None:
+    """A clean-attack cell's coordinates on a data set that comes poisoned (``outside:``): the trigger in the
+    attack's place, the trigger's target and rate, the base data set; None for any other data set."""
+    from .labels import label
+
+    spec = outside_spec(dataset)
+    if spec is None:
+        return None
+    return {"dataset": spec.base, "attack": label("attack", spec.trigger), "attack_name": spec.trigger,
+            "poison_rate": spec.rate, "target": spec.target}
+
+
+def _check_columns(items: Any, where: str) -> list[Any]:
+    """A list of dotted paths, or {path:, label:} mappings (the report resolves them)."""
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: expected a list of column paths")
+    for i, c in enumerate(items):
+        ok = isinstance(c, str) and c or (isinstance(c, dict) and set(c) <= {"path", "label"}
+                                          and isinstance(c.get("path"), str))
+        if not ok:
+            raise ConfigError(f"{where}[{i}]: expected a dotted path (sample_flags.purged.poison) or "
+                              f"{{path:, label:}}, got {c!r}")
+    return list(items)
 
 
 def _unique_labels(choices: list[Choice], kind: str) -> dict[str, str]:
@@ -224,6 +260,10 @@ def _matches(entry: dict[str, Any], probe: dict[str, Any]) -> bool:
         haves = [h for h in have if h is not None] if isinstance(have, tuple) else [have]
         if key in ("poison_rate",):
             if not any(abs(float(w) - float(h)) < 1e-12 for w in wants for h in haves):
+                return False
+        elif key == "dataset":  # a pattern with '*' (outside:*), else the spec itself
+            if not any(fnmatch.fnmatchcase(str(h), w) if isinstance(w, str) and "*" in w else w == h
+                       for w in wants for h in haves):
                 return False
         elif not any(w == h for w in wants for h in haves):
             return False

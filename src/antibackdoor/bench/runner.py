@@ -91,7 +91,13 @@ def restrict(grid: Grid, seeds: list[int] | None = None, targets: list[int] | No
         if not wanted:
             continue
         values = getattr(grid, axis)
-        keep = [v for v in values if _label_of(v) in wanted or _name_of(v) in wanted]
+        chosen: set[int] = set()
+        for w in wanted:  # a label (any case) picks that choice alone; a name that is no label, all of that name
+            hits = [i for i, v in enumerate(values) if _label_of(v) == w] or \
+                [i for i, v in enumerate(values) if hasattr(v, "label") and str(_label_of(v)).lower() == w.lower()] or \
+                [i for i, v in enumerate(values) if _name_of(v) == w]
+            chosen.update(hits)
+        keep = [v for i, v in enumerate(values) if i in chosen]
         if not keep:
             known = ", ".join(sorted({str(_name_of(v)) for v in values}))
             raise ConfigError(f"--{axis} {','.join(wanted)}: none of these is in the grid (it has {known})")
@@ -350,7 +356,7 @@ def write_manifest(out: Path, plan: Plan, extra: dict[str, Any] | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "name": plan.name, "suite": plan.suite.name if plan.suite else None, "preset": plan.preset,
-        "updated": time.time(), "skipped": plan.skipped,
+        "updated": time.time(), "skipped": plan.skipped, "columns": plan.grid.columns,
         "cells": [{"run": os.path.relpath(p.run_dir, out), "axes": {k: v for k, v in p.cell.axes.items()
                                                                      if not k.startswith("_")},
                    "config": p.cell.config, "state": p.state, "error": p.error} for p in plan.cells],

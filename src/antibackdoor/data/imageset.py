@@ -156,12 +156,28 @@ def with_paper_settings(part: Any, overrides: dict[str, Any] | None,
 
 
 @dataclass
+class GroundTruth:
+    """What only the evaluation may know about a data set that arrives poisoned (``outside:``): the poison was
+    written into the data before the tool saw it, so a run has ``--attack none`` and no attack to ask. The
+    runner reads it for TPR/FPR and ASR; a defense never sees it."""
+
+    poison_mask: torch.Tensor  # bool, N over the training set: which samples carry the trigger
+    true_labels: torch.Tensor  # int64, N: labels before poisoning
+    target: int
+    trigger: str
+    #: test images whose true class is not the target, with the trigger, labelled with the target (for the ASR)
+    triggered_test: ImageSet
+
+
+@dataclass
 class DatasetSplits:
-    """A train/test pair plus what the papers used on this dataset (applied by ``--preset paper``)."""
+    """A train/test pair plus what the papers used on this dataset (applied by ``--preset paper``), and the
+    ground truth of a data set that comes poisoned (``truth``; None for every ordinary data set)."""
 
     train: ImageSet
     test: ImageSet
     paper: PaperSettings = field(default_factory=PaperSettings)
+    truth: GroundTruth | None = None
 
     def validate(self) -> None:
         self.train.validate(require_all_classes=True)

@@ -120,7 +120,7 @@ class AABL(Defense):
         # The split only works once the naive model has learned the backdoor firmly: crop without flip (a flip
         # moves a corner patch to the other corner) and a schedule that ends at a low loss. 25 epochs of Adam
         # at 2e-3 with a cosine decay isolate as much poison as 40 at a constant 1e-3 in 60 % of the time
-        # (mini CIFAR-10, BadNets, targets 0 and 3: docs/a-abl.md; benchmarks/probe_quick_speed.py).
+        # (mini CIFAR-10, BadNets, targets 0 and 3: docs/a-abl.md, "Stage 1 of the quick preset").
         "quick": AABLParams(naive=QUICK_NAIVE, final=QUICK_AT),
     }
 

@@ -3,7 +3,8 @@
 The same three stages with Otsu's threshold on the log of the split score (``split_log``: keeps far more clean
 data) and the purge (``purge``: the kept samples of the class with a surplus among the isolated ones that the
 robust stage-3 model disagrees with are dropped and stage 3 is trained again). The take back stays off: it brought
-poison back. Measured lever by lever by ``benchmarks/bench_aabl_levers.py``; ``a-abl`` stays the paper's algorithm.
+poison back. Measured lever by lever by the grid ``benchmarks/grids/aabl-levers.yaml``; ``a-abl`` stays the paper's
+algorithm.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from . import figures as figs
 from . import published
 from .collect import Record, collect, isolation, target_guess, write_results_csv
+from .columns import Column, RunTable, expand, parse_columns, run_table
 from .html import png_data_uri, render
 from .tables import Table, build, by_target, to_markdown
 
@@ -44,6 +45,8 @@ class Section:
     notes: list[str] = field(default_factory=list)
     #: the target guesses the runs' defenses recorded (AIBD), one row per run (collect.target_guess)
     guesses: list[dict[str, Any]] = field(default_factory=list)
+    #: one row per finished run with the columns the grid or --columns asked for (columns.py)
+    runs: RunTable | None = None
 
     @property
     def guess_summary(self) -> str:
@@ -150,8 +153,10 @@ def _auto_figures(records: list[Record]) -> tuple[str, ...]:
 
 def _section(title: str, records: list[Record], specs: list[TableSpec], fig_kinds: tuple[str, ...],
              folder: Path, prefix: str, source: str = "", description: str = "",
-             skipped: dict[str, list[str]] | None = None, table_records: list[Record] | None = None) -> Section:
+             skipped: dict[str, list[str]] | None = None, table_records: list[Record] | None = None,
+             columns: list[Column] | None = None) -> Section:
     sec = Section(title, source, description, _counts(records), skipped or {})
+    sec.runs = run_table(columns or [], records)
     sec.guesses = [g for r in records if (g := target_guess(r)) is not None]
     if sec.guesses and "target_surplus" not in fig_kinds:
         fig_kinds = (*fig_kinds, "target_surplus")
@@ -174,8 +179,13 @@ def _section(title: str, records: list[Record], specs: list[TableSpec], fig_kind
     return sec
 
 
-def write_report(root: str | Path, title: str | None = None) -> dict[str, Path]:
-    """Write report.md, results.csv, report.html (and report_files/*.png) into ``root``; returns the paths."""
+def write_report(root: str | Path, title: str | None = None, columns: str | list[Any] | None = None,
+                 ) -> dict[str, Path]:
+    """Write report.md, results.csv, report.html (and report_files/*.png) into ``root``; returns the paths.
+
+    ``columns`` (``--columns``: dotted paths, see columns.py) gives every section a per-run table with those
+    columns, in place of the ones a grid's manifest names; results.csv gets them as extra columns."""
+    asked = parse_columns(columns) if columns else None
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root}: no such folder")
@@ -184,23 +194,28 @@ def write_report(root: str | Path, title: str | None = None) -> dict[str, Path]:
         raise ConfigError(f"{root}: holds no run directories (nothing to report)")
     folder = root / "report_files"
     sections: list[Section] = []
+    extra: list[Column] = []
     for m in manifests:
         key = f"{m['name']}-{m['preset']}"
         recs = [r for r in records if key in r.manifests]
+        cols = asked if asked is not None else parse_columns(m.get("columns") or [], f"{key}: columns")
+        extra += [c for c in expand(cols, recs) if c.path not in {e.path for e in extra}]
         suite = SUITES.get(m.get("suite") or "")
         if suite is not None:
             sections.append(_section(f"{suite.name} ({m['preset']}): {suite.title}", recs, list(suite.tables),
-                                     suite.figures, folder, key, suite.source, suite.description, m.get("skipped")))
+                                     suite.figures, folder, key, suite.source, suite.description, m.get("skipped"),
+                                     columns=cols))
         else:
             specs, trecs = _generic_specs(recs)
             sections.append(_section(f"grid {m['name']} ({m['preset']})", recs, specs, _auto_figures(recs), folder,
-                                     key, skipped=m.get("skipped"), table_records=trecs))
+                                     key, skipped=m.get("skipped"), table_records=trecs, columns=cols))
     rest = [r for r in records if not r.manifests]
     if rest:
         specs, trecs = _generic_specs(rest)
+        extra += [c for c in expand(asked or [], rest) if c.path not in {e.path for e in extra}]
         sections.append(_section("runs not in a bench manifest" if manifests else "runs", rest, specs,
-                                 _auto_figures(rest), folder, "runs", table_records=trecs))
-    csv_path = write_results_csv(records, root / "results.csv")
+                                 _auto_figures(rest), folder, "runs", table_records=trecs, columns=asked))
+    csv_path = write_results_csv(records, root / "results.csv", extra)
     done = [r for r in records if r.state == "done"]
     hits = [e for r in done for e in cache_hits(r.metrics)]
     context = {

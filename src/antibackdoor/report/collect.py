@@ -15,6 +15,7 @@ import yaml
 from ..bench.labels import label
 from ..bench.stage_cache import cache_hits, saved_seconds
 from ..caching import atomic_write
+from ..errors import AntibackdoorError
 
 log = logging.getLogger("antibackdoor")
 
@@ -73,11 +74,20 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 
 def default_axes(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's coordinates from its config (runs no bench manifest lists), labelled as a grid labels them."""
+    from ..bench.grid import outside_axes
+
     attack, defense = config.get("attack", "?"), config.get("defense", "?")
-    return {"dataset": config.get("dataset"), "attack": label("attack", attack, config.get("attack_params")),
+    axes = {"dataset": config.get("dataset"), "attack": label("attack", attack, config.get("attack_params")),
             "attack_name": attack, "defense": label("defense", defense, config.get("defense_params")),
             "defense_name": defense, "model": config.get("model"), "poison_rate": config.get("poison_rate"),
             "target": config.get("target"), "seed": config.get("seed")}
+    if attack == "none" and isinstance(config.get("dataset"), str):
+        try:
+            axes.update(outside_axes(config["dataset"]) or {})
+        except AntibackdoorError:  # a config this version cannot read: its plain coordinates
+            pass
+    return axes
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -169,7 +179,9 @@ def target_guess(rec: Record) -> dict[str, Any] | None:
     if guess is None:
         return None
     attacked = rec.axes.get("attack_name", rec.config.get("attack")) != "none"
-    truth = rec.config.get("target", rec.axes.get("target")) if attacked else None
+    outside = (rec.metrics.get("truth") or {}).get("target")  # data that came poisoned: its trigger's target
+    truth = (outside if outside is not None else rec.config.get("target", rec.axes.get("target"))) if attacked \
+        else None
     called = guess.surplus.target
     return {"run": rec.rel, "attack": str(rec.axes.get("attack")), "defense": str(rec.axes.get("defense")),
             "rate": rec.axes.get("poison_rate") if attacked else None, "seed": rec.axes.get("seed"),
@@ -180,18 +192,28 @@ def target_guess(rec: Record) -> dict[str, Any] | None:
             "title": guess.title()}
 
 
-def write_results_csv(records: list[Record], path: Path) -> Path:
-    """One row per run: coordinates, labels, state, metrics (fractions), times, stage-cache savings."""
+def write_results_csv(records: list[Record], path: Path, extra: list[Any] | None = None) -> Path:
+    """One row per run: coordinates, labels, state, metrics (fractions), times, stage-cache savings, and the
+    ``extra`` columns (columns.Column: the paths a grid or ``--columns`` asked for, raw values)."""
+    from .columns import MISSING, value
+
+    extra = extra or []
     cols = ["run", "state", "dataset", "attack", "attack_label", "poison_rate", "target", "seed", "defense",
             "defense_label", "model", "preset", *METRICS, "model_trained", "isolated", "poisoned", "train_size",
-            "time_total_s", "stage_cache_hits", "stage_cache_saved_s", "error"]
+            "time_total_s", "stage_cache_hits", "stage_cache_saved_s", "error", *(c.path for c in extra)]
+
+    def raw(v: Any) -> Any:
+        if v is MISSING:
+            return None
+        return _fmt(v) if isinstance(v, float) else json.dumps(v) if isinstance(v, dict | list) else v
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(cols)
             for r in records:
-                w.writerow(["" if v is None else v for v in _csv_row(r)])
+                row = _csv_row(r) + [raw(value(r, c.path)) for c in extra]
+                w.writerow(["" if v is None else v for v in row])
 
     atomic_write(path, write)
     return path

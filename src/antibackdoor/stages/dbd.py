@@ -191,7 +191,7 @@ def lowest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 #: CPU budget (<= 8 min on 2 cores with the quick CNN on the mini CIFAR-10; BadNets: 288 s): 40 SimCLR epochs of
 #: batch 256 with Adam 1e-3 (cosine), 10 warm-up epochs, 8 rounds of 60 MixMatch iterations of batch 64. SGD 0.3
 #: for 30 epochs ended with a dirtier labelled set (poison share 11.6 % vs 7.9 % in the last round) and ASR 62.7 %
-#: vs 46.3 % (docs/dbd.md).
+#: vs 46.3 % (benchmarks/grids/dbd.yaml, docs/dbd.md).
 QUICK_DBD = DBDParams(
     simclr=TrainConfig(epochs=40, batch_size=256, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine",
                        crop=0, flip=False),

@@ -1,0 +1,129 @@
+"""Probes of finished runs: what a run directory holds beyond its metrics, read with the ground truth.
+
+    python benchmarks/probe_run.py purge RUN_DIR [RUN_DIR ...]
+    python benchmarks/probe_run.py aibd-alt RUN_DIR [RUN_DIR ...]
+    python benchmarks/probe_run.py dbd-warmup RUN_DIR [RUN_DIR ...]
+
+A run directory is any of ``antibackdoor run`` or ``bench`` (e.g. of the grids in benchmarks/grids/); the
+training data and its poison are rebuilt from its config (the attack with the run's seed, or an ``outside:``
+data set's own ground truth).
+
+- ``purge`` (an ``a-abl`` / ``a-abl+`` run): for the samples the split kept, per class, how often the run's final
+  model disagrees with the given label; whether the class-surplus test, run on the ranking by that model's loss,
+  names a target class; and what a purge of the true target class would drop and leave. It answers "could the
+  purge have found this poison with this model?" where the split's own ranking showed no surplus (docs/a-abl.md).
+- ``aibd-alt`` (an ``aibd`` run): the surplus test on per-class normalised scores (each k divided by its class's
+  25th percentile plus the overall median), beside the guess the run recorded: the ``alt`` column of
+  docs/aibd.md, a measurement the tool does not use.
+- ``dbd-warmup`` (a ``dbd`` run): the poison share of the labelled set right after the SCE warm-up, and that
+  split read as a detector (``dbd-sce``: TPR / FPR, ROC AUC), from the run's checkpoint (docs/dbd.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import pct, read_isolation, rebuild
+
+
+def purge(run_dir: Path) -> None:
+    from antibackdoor.defenses.stages import agrees_with_label, sample_losses
+
+    from antibackdoor.defenses.base import DefenseContext
+    from antibackdoor.models.io import load_model
+    from antibackdoor.precision import PLAIN
+    from antibackdoor.surplus import class_surplus
+
+    r = rebuild(run_dir)
+    _, kept, in_csv = read_isolation(run_dir)
+    poison, target = r.poison, r.target
+    if not np.array_equal(in_csv, poison):
+        raise SystemExit(f"{run_dir}: the rebuilt poison does not match isolation.csv")
+    model = load_model(run_dir / "model.safetensors").eval()
+    data = r.data
+    y = data.y.cpu().numpy()
+    ctx = DefenseContext(lambda: model, precision=PLAIN)  # fp32 on the CPU, whatever the CPU kind
+    agree = agrees_with_label(model, data, ctx).numpy()
+    loss = sample_losses(model, data, ctx).cpu().numpy()
+    print(f"{run_dir.name}: {r.config['attack']} on {r.config['dataset']} -> class {target}, {int(kept.sum())} kept, "
+          f"{int((kept & poison).sum())} of them poisoned")
+    rates = [1 - agree[kept & (y == c)].mean() if (kept & (y == c)).any() else float("nan")
+             for c in range(data.num_classes)]
+    print("  disagreement with the given label, kept samples, per class: "
+          + ", ".join(f"{c}: {v:.2f}" for c, v in enumerate(rates)))
+    print(f"  kept poison the model agrees with (predicts the target for): {agree[kept & poison].mean():.2f}; "
+          f"kept clean samples of class {target} it agrees with: {agree[kept & ~poison & (y == target)].mean():.2f}")
+    idx = np.flatnonzero(kept)
+    surplus = class_surplus(y[idx], np.argsort(-loss[idx]), np.zeros(len(idx), bool), data.classes)
+    print(f"  surplus test on the kept samples ranked by the model's loss: target {surplus.target} "
+          f"(best class {surplus.best}, adjusted p {surplus.p:.2g})")
+    drop = kept & (y == target) & ~agree
+    left = kept & ~drop
+    share = 100 * (left & poison).sum() / left.sum()
+    print(f"  a purge of class {target} would drop {int(drop.sum())} ({int((drop & poison).sum())} poisoned) and "
+          f"leave {int((left & poison).sum())} poisoned of {int(left.sum())} ({share:.1f} %)")
+
+
+def aibd_alt(run_dir: Path) -> None:
+    from antibackdoor.defenses.aibd import TARGET_FRACTIONS
+    from antibackdoor.surplus import class_surplus
+
+    r = rebuild(run_dir)
+    scores, _, _ = read_isolation(run_dir)
+    y, classes = r.data.y.cpu().numpy(), list(r.data.classes)
+    base = np.median(scores)
+    norm = scores.copy()
+    for c in np.unique(y):
+        norm[y == c] = scores[y == c] / (np.quantile(scores[y == c], 0.25) + base + 1e-12)
+    order = np.lexsort((np.arange(len(norm)), -norm))
+    alt = class_surplus(y, order, np.zeros(len(y), bool), classes, fractions=TARGET_FRACTIONS)
+    info = json.loads((run_dir / "metrics.json").read_text()).get("defense_info") or {}
+    guess = "-" if info.get("target") is None else info["target"]
+    print(f"{run_dir.name}: true target {r.target}; guess {guess} (p {info.get('target_p', float('nan')):.2g}); "
+          f"alt {'-' if alt.target is None else alt.target} (p {alt.p:.2g})")
+
+
+def dbd_warmup(run_dir: Path) -> None:
+    import yaml
+
+    from antibackdoor.defenses.dbd import lowest
+    from antibackdoor.detectors.evaluate import roc_auc
+    from antibackdoor.metrics import split_metrics
+
+    ckpt = run_dir / "checkpoints" / "dbd_finetune.ckpt"
+    if not ckpt.exists():
+        raise SystemExit(f"{run_dir}: no checkpoints/dbd_finetune.ckpt (not a finished dbd run)")
+    epsilon = yaml.safe_load((run_dir / "config.yaml").read_text())["defense_resolved"]["epsilon"]
+    scores = torch.load(ckpt, map_location="cpu", weights_only=True)["warmup_scores"]  # = sample_stats warmup_sce
+    _, _, poison = read_isolation(run_dir)
+    mask = torch.from_numpy(poison)
+    labelled = lowest(scores, epsilon)
+    share = float(mask[labelled].float().mean())
+    if mask.any():
+        m = split_metrics(labelled, mask)
+        split = f"{pct(m['tpr'])} / {pct(m['fpr'])} (AUC {pct(roc_auc(scores, mask))})"
+    else:
+        split = "- (no poison)"
+    print(f"{run_dir.name}: poison share of the labelled set after the warm-up {pct(share)} %; the warm-up split "
+          f"as a detector, TPR / FPR: {split}")
+
+
+PROBES = {"purge": purge, "aibd-alt": aibd_alt, "dbd-warmup": dbd_warmup}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) < 2 or args[0] not in PROBES:
+        raise SystemExit(__doc__.split("\n\n")[1])
+    torch.set_num_threads(2)
+    for path in args[1:]:
+        PROBES[args[0]](Path(path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
