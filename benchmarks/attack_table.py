@@ -43,12 +43,11 @@ def parse_params(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def run_attack(name: str, params: dict[str, Any], splits, args) -> dict[str, Any]:
-    from antibackdoor.defenses.stages import otsu_threshold, train_stage
-
     from antibackdoor.attacks import get_attack
     from antibackdoor.defenses import DefenseContext, get_defense
     from antibackdoor.metrics import accuracy, attack_success_rate, split_metrics
     from antibackdoor.models import build_model
+    from antibackdoor.stages import otsu_threshold, train_stage
 
     device = torch.device(args.device)
     # on the compute device before poisoning (as the experiment runner does), so prepare() trains there

@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import pct
-from antibackdoor.defenses.stages import train_stage
 
 import antibackdoor as ab
 from antibackdoor.data.outside import TRIGGERS
-from antibackdoor.defenses.base import DefenseContext
 from antibackdoor.detectors import DETECTORS, DetectionResult, detection_metrics, get_detector
-from antibackdoor.detectors.base import QUICK_SUSPECT
-from antibackdoor.detectors.evaluate import roc_curve_points
+from antibackdoor.metrics import roc_curve_points
 from antibackdoor.precision import resolve_precision, use_precision
+from antibackdoor.stages import DefenseContext, train_stage
+from antibackdoor.stages.recipes import QUICK_SUSPECT
 
 TABLE2 = ("badnets", "blend", "sig", "iab", "trojan")
 TABLE5 = ("badnets", "trojan", "clb", "iab", "blend", "ssba", "wanet")

@@ -22,8 +22,8 @@ import torch
 
 import antibackdoor as ab
 from antibackdoor.detectors.activation_clustering import cluster_class
-from antibackdoor.detectors.evaluate import roc_auc
 from antibackdoor.detectors.spectral_signature import spectral_scores
+from antibackdoor.metrics import roc_auc
 from antibackdoor.models.features import penultimate_features
 
 

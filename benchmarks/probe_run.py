@@ -31,11 +31,9 @@ from _common import pct, read_isolation, rebuild
 
 
 def purge(run_dir: Path) -> None:
-    from antibackdoor.defenses.stages import agrees_with_label, sample_losses
-
-    from antibackdoor.defenses.base import DefenseContext
     from antibackdoor.models.io import load_model
     from antibackdoor.precision import PLAIN
+    from antibackdoor.stages import DefenseContext, agrees_with_label, sample_losses
     from antibackdoor.surplus import class_surplus
 
     r = rebuild(run_dir)
@@ -69,7 +67,7 @@ def purge(run_dir: Path) -> None:
 
 
 def aibd_alt(run_dir: Path) -> None:
-    from antibackdoor.defenses.aibd import TARGET_FRACTIONS
+    from antibackdoor.stages.aibd import TARGET_FRACTIONS
     from antibackdoor.surplus import class_surplus
 
     r = rebuild(run_dir)
@@ -90,9 +88,8 @@ def aibd_alt(run_dir: Path) -> None:
 def dbd_warmup(run_dir: Path) -> None:
     import yaml
 
-    from antibackdoor.defenses.dbd import lowest
-    from antibackdoor.detectors.evaluate import roc_auc
-    from antibackdoor.metrics import split_metrics
+    from antibackdoor.metrics import roc_auc, split_metrics
+    from antibackdoor.stages.dbd import lowest
 
     ckpt = run_dir / "checkpoints" / "dbd_finetune.ckpt"
     if not ckpt.exists():

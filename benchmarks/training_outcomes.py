@@ -61,10 +61,8 @@ def fresh_cache():
 
 
 def aabl_split(seed: int) -> list[Row]:
-    from antibackdoor.defenses.stages import otsu_threshold
-
     import antibackdoor as ab
-    from antibackdoor.defenses import stages
+    from antibackdoor.stages import otsu_threshold, train_stage
 
     mini = ab.load_dataset("cifar10-mini")
     torch.manual_seed(seed)
@@ -72,7 +70,7 @@ def aabl_split(seed: int) -> list[Row]:
     poisoned = ab.get_attack("badnets").poison(train, 0.1, 0, ab.seeded(seed))
     d = ab.get_defense("a-abl", "quick", {"naive": {"epochs": 12}})
     ctx = ab.DefenseContext(ab.model_factory("cnn-small", train), seed=seed)
-    naive, _ = stages.train_stage(ctx, poisoned.data, d.params.naive, "naive")
+    naive, _ = train_stage(ctx, poisoned.data, d.params.naive, "naive")
     scores = d.split_scores(naive, poisoned.data, ctx)
     m = ab.split_metrics(scores > otsu_threshold(scores), poisoned.poison_mask)
     gap = float(scores[~poisoned.poison_mask].quantile(0.25) - scores[poisoned.poison_mask].median())
@@ -246,12 +244,11 @@ def iab(seed: int) -> list[Row]:
 
 
 def small(seed: int) -> list[Row]:
-    from antibackdoor.defenses.stages import sample_losses, unlearn
-
     import antibackdoor as ab
     from antibackdoor.attacks import get_attack
     from antibackdoor.metrics import accuracy
     from antibackdoor.models import build_model
+    from antibackdoor.stages import sample_losses, unlearn
     from antibackdoor.training import TrainConfig, train
 
     data = ab.load_dataset("cifar10-mini").train.subset(torch.arange(300))

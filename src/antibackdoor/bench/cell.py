@@ -16,6 +16,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ..experiment import make_config, run_experiment
+from ..locking import try_lock
+from .stage_cache import StageCache
+
 #: metrics copied into a cell's result for the progress lines
 SUMMARY = ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr", "model_trained")
 
@@ -37,8 +41,6 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
     ``payload``: ``config`` (ExperimentConfig dict incl. ``out``), ``run_dir`` (where it will be),
     ``threads``, ``stage_cache`` (a folder or None).
     """
-    from ..locking import try_lock
-
     os.environ.setdefault("ANTIBACKDOOR_PROGRESS", "0")
     set_threads(payload.get("threads"))
     t0 = time.time()
@@ -58,8 +60,6 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(payload: dict[str, Any], t0: float) -> dict[str, Any]:
-    from ..experiment import make_config, run_experiment
-    from .stage_cache import StageCache
 
     cfg = make_config(dict(payload["config"]), where="cell")
     cache = StageCache(payload["stage_cache"]) if payload.get("stage_cache") else None

@@ -10,10 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..jsonutil import write_json
 from . import estimate as est
+from .executors import LocalExecutor, RayExecutor, SlurmExecutor
+from .grid import Grid
 from .runner import (
     Plan,
     Planned,
+    cell_state,
+    check_methods,
     estimate_plan,
     interleave,
     load_grid,
@@ -22,7 +27,8 @@ from .runner import (
     restrict,
     write_manifest,
 )
-from .stage_cache import cache_hits, saved_seconds
+from .stage_cache import cache_hits, default_stage_cache_dir, saved_seconds
+from .suites import SUITES
 
 
 def _int_list(text: str) -> list[int]:
@@ -75,7 +81,6 @@ def add_parsers(sub: Any) -> None:
 
 
 def make_executor(args: argparse.Namespace, out: Path) -> Any:
-    from .executors import LocalExecutor, RayExecutor, SlurmExecutor
 
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
@@ -93,12 +98,9 @@ def _threads(executor: Any) -> int:
 
 
 def cmd_suites(args: argparse.Namespace) -> int:
-    from .runner import check_methods
-    from .suites import SUITES
 
     for s in SUITES.values():
         print(f"  {s.name:<10} {s.source:<14} {s.title}")
-        from .grid import Grid
 
         for preset in s.grids:
             grid = Grid.from_dict(s.grid_dict(preset))
@@ -162,7 +164,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _default_cache() -> Path:
-    from .stage_cache import default_stage_cache_dir
 
     return default_stage_cache_dir()
 
@@ -247,9 +248,6 @@ def _execute(executor: Any, todo: list[Planned], out: Path, cache: str | None) -
 def _record_failure(run_dir: Path, error: str) -> None:
     """A failure the cell could not record itself (its worker died, its job was lost) goes into its
     status.json, so that --status and the report show it."""
-    from ..jsonutil import write_json
-    from .runner import cell_state
-
     if run_dir.is_dir() and cell_state(run_dir)[0] not in ("done", "failed"):
         write_json(run_dir / "status.json", {"state": "failed", "error": error})
 

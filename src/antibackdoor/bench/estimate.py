@@ -16,6 +16,8 @@ import json
 import statistics
 from typing import Any
 
+from ..models import build_model
+
 #: seconds per sample pass of the quick `cnn` (32x32) with 2 threads (see the module docstring)
 REF_SECONDS = 4.1e-4
 REF_THREADS = 2
@@ -29,7 +31,6 @@ def model_macs(name: str, channels: int = 3, size: int = 32, classes: int = 10) 
     import torch
     from torch import nn
 
-    from ..models import build_model
 
     model = build_model(name, classes, channels, size).eval()
     total = [0.0]

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .cell import run_cell, set_threads
+from .slurm_job import cell_job
 
 log = logging.getLogger("antibackdoor")
 
@@ -63,7 +65,6 @@ def _die_with_parent() -> None:
 def _worker_main(conn: Connection, threads: int) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the bench's to handle: it stops the workers
-    from .cell import run_cell, set_threads
 
     set_threads(threads)
     while True:
@@ -184,7 +185,6 @@ class LocalExecutor:
 
 # -- Ray -----------------------------------------------------------------------------------------------------
 def _ray_cell(payload: dict[str, Any]) -> dict[str, Any]:
-    from .cell import run_cell
 
     return run_cell(payload)
 
@@ -303,7 +303,6 @@ class SlurmExecutor:
         except ImportError:
             raise ConfigError("--executor slurm: submitit is not installed (pip install 'antibackdoor[slurm]')") \
                 from None
-        from .slurm_job import CellJob
 
         ex = submitit.AutoExecutor(folder=str(self.folder), cluster=self.cluster)
         params: dict[str, Any] = {"timeout_min": self.time_min, "gpus_per_node": self.gpus, "tasks_per_node": 1,
@@ -316,7 +315,7 @@ class SlurmExecutor:
             params["slurm_array_parallelism"] = self.parallelism
         ex.update_parameters(**params)
         job_payloads = [{**p, "threads": self.cpus} for p in payloads]
-        jobs = ex.map_array(CellJob(), job_payloads)
+        jobs = ex.map_array(cell_job(), job_payloads)
         log.info("submitted %d job(s): %s", len(jobs), ", ".join(j.job_id for j in jobs[:5]))
         pending = dict(enumerate(jobs))
         for i in pending:

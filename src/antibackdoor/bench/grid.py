@@ -191,8 +191,6 @@ class Grid:
 def outside_axes(dataset: str) -> dict[str, Any] | None:
     """A clean-attack cell's coordinates on a data set that comes poisoned (``outside:``): the trigger in the
     attack's place, the trigger's target and rate, the base data set; None for any other data set."""
-    from .labels import label
-
     spec = outside_spec(dataset)
     if spec is None:
         return None

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..attacks import ATTACKS
+from ..defenses import DEFENSES, get_defense
 from ..errors import AntibackdoorError, ConfigError, DataError
+from ..experiment import Experiment, make_config
 from ..jsonutil import write_json
 from . import estimate as est
 from .grid import Cell, Grid
@@ -152,9 +155,6 @@ def detector_registry() -> Detectors | None:
 
 def check_methods(cells: list[Cell], preset: str) -> tuple[list[Cell], dict[str, list[str]]]:
     """Keep the cells whose defense (and detector) exist and accept the cell's parameters; say what is not."""
-    from ..attacks import ATTACKS
-    from ..defenses import DEFENSES, get_defense
-
     detectors = detector_registry()
     missing: dict[str, set[str]] = {}
     kept: list[Cell] = []
@@ -245,7 +245,6 @@ def cell_state(run_dir: Path) -> tuple[str, str | None]:
 
 
 def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> Plan:
-    from ..experiment import Experiment, make_config
 
     cells, skipped = check_methods(grid.cells(), grid.preset)
     runs = index_runs(out)

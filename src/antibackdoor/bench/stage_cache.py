@@ -39,6 +39,8 @@ from ..attacks.cache import dataset_fingerprint
 from ..caching import atomic_write, cache_hasher, cache_path
 from ..config import to_dict
 from ..data.imageset import ImageSet
+from ..data.registry import default_data_root
+from ..jsonutil import dumps
 from ..locking import file_lock
 from ..precision import Precision
 
@@ -46,8 +48,6 @@ log = logging.getLogger("antibackdoor")
 
 def default_stage_cache_dir() -> Path:
     """``<data root>/cache/stages`` (``$ANTIBACKDOOR_DATA`` or ``~/.cache/antibackdoor``)."""
-    from ..data.registry import default_data_root
-
     return default_data_root() / "cache" / "stages"
 
 
@@ -136,7 +136,6 @@ class StageCache:
               describe: dict[str, Any] | None) -> None:
         from safetensors.torch import save_file
 
-        from ..jsonutil import dumps
 
         meta = {"history": dumps(history), "seconds": f"{seconds:.3f}", "stage": stage,
                 "created": f"{time.time():.0f}", "describe": dumps(describe or {})}

@@ -18,8 +18,8 @@ from ..caching import atomic_write
 from ..errors import ConfigError
 from . import figures as figs
 from . import published
-from .collect import Record, collect, isolation, target_guess, write_results_csv
-from .columns import Column, RunTable, expand, parse_columns, run_table
+from .collect import Record, collect, isolation, target_guess
+from .columns import Column, RunTable, expand, parse_columns, run_table, write_results_csv
 from .html import png_data_uri, render
 from .tables import Table, build, by_target, to_markdown
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from .build import write_report
+
 
 def add_parser(sub: Any) -> None:
     r = sub.add_parser("report", help="write report.md, results.csv and a self-contained report.html for a folder "
@@ -19,7 +21,6 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .build import write_report
 
     paths = write_report(args.dir, title=args.title, columns=args.columns)
     for kind in ("html", "markdown", "csv"):

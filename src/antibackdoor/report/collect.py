@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
+from ..bench.grid import outside_axes
 from ..bench.labels import label
-from ..bench.stage_cache import cache_hits, saved_seconds
-from ..caching import atomic_write
 from ..errors import AntibackdoorError
+from ..surplus import TargetGuess, fmt_p
 
 log = logging.getLogger("antibackdoor")
 
@@ -75,8 +75,6 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 def default_axes(config: dict[str, Any]) -> dict[str, Any]:
     """A run's coordinates from its config (runs no bench manifest lists), labelled as a grid labels them."""
-    from ..bench.grid import outside_axes
-
     attack, defense = config.get("attack", "?"), config.get("defense", "?")
     axes = {"dataset": config.get("dataset"), "attack": label("attack", attack, config.get("attack_params")),
             "attack_name": attack, "defense": label("defense", defense, config.get("defense_params")),
@@ -173,8 +171,6 @@ def isolation(rec: Record) -> dict[str, Any] | None:
 def target_guess(rec: Record) -> dict[str, Any] | None:
     """The target guess a run's defense recorded (AIBD's class-surplus test, ``defense_info.target_surplus``),
     beside the run's true target, for the report's table; None when the run records none."""
-    from ..surplus import TargetGuess, fmt_p
-
     guess = TargetGuess.from_info(rec.metrics.get("defense_info")) if rec.state == "done" else None
     if guess is None:
         return None
@@ -190,47 +186,3 @@ def target_guess(rec: Record) -> dict[str, Any] | None:
             "guess": guess.target, "p": fmt_p(guess.surplus.p), "filter": guess.filter_state,
             "right": (called is None) if truth is None else (called == truth), "surplus": guess.surplus,
             "title": guess.title()}
-
-
-def write_results_csv(records: list[Record], path: Path, extra: list[Any] | None = None) -> Path:
-    """One row per run: coordinates, labels, state, metrics (fractions), times, stage-cache savings, and the
-    ``extra`` columns (columns.Column: the paths a grid or ``--columns`` asked for, raw values)."""
-    from .columns import MISSING, value
-
-    extra = extra or []
-    cols = ["run", "state", "dataset", "attack", "attack_label", "poison_rate", "target", "seed", "defense",
-            "defense_label", "model", "preset", *METRICS, "model_trained", "isolated", "poisoned", "train_size",
-            "time_total_s", "stage_cache_hits", "stage_cache_saved_s", "error", *(c.path for c in extra)]
-
-    def raw(v: Any) -> Any:
-        if v is MISSING:
-            return None
-        return _fmt(v) if isinstance(v, float) else json.dumps(v) if isinstance(v, dict | list) else v
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for r in records:
-                row = _csv_row(r) + [raw(value(r, c.path)) for c in extra]
-                w.writerow(["" if v is None else v for v in row])
-
-    atomic_write(path, write)
-    return path
-
-
-def _csv_row(r: Record) -> list[Any]:
-    c, m, a = r.config, r.metrics, r.axes
-    hits = cache_hits(m)
-    return [r.rel, r.state, c.get("dataset", a.get("dataset")), c.get("attack", a.get("attack_name")),
-            a.get("attack"), c.get("poison_rate", a.get("poison_rate")), c.get("target", a.get("target")),
-            c.get("seed", a.get("seed")), c.get("defense", a.get("defense_name")), a.get("defense"),
-            c.get("model", a.get("model")), c.get("preset"),
-            *[_fmt(r.value(k)) for k in METRICS], r.model_trained, m.get("isolated"), m.get("poisoned"),
-            m.get("train_size"),
-            m.get("time_total_s"), len(hits), round(saved_seconds(hits), 1),
-            (r.error or "").replace("\n", " ")]
-
-
-def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:.6g}"

@@ -20,13 +20,16 @@ Fractions (the metrics above, ``share`` and ``final_poison_share``) show as %, l
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..bench.stage_cache import cache_hits, saved_seconds
+from ..caching import atomic_write
 from ..errors import ConfigError
 from .collect import METRICS, Record
 
@@ -191,4 +194,47 @@ def run_table(columns: list[Column], records: list[Record], title: str = "Per ru
     return RunTable(title, header, rows, len(cols))
 
 
-__all__ = ["Column", "DERIVED", "MISSING", "RunTable", "expand", "fmt", "parse_columns", "run_table", "value"]
+__all__ = ["Column", "DERIVED", "MISSING", "RunTable", "expand", "fmt", "parse_columns", "run_table", "value",
+           "write_results_csv"]
+
+
+def write_results_csv(records: list[Record], path: Path, extra: list[Any] | None = None) -> Path:
+    """One row per run: coordinates, labels, state, metrics (fractions), times, stage-cache savings, and the
+    ``extra`` columns (columns.Column: the paths a grid or ``--columns`` asked for, raw values)."""
+    extra = extra or []
+    cols = ["run", "state", "dataset", "attack", "attack_label", "poison_rate", "target", "seed", "defense",
+            "defense_label", "model", "preset", *METRICS, "model_trained", "isolated", "poisoned", "train_size",
+            "time_total_s", "stage_cache_hits", "stage_cache_saved_s", "error", *(c.path for c in extra)]
+
+    def raw(v: Any) -> Any:
+        if v is MISSING:
+            return None
+        return _raw_float(v) if isinstance(v, float) else json.dumps(v) if isinstance(v, dict | list) else v
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for r in records:
+                row = _csv_row(r) + [raw(value(r, c.path)) for c in extra]
+                w.writerow(["" if v is None else v for v in row])
+
+    atomic_write(path, write)
+    return path
+
+
+def _csv_row(r: Record) -> list[Any]:
+    c, m, a = r.config, r.metrics, r.axes
+    hits = cache_hits(m)
+    return [r.rel, r.state, c.get("dataset", a.get("dataset")), c.get("attack", a.get("attack_name")),
+            a.get("attack"), c.get("poison_rate", a.get("poison_rate")), c.get("target", a.get("target")),
+            c.get("seed", a.get("seed")), c.get("defense", a.get("defense_name")), a.get("defense"),
+            c.get("model", a.get("model")), c.get("preset"),
+            *[_raw_float(r.value(k)) for k in METRICS], r.model_trained, m.get("isolated"), m.get("poisoned"),
+            m.get("train_size"),
+            m.get("time_total_s"), len(hits), round(saved_seconds(hits), 1),
+            (r.error or "").replace("\n", " ")]
+
+
+def _raw_float(v: float | None) -> str:
+    return "" if v is None else f"{v:.6g}"

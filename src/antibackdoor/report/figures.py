@@ -8,13 +8,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .collect import Record, isolation, target_guess  # noqa: E402
+from ..metrics import roc_auc, roc_curve_points, suspicion
+from ..plots import class_surplus_figure, plt  # plots selects the headless backend before pyplot loads
+from .collect import Record, isolation, target_guess
 
 MAX_PANELS = 48
 
@@ -157,8 +155,6 @@ def k_distributions(records: list[Record]) -> Any | None:
 def target_surpluses(records: list[Record]) -> Any | None:
     """The per-class surplus behind each run's target guess (AIBD's target filter), one panel per defense and
     attack (the lowest target): the bars of ``plots.class_surplus_figure``."""
-    from ..plots import class_surplus_figure
-
     panels = [(key, r, g) for key, r in representatives(records, need_scores=False).items()
               if (g := target_guess(r)) is not None][:MAX_PANELS]
     if not panels:
@@ -173,13 +169,11 @@ def target_surpluses(records: list[Record]) -> Any | None:
     return fig
 
 
-def roc_auc(scores: np.ndarray, positive: np.ndarray, higher: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    """ROC curve and AUC (scikit-learn) of ``scores`` for the poisoned samples."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    s = scores if higher else -scores
-    fpr, tpr, _ = roc_curve(positive, s)
-    return fpr, tpr, float(roc_auc_score(positive, s))
+def roc(scores: np.ndarray, positive: np.ndarray, higher: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC curve and AUC of ``scores`` for the poisoned samples (``metrics``' one definition)."""
+    s = suspicion(scores, higher)
+    fpr, tpr = roc_curve_points(s, positive)
+    return fpr, tpr, roc_auc(s, positive)
 
 
 def roc_curves(records: list[Record]) -> tuple[Any | None, list[dict[str, Any]]]:
@@ -194,7 +188,7 @@ def roc_curves(records: list[Record]) -> tuple[Any | None, list[dict[str, Any]]]
         iso = isolation(r)
         if iso is None or not iso["poison"].any() or iso["poison"].all():
             continue
-        fpr, tpr, auc = roc_auc(iso["scores"], iso["poison"], iso["higher"])
+        fpr, tpr, auc = roc(iso["scores"], iso["poison"], iso["higher"])
         aucs.append({"record": r, "auc": auc})
         curves = per_attack.setdefault(str(r.axes.get("attack")), [])
         if all(c[0] != str(r.axes.get("defense")) for c in curves):  # one run per method: the lowest target
