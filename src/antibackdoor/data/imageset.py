@@ -15,6 +15,7 @@ import torch
 
 from ..config import deep_update
 from ..errors import DataError
+from .rules import check_same_images, check_training_labels
 
 
 @dataclass
@@ -95,7 +96,8 @@ class ImageSet:
                 f"outside [0, {self.num_classes})"
             )
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise DataError(f"{self.name}: normalisation constants do not match {self.channels} channels")
+            raise DataError(f"{self.name}: normalisation constants for {len(self.mean)} channel(s) (mean) and "
+                            f"{len(self.std)} (std), but the images have {self.channels}")
         if require_all_classes:
             counts = self.class_counts()
             missing = [self.classes[i] for i in range(self.num_classes) if counts[i] == 0]
@@ -164,13 +166,12 @@ class DatasetSplits:
     paper: PaperSettings = field(default_factory=PaperSettings)
 
     def validate(self) -> None:
-        self.train.validate(require_all_classes=True)
+        """The data rules of ``rules.py`` (also what ``defend`` applies), and each set's own checks."""
+        self.train.validate()
         self.test.validate()
-        if self.train.x.shape[1:] != self.test.x.shape[1:]:
-            raise DataError(
-                f"{self.train.name}: train images {tuple(self.train.x.shape[1:])} and test images "
-                f"{tuple(self.test.x.shape[1:])} differ in shape"
-            )
+        where = self.train.name.removesuffix(" (train)")
+        check_same_images(self.train.x.shape, self.test.x.shape, where, "train", "test", "nchw")
+        check_training_labels(self.train.y, self.train.classes, where, y_test=self.test.y)
 
 
 def from_numpy_nhwc(x, y, name: str, classes: list[str] | None = None, mean=None, std=None) -> ImageSet:
