@@ -25,7 +25,7 @@ from antibackdoor.attacks.base import get_attack
 from antibackdoor.cli import main
 from antibackdoor.data import load_dataset
 from antibackdoor.data.safe_npz import open_npz, read_npy
-from antibackdoor.data.userdata import load_user_data
+from antibackdoor.data.userdata import conform, load_user_data
 from antibackdoor.errors import ConfigError, DataError
 
 needs_links = pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="POSIX links")
@@ -155,7 +155,7 @@ RULES = {
     "a class with no sample": (dict(y_train=[0, 2, 0, 2], y_test=[0, 2]),
                                r"y_train has no sample of class 1 \(of 3 classes\)"),
     "test labels the training split lacks": (dict(y_train=[0, 1, 0, 1], y_test=[0, 1, 2]),
-                                             r"y_test has samples of class 2, which y_train has no sample of"),
+                                             r"y_train has no sample of class 2, which y_test has"),
     "one class": (dict(y_train=[0, 0, 0], y_test=[0]), r"only one class \('0'\); a classifier needs at least two"),
     "grey train, RGB test": (dict(y_train=[0, 1, 0, 1], y_test=[0, 1], channels_test=1),
                              r"x_train images are 8x8, 3 channel\(s\) but x_test images are 8x8, 1 channel"),
@@ -184,6 +184,14 @@ def test_a_class_named_but_without_sample_is_refused_by_defend(tmp_path):
         load_user_data(f"npz:{path}")
     # --test and --trusted data may lack classes, but not be empty
     assert load_user_data(f"npz:{path}", role="--trusted").train.class_counts().tolist() == [2, 2, 0]
+    data = load_user_data(f"npz:{arrays_npz(tmp_path / 'ok.npz', y_train=[0, 1, 2])}")
+    for role in ("--trusted", "--test"):
+        with pytest.raises(DataError, match=rf"^{role} npz:.*empty.npz: no samples"):
+            load_user_data(f"npz:{arrays_npz(tmp_path / 'empty.npz', y_train=[])}", role=role)
+    # trusted data is the training part: a file with test samples only has none to give
+    test_only = arrays_npz(tmp_path / "test-only.npz", y_train=[], y_test=[0, 1])
+    with pytest.raises(DataError, match=r"^--trusted npz:.*test-only.npz: no samples"):
+        conform(load_user_data(f"npz:{test_only}", role="--trusted"), data.train, "--trusted", use_test=False)
 
 
 def test_runs_folder_loader_refuses_one_class(tmp_path):

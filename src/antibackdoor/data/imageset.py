@@ -76,8 +76,9 @@ class ImageSet:
         return torch.bincount(self.y.cpu(), minlength=self.num_classes)
 
     # -- checks --------------------------------------------------------------------------------
-    def validate(self, require_all_classes: bool = False) -> None:
-        """Reject malformed data with a message that names the problem."""
+    def validate(self) -> None:
+        """Reject malformed data with a message that names the problem (the data rules that training data must
+        meet as well, every class with a sample and so on, are ``rules.check_training_labels``)."""
         if self.x.dtype != torch.uint8:
             raise DataError(f"{self.name}: images have dtype {self.x.dtype}; expected uint8 (0..255)")
         if self.x.dim() != 4 or self.x.shape[1] not in (1, 3):
@@ -98,11 +99,6 @@ class ImageSet:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise DataError(f"{self.name}: normalisation constants for {len(self.mean)} channel(s) (mean) and "
                             f"{len(self.std)} (std), but the images have {self.channels}")
-        if require_all_classes:
-            counts = self.class_counts()
-            missing = [self.classes[i] for i in range(self.num_classes) if counts[i] == 0]
-            if missing:
-                raise DataError(f"{self.name}: no sample of class(es) {', '.join(missing)}")
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 ``defend`` (``load_user_data``: npz, folders, registered datasets) accept and refuse the same data.
 
 Training data must have samples, at least two classes, and a sample of every class in its class list (a
-class with none cannot be learned, and its accuracy would be meaningless). A test split may lack classes,
-but a test label that the training split has no sample of is named as the test split's problem, which it
-is. Train and test images must have the same shape. Every error is one line naming the data and the part.
+class with none cannot be learned, and its accuracy would be meaningless). A test split may lack classes;
+a test label that the training split has no sample of is named with the test split it comes from. Train and
+test images must have the same size and channels. Every error is one line naming the data and the part.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def check_training_labels(y_train: Labels, classes: Sequence[str], where: str, t
     if y_test is not None:
         in_test = [i for i in missing if counts(y_test, n)[i] > 0]
         if in_test:
-            raise DataError(f"{where}: {test_part} has samples of class {class_list(in_test, classes)}, which "
-                            f"{train_part} has no sample of (classes 0..{n - 1} in all); a classifier cannot learn a "
-                            "class it never saw")
+            raise DataError(f"{where}: {train_part} has no sample of class {class_list(in_test, classes)}, which "
+                            f"{test_part} has (labels in 0..{n - 1}); a classifier cannot learn a class it has no "
+                            "training sample of")
     raise DataError(f"{where}: {train_part} has no sample of class {class_list(missing, classes)} (of {n} classes); "
                     "a classifier needs a training sample of every class")
 

@@ -444,11 +444,15 @@ def load_user_folder(arg: str, skip_bad: bool = False, role: str = "DATA", size:
     return _from_arrays(arrays, f"folder:{arg}", root, role)
 
 
-def _outside_source(sources) -> str | None:
-    """The first source that is absolute or climbs out with ``..`` (only a forged cache can hold one)."""
-    for s in sources:
-        s = str(s)
-        if s.startswith("/") or (".." in s and posixpath.normpath(s).split("/")[0] == ".."):
+def _outside_source(sources: np.ndarray) -> str | None:
+    """The first source that is absolute or climbs out with ``..`` (only a forged cache can hold one); string
+    ufuncs over the array, since this runs on every load of a cached folder."""
+    sources = np.asarray(sources, dtype=str)
+    if not sources.size:
+        return None
+    suspect = np.char.startswith(sources, "/") | (np.char.find(sources, "..") >= 0)
+    for s in map(str, sources[suspect]):
+        if s.startswith("/") or posixpath.normpath(s).split("/")[0] == "..":
             return s
     return None
 
@@ -458,7 +462,7 @@ def _from_arrays(a: Arrays, spec: str, root: Path, role: str) -> UserData:
     notes = [str(n) for n in m.get("notes", [])]
     bad = [BadFile(str(p), str(r), None if int(i) < 0 else int(i))
            for p, r, i in zip(m.get("bad_path", []), m.get("bad_reason", []), m.get("bad_index", []), strict=True)]
-    outside = _outside_source(m.get("sources", []))
+    outside = _outside_source(m.get("sources", np.zeros(0, str)))
     if outside is not None:  # export-kept copies sources: a cache shipped with the data must not name others
         raise DataError(f"{root}: its decoded-image cache names {outside}, outside the folder (not written by this "
                         f"version); delete the antibackdoor-cache-* files in {root}")
@@ -513,6 +517,8 @@ def load_user_npz(path: Path, role: str = "DATA") -> UserData:
     if role == "DATA":  # run's rules; --test and --trusted data may lack classes
         check_training_labels(arrays["y_train"], classes, where, "y_train", arrays["y_test"] if has_test else None,
                               "y_test")
+    elif not any(v.size for v in ys):
+        raise DataError(f"{role} {where}: no samples")
     elif len(classes) < 2:
         raise DataError(f"{where}: only one class; a classifier needs at least two classes")
     train = from_numpy_nhwc(arrays["x_train"], arrays["y_train"], f"{where} ({role})", classes)
