@@ -304,6 +304,10 @@ def test_not_an_npz_says_so(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(DataError, match=r"empty.npz: not an npz file \(empty"):
         load_user_data(f"npz:{empty}")
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(arrays_npz(tmp_path / "whole.npz", y_train=[0, 1]).read_bytes()[:300])
+    with pytest.raises(DataError, match=r"cut.npz: not a readable npz file \(a truncated or damaged zip archive\)"):
+        load_dataset(f"npz:{cut}")
     single = tmp_path / "single.npz"
     single.write_bytes(npy_bytes(np.zeros(3, np.uint8)))
     with pytest.raises(DataError, match=r"single.npz: a single .npy array, not an npz file"):

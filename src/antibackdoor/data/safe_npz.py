@@ -183,6 +183,8 @@ def _not_npz(path: Path) -> DataError:
     if start.startswith(b"\x93NUMPY"):
         return DataError(f"{path}: a single .npy array, not an npz file (an npz is a zip archive of named arrays, "
                          "as numpy.savez writes)")
+    if start.startswith(b"PK"):
+        return DataError(f"{path}: not a readable npz file (a truncated or damaged zip archive)")
     kind = "empty" if not start else "not a zip archive"
     return DataError(f"{path}: not an npz file ({kind}; an npz is a zip archive of named .npy arrays, as "
                      "numpy.savez writes)")
