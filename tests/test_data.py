@@ -39,7 +39,7 @@ def test_npz_loads_nhwc(tiny_npz):
         ({"x_train": np.zeros((240, 16, 16, 5), np.uint8)}, "shape"),
         ({"y_train": np.arange(239) % 4}, "labels of shape"),
         ({"y_train": -(np.arange(240) % 4)}, "negative labels"),
-        ({"y_test": np.full(60, 7)}, "no sample of class"),
+        ({"y_test": np.full(60, 7)}, r"y_train has no sample of class 7, which y_test has"),
     ],
 )
 def test_npz_bad_content(tmp_path, override, message):

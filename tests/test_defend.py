@@ -317,7 +317,6 @@ def test_skipped_files_are_listed_in_the_report(tmp_path):
     first = sorted((root / "class1").iterdir())[0]
     first.write_bytes(first.read_bytes()[:40])  # truncated
     (root / "class2" / "README.txt").write_text("scraped 2024")
-    (root / "class10").mkdir()  # an empty class folder
     out = tmp_path / "runs"
     args = ["defend", f"folder:{root}", *tiny_args(out, 1), "--holdout", "0"]
     assert main(args) == 2  # without the flag: an error naming the first bad file
@@ -327,11 +326,10 @@ def test_skipped_files_are_listed_in_the_report(tmp_path):
     listed = {r[0]: r[2] for r in page.rows["bad-files"][1:]}
     assert set(listed) == {f"class1/{first.name}", "class2/README.txt"}
     assert "not an image file" in listed["class2/README.txt"]
-    assert "'class10' has no images" in page.of("notes")
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["bad_files"] == 2 and m["train_size"] == 119
     model = antibackdoor.load_model(run_dir / "model.safetensors")
-    assert model.classes[:2] == ["class0", "class1"] and len(model.classes) == 11  # class list unchanged
+    assert model.classes[:2] == ["class0", "class1"] and len(model.classes) == 10  # class list unchanged
     with np.load(run_dir / "kept.npz") as f:
         assert f["x_train"].shape[1:] == (32, 32, 3) and len(f["x_train"]) == len(f["index"]) == m["kept"]
 

@@ -35,7 +35,6 @@ DEFECTS = {
                              "cannot read image"),
     "non-image-file": (lambda r: (r / "cow" / "notes.txt").write_text("hello"), "cow/notes.txt",
                        "not an image file"),
-    "empty-class": (lambda r: (r / "dog").mkdir(), "dog", "empty class folder"),
 }
 
 
@@ -76,15 +75,33 @@ def test_one_class_only_is_an_error_even_when_skipping(tmp_path):
         load_user_data(f"folder:{root}", skip_bad=True)
 
 
+def test_an_empty_class_is_an_error_even_when_skipping(tmp_path):
+    """run's data rule: a class with no training sample cannot be learned; the class list never changes silently,
+    so the class is named, not dropped, with or without --skip-bad-files."""
+    root = make_folder(tmp_path / "d")
+    (root / "dog").mkdir()
+    for skip in (False, True):
+        with pytest.raises(DataError, match=r"d/dog: empty class folder \(no images\); a classifier needs a "
+                                            r"training sample of every class"):
+            load_user_data(f"folder:{root}", skip_bad=skip)
+    # every file of a class skipped as bad: the same rule, after decoding
+    (root / "dog" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"no usable image of class 'dog' \(label 3\) is left after skipping"):
+        load_user_data(f"folder:{root}", skip_bad=True)
+    # as --trusted data (which may lack classes) an emptied class stays in the class list, named in the notes
+    trusted = load_user_data(f"folder:{root}", skip_bad=True, role="--trusted")
+    assert trusted.train.class_counts().tolist() == [4, 4, 4, 0]
+    assert any("'dog' has no usable images" in n for n in trusted.notes)
+
+
 def test_skip_bad_files_lists_every_defect_and_keeps_the_class_list(tmp_path):
     root = make_folder(tmp_path / "d")
     for make, _, _ in DEFECTS.values():
         make(root)
     data = load_user_data(f"folder:{root}", skip_bad=True)
-    assert data.train.classes == ["ant", "bee", "cow", "dog"]  # the empty class stays, with no samples
-    assert data.train.class_counts().tolist() == [3, 3, 4, 0]
+    assert data.train.classes == ["ant", "bee", "cow"]
+    assert data.train.class_counts().tolist() == [3, 3, 4]
     assert sorted(b.path for b in data.bad) == ["ant/1.png", "bee/2.png", "cow/notes.txt"]
-    assert any("'dog' has no images" in n for n in data.notes)
     # indices: position among the image files; the skipped images keep theirs, so later files do not shift
     by_file = dict(zip(data.sources, data.index.tolist(), strict=True))
     assert by_file["ant/0.png"] == 0 and by_file["ant/2.png"] == 2 and by_file["bee/3.png"] == 7

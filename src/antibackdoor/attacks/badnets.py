@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import param
-from .base import Attack, param_error, register_attack
+from .base import Attack, param_error, patch_fits, register_attack
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class BadNets(Attack):
     label_mode = "dirty"
     description = "3x3 white patch in the bottom-right corner"
     Params = BadNetsParams
+
+    def check_fit(self, height: int, width: int, channels: int) -> None:
+        """The patch and its margin must lie inside the image (a larger patch would wrap around)."""
+        patch_fits(self.params.size, self.params.margin, height, width)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()

@@ -68,6 +68,16 @@ def param_error(key: str, message: str) -> ConfigError:
     return ConfigError(f"--attack-param {key}: {message}")
 
 
+def patch_fits(size: int, margin: int, height: int, width: int) -> None:
+    """Raise ``param_error`` unless a ``size`` x ``size`` patch ``margin`` pixels from a corner fits, naming
+    ``size`` when the patch alone is too large, else ``margin``."""
+    if size > min(height, width):
+        raise param_error("size", f"a {size}x{size} patch does not fit in {height}x{width} images")
+    if size + margin > min(height, width):
+        raise param_error("margin", f"a {size}x{size} patch at margin {margin} does not fit in {height}x{width} "
+                                    "images")
+
+
 def check_model(key: str, name: str) -> None:
     """Raise ``param_error`` unless ``name`` is a registered model (for attacks that train one)."""
     if name not in MODELS:
@@ -114,6 +124,10 @@ class Attack(Part):
         """The uint8 cover versions of ``train.x[idx]`` (attacks with ``cover_count`` > 0 implement it)."""
         raise NotImplementedError
 
+    def check_fit(self, height: int, width: int, channels: int) -> None:
+        """Raise ``param_error`` naming the key when the trigger does not fit images of this shape (a patch
+        larger than the image). ``check`` calls it before the run directory exists. Default: fits any."""
+
     # -- shared behaviour ---------------------------------------------------------------------
     def _pool(self, train: ImageSet, target: int) -> torch.Tensor:
         """The samples that may be poisoned: all (dirty label) or the target class (clean label)."""
@@ -124,6 +138,7 @@ class Attack(Part):
     def check(self, train: ImageSet, rate: float, target: int) -> tuple[int, int]:
         """Check rate, target and the sample budget before anything is drawn or trained (the experiment calls
         it before creating the run directory); returns how many samples get poisoned and cover versions."""
+        self.check_fit(int(train.x.shape[-2]), int(train.x.shape[-1]), train.channels)
         if not 0.0 < rate < 1.0:
             raise ConfigError(f"--poison-rate {rate}: must lie in (0, 1)")
         if not 0 <= target < train.num_classes:

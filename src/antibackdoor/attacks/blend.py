@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..config import param
+from ..data.images import decode_image
 from ..errors import DataError
 from ..seeding import fixed_generator
 from .base import Attack, param_error, register_attack
@@ -46,8 +47,14 @@ class BlendParams:
     def validate(self, where: str) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise param_error("alpha", f"{self.alpha} must lie in [0, 1]")
-        if self.pattern_file and not Path(self.pattern_file).expanduser().is_file():
-            raise param_error("pattern_file", f"{self.pattern_file}: no such file")
+        if self.pattern_file:  # read it now, before a run directory exists, not when the first image is poisoned
+            path = Path(self.pattern_file).expanduser()
+            if not path.is_file():
+                raise param_error("pattern_file", f"{self.pattern_file}: no such file")
+            try:
+                decode_image(path, 4)
+            except DataError as exc:
+                raise param_error("pattern_file", f"{self.pattern_file}: {str(exc).split(': ', 1)[-1]}") from None
 
 
 @register_attack

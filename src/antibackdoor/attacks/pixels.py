@@ -25,7 +25,6 @@ from typing import Literal
 import torch
 
 from ..config import param
-from ..data.imageset import ImageSet
 from ..seeding import fixed_generator
 from .base import Attack, param_error, register_attack
 
@@ -128,11 +127,10 @@ class Pixels(Attack):
         "paper": PixelsParams(row=11, col=16, color=(101 / 255, 0.0, 25 / 255)),
     }
 
-    def check(self, train: ImageSet, rate: float, target: int) -> tuple[int, int]:
-        """The base checks, then whether the trigger fits the images and the colour their channels."""
-        self.params.positions(*train.x.shape[-2:])
-        self.params.colour(train.x.shape[1])
-        return super().check(train, rate, target)
+    def check_fit(self, height: int, width: int, channels: int) -> None:
+        """Whether the trigger fits the images and the colour their channels."""
+        self.params.positions(height, width)
+        self.params.colour(channels)
 
     def mask(self, h: int, w: int) -> torch.Tensor:
         """h x w bool: the pixels the trigger sets."""

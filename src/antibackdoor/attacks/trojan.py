@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..precision import active_precision
 from ..seeding import fixed_generator
 from ..training import TrainConfig
-from .base import Attack, check_model, param_error, register_attack
+from .base import Attack, check_model, param_error, patch_fits, register_attack
 from .cache import cached_model
 
 log = logging.getLogger("antibackdoor")
@@ -103,6 +103,10 @@ class Trojan(Attack):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._optimized: torch.Tensor | None = None  # C x size x size, set by prepare when optimize=True
+
+    def check_fit(self, height: int, width: int, channels: int) -> None:
+        """The patch and its margin must lie inside the image."""
+        patch_fits(self.params.size, self.params.margin, height, width)
         self.cache_hit: bool | None = None
 
     # -- the trigger --------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,27 +11,24 @@ from .cifar import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, cifar10_present, 
 from .fashion_mnist import FASHION_CLASSES, fashion_mnist_dirs, load_fashion_mnist
 from .imageset import DatasetSplits, from_numpy_nhwc
 from .registry import register_dataset
+from .rules import check_same_images, check_training_labels
+from .safe_npz import open_npz
 
 BUNDLED_MINI = Path(__file__).parent / "assets" / "cifar10_mini.npz"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def load_npz(path: Path, name: str, classes=None, mean=None, std=None) -> DatasetSplits:
-    """Read an ``.npz`` with x_train/y_train/x_test/y_test (uint8 NHWC or NHW images, integer labels)."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in NPZ_KEYS if k not in f.files]
-            if missing:
-                raise DataError(f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(NPZ_KEYS)}")
-            arrays = {k: f[k] for k in NPZ_KEYS}
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    """Read an ``.npz`` with x_train/y_train/x_test/y_test (uint8 NHWC or NHW images, integer labels), through
+    the checked reader (``safe_npz``), and apply the data rules (``rules``) naming the arrays."""
+    where = f"npz:{path}"
+    with open_npz(path) as f:
+        missing = [k for k in NPZ_KEYS if k not in f]
+        if missing:
+            raise DataError(f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(NPZ_KEYS)}")
+        arrays = f.read(NPZ_KEYS)
+    ys = [arrays["y_train"], arrays["y_test"]]
     if classes is None:
-        ys = [arrays["y_train"], arrays["y_test"]]
         if any(not np.issubdtype(v.dtype, np.integer) for v in ys):
             raise DataError(f"{path}: labels must be integers (got {ys[0].dtype}, {ys[1].dtype})")
         if any(v.size and v.min() < 0 for v in ys):
@@ -40,6 +36,8 @@ def load_npz(path: Path, name: str, classes=None, mean=None, std=None) -> Datase
         n = int(max(v.max() if v.size else -1 for v in ys)) + 1
         classes = [str(i) for i in range(n)]
     train = from_numpy_nhwc(arrays["x_train"], arrays["y_train"], f"{path} (train)", classes, mean, std)
+    check_same_images(arrays["x_train"].shape, arrays["x_test"].shape, where, "x_train", "x_test")
+    check_training_labels(train.y, classes, where, "y_train", ys[1] if ys[1].ndim == 1 else None, "y_test")
     test = from_numpy_nhwc(arrays["x_test"], arrays["y_test"], f"{path} (test)", classes, train.mean, train.std)
     return DatasetSplits(train, test)
 

@@ -24,7 +24,17 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..seeding import fixed_numpy_rng
-from .images import GRAY_MODES, Arrays, cached_arrays, decode_images, is_image, read_headers
+from .images import (
+    GRAY_MODES,
+    Arrays,
+    cached_arrays,
+    decode_images,
+    inside,
+    is_image,
+    list_files,
+    read_headers,
+    real_folder,
+)
 from .registry import register_dataset
 
 log = logging.getLogger("antibackdoor")
@@ -71,16 +81,24 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder``, skipping hidden files and folders (.ipynb_checkpoints ...)."""
-    def visible(p: Path) -> bool:
-        return not any(s.startswith(".") for s in p.relative_to(folder).parts)
+def _images(folder: Path, root_real: Path) -> list[Path]:
+    """Image files anywhere below ``folder``, skipping hidden files and folders (.ipynb_checkpoints ...).
 
-    return sorted(p for p in folder.rglob("*") if is_image(p) and p.is_file() and visible(p))
+    Links must stay inside the data's folder ``root_real``: an image that links outside it, a broken link to an
+    image, or an unreadable sub-folder is an error naming it (``images.list_files``)."""
+    if not inside(folder, root_real):
+        raise DataError(f"{folder}: resolves to {real_folder(folder)} through a link, outside {root_real}; class "
+                        "folders must lie inside the data's folder")
+    entries, _ = list_files(folder, root_real)
+    for p, why in entries:
+        if why is not None and (is_image(p) or why.startswith("unreadable folder")):
+            raise DataError(f"{p}: {why}")
+    return [p for p, why in entries if why is None and is_image(p)]
 
 
 def _collect(path: Path, test: float, seed: int):
     """(classes, train files, train labels, test files, test labels) for either layout."""
+    root_real = real_folder(path)
     if (path / "train").is_dir():
         test_dir = next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
         if test_dir is None:
@@ -90,7 +108,7 @@ def _collect(path: Path, test: float, seed: int):
             raise DataError(f"{path / 'train'}: no class sub-folders (expected {LAYOUT})")
         ptr, ytr, pte, yte = [], [], [], []
         for i, c in enumerate(classes):
-            files = _images(path / "train" / c)
+            files = _images(path / "train" / c, root_real)
             if not files:
                 raise DataError(f"{path / 'train' / c}: no images")
             ptr += files
@@ -99,7 +117,7 @@ def _collect(path: Path, test: float, seed: int):
         for d in _class_dirs(test_dir):
             if d.name not in index:
                 raise DataError(f"{d}: class {d.name!r} has no training folder in {path / 'train'}")
-            files = _images(d)
+            files = _images(d, root_real)
             pte += files
             yte += [index[d.name]] * len(files)
         return classes, ptr, ytr, pte, yte
@@ -109,7 +127,7 @@ def _collect(path: Path, test: float, seed: int):
     rng = fixed_numpy_rng(seed)
     ptr, ytr, pte, yte = [], [], [], []
     for i, d in enumerate(dirs):
-        files = _images(d)
+        files = _images(d, root_real)
         if not files:
             raise DataError(f"{d}: no images")
         n_test = min(int(round(len(files) * test)), len(files) - 1)
@@ -157,8 +175,9 @@ def load_folder(arg: str) -> Arrays:
         return Arrays(x_train, np.asarray(ytr, np.int64), x_test, np.asarray(yte, np.int64), classes)
 
     tag = "folder-" + "-".join(f"{k}{opts[k]}" for k in sorted(opts)) if opts else "folder"
+    # links=inside: caches written before links were checked may hold files from outside PATH; rebuild them
     return cached_arrays(path, tag, f"test={test} seed={seed} size={opts.get('size')} "
-                         f"channels={opts.get('channels')}", build)
+                         f"channels={opts.get('channels')} links=inside", build)
 
 
 @register_dataset(

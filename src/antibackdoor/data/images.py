@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from ..caching import CACHE_PREFIX, atomic_write, cache_hasher, cache_path
 from ..errors import DataError
 from ..progress import bar
 from .imageset import DatasetSplits, PaperSettings, from_numpy_nhwc
+from .safe_npz import SafeNpz
 
 log = logging.getLogger("antibackdoor")
 
@@ -36,6 +37,62 @@ Box = tuple[int, int, int, int]
 
 def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def real_folder(path: Path) -> Path:
+    """``path`` with every link resolved: what "inside the folder" is checked against."""
+    return Path(os.path.realpath(path))
+
+
+def inside(path: Path | str, root_real: Path) -> bool:
+    """Whether ``path``, links resolved, lies in ``root_real`` (a ``real_folder``)."""
+    return Path(os.path.realpath(path)).is_relative_to(root_real)
+
+
+def list_files(folder: Path, root_real: Path) -> tuple[list[tuple[Path, str | None]], list[Path]]:
+    """Every visible file below ``folder`` in sorted order as ``(path, None)``, or ``(path, why)`` for one that
+    must not be read, and the linked folders below it (not followed, as before).
+
+    Files and folders whose name starts with ``.`` are skipped. A link is followed when its target lies
+    inside ``root_real`` (the data's folder); one that points outside it, a broken one (missing target, a
+    loop) and anything not a regular file (a pipe, a device) come with the reason instead: a dataset from
+    elsewhere must not make the loader read the rest of the machine. One ``scandir`` per folder; only links
+    cost a ``realpath``."""
+    entries: list[tuple[Path, str | None]] = []
+    linked: list[Path] = []
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError as exc:
+            entries.append((d, f"unreadable folder ({exc.strerror or exc})"))
+            continue
+        with it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                p = d / e.name
+                if e.is_symlink():
+                    try:
+                        st = os.stat(e.path)
+                    except OSError as exc:
+                        entries.append((p, f"a broken link ({exc.strerror or exc})"))
+                        continue
+                    target = Path(os.path.realpath(e.path))
+                    if not target.is_relative_to(root_real):
+                        entries.append((p, f"a link to {target}, outside {root_real}; files must lie inside the "
+                                           "data's folder"))
+                    elif stat.S_ISDIR(st.st_mode):
+                        linked.append(p)
+                    else:
+                        entries.append((p, None if stat.S_ISREG(st.st_mode) else "not a regular file"))
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append(p)
+                else:
+                    entries.append((p, None if e.is_file(follow_symlinks=False) else "not a regular file"))
+    entries.sort(key=lambda t: t[0])
+    return entries, sorted(linked)
 
 
 def image_header(path: Path) -> tuple[tuple[int, int], str]:
@@ -220,31 +277,6 @@ def nchw_backed(n: int, h: int, w: int, c: int) -> np.ndarray:
     return np.empty((n, c, h, w), np.uint8).transpose(0, 2, 3, 1)
 
 
-def _read_images(f, key: str, chunk: int = 2048) -> np.ndarray:
-    """``f[key]`` of an open .npz as an ``nchw_backed`` array, read in chunks (no NHWC copy in memory)."""
-    from numpy.lib import format as npformat
-
-    try:
-        with f.zip.open(f"{key}.npy") as fp:
-            version = npformat.read_magic(fp)
-            read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-            shape, fortran, dtype = read(fp)
-            if fortran or len(shape) != 4 or dtype != np.uint8:
-                return f[key]
-            n, h, w, c = shape
-            out = nchw_backed(n, h, w, c)
-            row = h * w * c
-            for s in range(0, n, chunk):
-                k = min(chunk, n - s)
-                buf = fp.read(k * row)
-                if len(buf) != k * row:
-                    raise ValueError(f"{key}: truncated")
-                out[s:s + k] = np.frombuffer(buf, np.uint8).reshape(k, h, w, c)
-            return out
-    except (AttributeError, KeyError):
-        return f[key]
-
-
 def channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] of NHWC uint8 images, in chunks (Tiny-ImageNet in float32: 5 GB)."""
     c = x.shape[-1]
@@ -299,7 +331,8 @@ def tree_fingerprint(folder: Path, options: str) -> str:
                 continue
             try:
                 st = os.stat(os.path.join(dirpath, f))
-            except OSError:  # vanished meanwhile, or a dangling link: the loader will name it if it matters
+            except OSError:  # vanished meanwhile, or a broken link: counted, so that its coming and going is seen
+                entries.append(f"{rel}/{f}\0unreadable\n")
                 continue
             entries.append(f"{rel}/{f}\0{st.st_size}\0{st.st_mtime_ns}\n")
     for e in sorted(entries):
@@ -312,18 +345,22 @@ def dataset_cache_path(folder: Path, tag: str) -> Path:
 
 
 def _read_cache(path: Path, fingerprint: str) -> Arrays | None:
+    """The cache's arrays, read through ``SafeNpz`` (a cache in a shipped dataset folder may be forged)."""
+    if not path.is_file():
+        return None
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with SafeNpz(path) as f:
             if str(f["fingerprint"]) != fingerprint:
                 log.info("%s: stale (the data changed); decoding again", path)
                 return None
-            classes = [str(c) for c in f["classes"]]
-            meta = {k[5:]: f[k] for k in f.files if k.startswith("meta_")}
-            return Arrays(_read_images(f, "x_train"), f["y_train"], _read_images(f, "x_test"), f["y_test"], classes,
-                          tuple(float(v) for v in f["mean"]), tuple(float(v) for v in f["std"]), meta)
-    except FileNotFoundError:
-        return None
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            meta_keys = [k for k in f.files if k.startswith("meta_")]
+            small = f.read(["classes", "y_train", "y_test", "mean", "std", *meta_keys])
+            classes = [str(c) for c in small["classes"]]
+            meta = {k[5:]: v for k, v in small.items() if k.startswith("meta_")}
+            return Arrays(f.read_images_nchw("x_train", nchw_backed), small["y_train"],
+                          f.read_images_nchw("x_test", nchw_backed), small["y_test"], classes,
+                          tuple(float(v) for v in small["mean"]), tuple(float(v) for v in small["std"]), meta)
+    except (DataError, KeyError, ValueError) as exc:
         log.warning("%s: unreadable cache (%s); decoding again", path, exc)
         return None
 

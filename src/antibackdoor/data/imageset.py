@@ -15,6 +15,7 @@ import torch
 
 from ..config import deep_update
 from ..errors import DataError
+from .rules import check_same_images, check_training_labels
 
 
 @dataclass
@@ -75,8 +76,9 @@ class ImageSet:
         return torch.bincount(self.y.cpu(), minlength=self.num_classes)
 
     # -- checks --------------------------------------------------------------------------------
-    def validate(self, require_all_classes: bool = False) -> None:
-        """Reject malformed data with a message that names the problem."""
+    def validate(self) -> None:
+        """Reject malformed data with a message that names the problem (the data rules that training data must
+        meet as well, every class with a sample and so on, are ``rules.check_training_labels``)."""
         if self.x.dtype != torch.uint8:
             raise DataError(f"{self.name}: images have dtype {self.x.dtype}; expected uint8 (0..255)")
         if self.x.dim() != 4 or self.x.shape[1] not in (1, 3):
@@ -95,12 +97,8 @@ class ImageSet:
                 f"outside [0, {self.num_classes})"
             )
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise DataError(f"{self.name}: normalisation constants do not match {self.channels} channels")
-        if require_all_classes:
-            counts = self.class_counts()
-            missing = [self.classes[i] for i in range(self.num_classes) if counts[i] == 0]
-            if missing:
-                raise DataError(f"{self.name}: no sample of class(es) {', '.join(missing)}")
+            raise DataError(f"{self.name}: normalisation constants for {len(self.mean)} channel(s) (mean) and "
+                            f"{len(self.std)} (std), but the images have {self.channels}")
 
 
 @dataclass(frozen=True)
@@ -180,13 +178,12 @@ class DatasetSplits:
     truth: GroundTruth | None = None
 
     def validate(self) -> None:
-        self.train.validate(require_all_classes=True)
+        """The data rules of ``rules.py`` (also what ``defend`` applies), and each set's own checks."""
+        self.train.validate()
         self.test.validate()
-        if self.train.x.shape[1:] != self.test.x.shape[1:]:
-            raise DataError(
-                f"{self.train.name}: train images {tuple(self.train.x.shape[1:])} and test images "
-                f"{tuple(self.test.x.shape[1:])} differ in shape"
-            )
+        where = self.train.name.removesuffix(" (train)")
+        check_same_images(self.train.x.shape, self.test.x.shape, where, "train", "test", "nchw")
+        check_training_labels(self.train.y, self.train.classes, where, y_test=self.test.y)
 
 
 def from_numpy_nhwc(x, y, name: str, classes: list[str] | None = None, mean=None, std=None) -> ImageSet:

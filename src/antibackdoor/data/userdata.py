@@ -11,11 +11,18 @@
 
 Unlike ``run``'s ``folder:`` loader nothing is held out here (the defense sees every training file), and a
 folder's defects are found file by file: an unreadable or truncated image, a file that is not an image, a
-CSV row naming a missing file, an empty class folder. Each stops the load with one line naming the file,
-or, when ``skip_bad`` is set, is skipped and listed (``UserData.bad``) for the report. Grey, RGBA, palette
-and 16-bit images among RGB ones are converted and images of other sizes resized; both are listed in
-``UserData.notes``. The class list is the list of class folders (or CSV labels) and never changes silently:
-a class left without images stays in it, and is named in the notes.
+CSV row naming a missing file, a broken link, and a file that lies outside PATH (an absolute CSV path, one
+that climbs out with ``..``, a link pointing outside PATH: a dataset from elsewhere must not pull the
+machine's other files into the training data, the report or ``kept/``). Each stops the load with one line
+naming the file, or, when ``skip_bad`` is set, is skipped and listed (``UserData.bad``) for the report.
+Grey, RGBA, palette and 16-bit images among RGB ones are converted and images of other sizes resized; both
+are listed in ``UserData.notes``.
+
+DATA's training part must meet the data rules ``run`` applies (``rules``): samples, two classes or more,
+and a sample of every class. The class list is the list of class folders (or CSV labels) and never changes
+silently, so an empty class folder, or a class whose every file was skipped, is an error here, with or
+without ``skip_bad``. Data given with ``--test`` or ``--trusted`` may lack classes (with ``skip_bad``, an
+empty class folder there stays in the class list with no samples, and is named in the notes).
 
 Labels CSV: a header line with the columns ``file`` and ``label`` (comma- or semicolon-separated; other
 columns are ignored). ``file`` is a path relative to PATH, ``label`` a class name. Classes are the distinct
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +53,17 @@ from .images import (
     cached_arrays,
     channel_stats,
     decode_images_lenient,
+    inside,
     is_image,
+    list_files,
     read_headers,
     read_table,
+    real_folder,
 )
 from .imageset import ImageSet, PaperSettings, from_numpy_nhwc
 from .registry import DATASETS, load_dataset
+from .rules import check_same_images, check_training_labels, class_list
+from .safe_npz import open_npz
 
 log = logging.getLogger("antibackdoor")
 
@@ -102,7 +115,7 @@ def parse_folder_spec(arg: str, role: str = "DATA") -> tuple[Path, dict]:
 @dataclass
 class _Listing:
     classes: list[str]
-    files: list[Path | None]  # None: a CSV row whose file is missing (it keeps its index)
+    files: list[Path | None]  # None: a file that gives no sample (missing, a link outside PATH); it keeps its index
     labels: list[int]
     test_files: list[Path]
     test_labels: list[int]
@@ -118,16 +131,24 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _class_files(folder: Path, root: Path, bad: list[BadFile]) -> list[Path]:
-    """Image files below a class folder; other (visible) files go to ``bad`` as not images."""
-    images = []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or not _visible(p, folder):
-            continue
-        if is_image(p):
+def _class_files(folder: Path, root: Path, root_real: Path, bad: list[BadFile], start: int | None,
+                 linked: list[Path]) -> list[Path | None]:
+    """Image files below a class folder, in order. An image file that must not be read (a link outside PATH, a
+    broken link: ``images.list_files``) goes to ``bad`` and, for training files (``start``: the index of the
+    folder's first file), stays in the list as None so that it keeps its index. Other visible files go to
+    ``bad`` as not images; linked sub-folders (not followed) to ``linked``."""
+    entries, links = list_files(folder, root_real)
+    linked += links
+    images: list[Path | None] = []
+    for p, why in entries:
+        if is_image(p) and why is None:
             images.append(p)
+        elif is_image(p):
+            bad.append(BadFile(_rel(p, root), why, None if start is None else start + len(images)))
+            if start is not None:
+                images.append(None)
         else:
-            bad.append(BadFile(_rel(p, root), f"not an image file (suffix {p.suffix or 'none'!r})"))
+            bad.append(BadFile(_rel(p, root), why or f"not an image file (suffix {p.suffix or 'none'!r})"))
     return images
 
 
@@ -139,22 +160,36 @@ def _rel(p: Path, root: Path) -> str:
 
 
 def _list_class_tree(tree: Path, root: Path, skip_bad: bool, bad: list[BadFile], notes: list[str],
-                     classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
+                     classes: list[str] | None = None,
+                     every_class: bool = True) -> tuple[list[str], list[Path | None], list[int]]:
+    """Classes, files and labels of ``PATH/<class>/...`` (training) or, given ``classes``, of a test tree.
+
+    An empty training class folder is an error; where ``every_class`` is off (``--test``/``--trusted`` data)
+    and ``skip_bad`` is set, the class stays in the class list with no samples instead."""
     dirs = _class_dirs(tree)
     is_test = classes is not None
     if classes is None:
         classes = [d.name for d in dirs]
     index = {c: i for i, c in enumerate(classes)}
-    files: list[Path] = []
+    root_real = real_folder(root)
+    files: list[Path | None] = []
     labels: list[int] = []
+    linked: list[Path] = []
     for d in dirs:
         if d.name not in index:
             raise DataError(f"{d}: class {d.name!r} is not one of the training classes ({', '.join(classes)})")
-        found = _class_files(d, root, bad)
+        if not inside(d, root_real):  # the class folder (or train/ above it) is a link leading outside PATH
+            bad.append(BadFile(_rel(d, root), f"resolves to {real_folder(d)} through a link, outside {root}; "
+                                              "class folders must lie inside PATH"))
+            continue
+        found = _class_files(d, root, root_real, bad, None if is_test else len(files), linked)
         if not found and is_test:
             notes.append(f"test folder {_rel(d, root)}/ has no images")
         elif not found:
             msg = f"{d}: empty class folder (no images)"
+            if every_class:
+                raise DataError(f"{msg}; a classifier needs a training sample of every class: remove the folder "
+                                "or put images in it")
             if not skip_bad:
                 raise DataError(f"{msg}; remove the folder or pass --skip-bad-files (the class then stays in "
                                 "the class list with no samples)")
@@ -162,11 +197,15 @@ def _list_class_tree(tree: Path, root: Path, skip_bad: bool, bad: list[BadFile],
                          f"(label {index[d.name]}) with no samples")
         files += found
         labels += [index[d.name]] * len(found)
-    loose = [p for p in tree.iterdir() if p.is_file() and not p.name.startswith(".")
-             and not p.name.startswith("antibackdoor-cache-")]
+    top = [p for p in tree.iterdir() if not p.name.startswith(".")]
+    bad += [BadFile(_rel(p, root), "a broken link") for p in top if p.is_symlink() and not p.exists()]
+    loose = [p for p in top if p.is_file() and not p.name.startswith("antibackdoor-cache-")]
     if loose:
         notes.append(f"{len(loose)} file(s) directly in {_rel(tree, root) or '.'}/ are in no class folder and "
                      f"were not used (e.g. {loose[0].name})")
+    if linked:
+        notes.append(f"{len(linked)} linked folder(s) below class folders were not followed (e.g. "
+                     f"{_rel(linked[0], root)})")
     return classes, files, labels
 
 
@@ -175,6 +214,21 @@ def _natural_sorted(names: set[str]) -> list[str]:
         return sorted(names, key=int)
     except ValueError:
         return sorted(names)
+
+
+def _csv_row_problem(text: str, p: Path, real: Path, root: Path, root_real: Path) -> str | None:
+    """Why a CSV row's file gives no sample, said after "named on labels.csv line N" (None: a file inside
+    PATH). A CSV shipped with a dataset must not pull files from elsewhere on the machine into the training
+    data, the report or ``kept/``, so absolute paths and paths (links included) leading outside PATH are refused."""
+    if Path(text).is_absolute():
+        return f"is an absolute path; files must be given relative to {root} and lie inside it"
+    if not real.is_relative_to(root_real):
+        return f"resolves to {real}, outside {root}; files must lie inside it"
+    if p.is_symlink() and not p.exists():
+        return "but a broken link"
+    if not p.is_file():
+        return "but missing"
+    return None
 
 
 def _list_csv(root: Path, csv_path: Path, skip_bad: bool, bad: list[BadFile], notes: list[str]) -> _Listing:
@@ -186,18 +240,20 @@ def _list_csv(root: Path, csv_path: Path, skip_bad: bool, bad: list[BadFile], no
     files: list[Path | None] = []
     labels: list[int] = []
     seen: dict[str, str] = {}
+    root_real = real_folder(root)
     for i, r in enumerate(rows):
-        rel = Path(r["file"])
-        p = rel if rel.is_absolute() else root / rel
-        key = _rel(p.resolve(), root.resolve())
+        p = root / r["file"]  # an absolute file replaces root here (and is refused below)
+        real = p.resolve()
+        key = _rel(real, root_real)
         if key in seen:
             raise DataError(f"{csv_path}:{r['_line']}: {r['file']} is listed twice (first on line {seen[key]})")
         seen[key] = r["_line"]
-        if not p.is_file():
-            bad.append(BadFile(r["file"], f"named on {csv_path.name} line {r['_line']} but missing", i))
-            files.append(None)
-        else:
+        problem = _csv_row_problem(r["file"], p, real, root, root_real)
+        if problem is None:
             files.append(p)
+        else:
+            bad.append(BadFile(r["file"], f"named on {csv_path.name} line {r['_line']} {problem}", i))
+            files.append(None)
         labels.append(index[r["label"]])
     listed = {p.resolve() for p in files if p is not None}
     unlisted = [p for p in root.rglob("*") if p.is_file() and is_image(p) and _visible(p, root)
@@ -208,22 +264,25 @@ def _list_csv(root: Path, csv_path: Path, skip_bad: bool, bad: list[BadFile], no
     return _Listing(classes, files, labels, [], [], bad, notes)
 
 
-def list_folder(root: Path, labels_csv: Path | None, skip_bad: bool) -> _Listing:
-    """Classes and files of a folder in any of the three layouts (see the module docstring)."""
+def list_folder(root: Path, labels_csv: Path | None, skip_bad: bool, every_class: bool = True) -> _Listing:
+    """Classes and files of a folder in any of the three layouts (see the module docstring); ``every_class``:
+    an empty class folder is an error even with ``skip_bad`` (training data, see ``_list_class_tree``)."""
     bad: list[BadFile] = []
     notes: list[str] = []
     if labels_csv is not None:
         listing = _list_csv(root, labels_csv, skip_bad, bad, notes)
     elif (root / "train").is_dir():
         test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-        classes, files, labels = _list_class_tree(root / "train", root, skip_bad, bad, notes)
+        classes, files, labels = _list_class_tree(root / "train", root, skip_bad, bad, notes,
+                                                  every_class=every_class)
         test_files: list[Path] = []
         test_labels: list[int] = []
         if test_dir is not None:
-            _, test_files, test_labels = _list_class_tree(test_dir, root, True, bad, notes, classes)
+            _, found, test_labels = _list_class_tree(test_dir, root, True, bad, notes, classes)
+            test_files = [p for p in found if p is not None]  # test files keep no index, so none is None
         listing = _Listing(classes, list(files), labels, test_files, test_labels, bad, notes)
     else:
-        classes, files, labels = _list_class_tree(root, root, skip_bad, bad, notes)
+        classes, files, labels = _list_class_tree(root, root, skip_bad, bad, notes, every_class=every_class)
         listing = _Listing(classes, list(files), labels, [], [], bad, notes)
     if not listing.classes:
         raise DataError(f"{root}: no class sub-folders (expected PATH/<class>/<images>, PATH/train/<class>/, "
@@ -338,7 +397,7 @@ def load_user_folder(arg: str, skip_bad: bool = False, role: str = "DATA", size:
             raise DataError(f"{labels_csv}: no such labels file (folder:PATH?labels=FILE, relative to PATH)")
 
     def build() -> Arrays:
-        listing = list_folder(root, labels_csv, skip_bad)
+        listing = list_folder(root, labels_csv, skip_bad, every_class=role == "DATA")
         bad = listing.bad
         if bad and not skip_bad:
             _raise_first(bad, root)
@@ -374,7 +433,8 @@ def load_user_folder(arg: str, skip_bad: bool = False, role: str = "DATA", size:
         }
         return Arrays(x, y, xt, yt, listing.classes, meta=meta)
 
-    options = f"defend size={size} channels={channels} skip={skip_bad}"
+    # links=inside: caches written before links and CSV paths were checked may hold files from outside PATH
+    options = f"defend size={size} channels={channels} skip={skip_bad} links=inside"
     if labels_csv is not None:
         options += f" labels={labels_csv} sha={_file_digest(labels_csv)}"
     tag = "defend" + (f"-size{size}" if size else "") + (f"-channels{channels}" if channels else "") + \
@@ -384,21 +444,44 @@ def load_user_folder(arg: str, skip_bad: bool = False, role: str = "DATA", size:
     return _from_arrays(arrays, f"folder:{arg}", root, role)
 
 
+def _outside_source(sources: np.ndarray) -> str | None:
+    """The first source that is absolute or climbs out with ``..`` (only a forged cache can hold one); string
+    ufuncs over the array, since this runs on every load of a cached folder."""
+    sources = np.asarray(sources, dtype=str)
+    if not sources.size:
+        return None
+    suspect = np.char.startswith(sources, "/") | (np.char.find(sources, "..") >= 0)
+    for s in map(str, sources[suspect]):
+        if s.startswith("/") or posixpath.normpath(s).split("/")[0] == "..":
+            return s
+    return None
+
+
 def _from_arrays(a: Arrays, spec: str, root: Path, role: str) -> UserData:
     m = a.meta
     notes = [str(n) for n in m.get("notes", [])]
     bad = [BadFile(str(p), str(r), None if int(i) < 0 else int(i))
            for p, r, i in zip(m.get("bad_path", []), m.get("bad_reason", []), m.get("bad_index", []), strict=True)]
+    outside = _outside_source(m.get("sources", np.zeros(0, str)))
+    if outside is not None:  # export-kept copies sources: a cache shipped with the data must not name others
+        raise DataError(f"{root}: its decoded-image cache names {outside}, outside the folder (not written by this "
+                        f"version); delete the antibackdoor-cache-* files in {root}")
     counts = np.bincount(a.y_train, minlength=len(a.classes))
-    empty = [a.classes[i] for i in range(len(a.classes)) if counts[i] == 0]
-    for c in empty:
-        note = f"class {c!r} has no usable images"
-        if not any(n.startswith(f"class {c!r}") for n in notes):
-            notes.append(note + "; it stays in the class list with no samples")
+    empty = [i for i in range(len(a.classes)) if counts[i] == 0]
     if int((counts > 0).sum()) < 2:
         have = [a.classes[i] for i in range(len(a.classes)) if counts[i] > 0]
         raise DataError(f"{root}: images of {len(have)} class(es) left ({', '.join(have) or 'none'}) after "
                         "skipping bad files; a classifier needs at least two")
+    if empty and role == "DATA":  # every file of the class was skipped as bad (an empty folder fails earlier)
+        raise DataError(f"{root}: no usable image of class {class_list(empty, a.classes)} is left after skipping "
+                        "bad files; a classifier needs a training sample of every class: fix or remove the bad "
+                        "files, or remove the class")
+    for i in empty:
+        c = a.classes[i]
+        if not any(n.startswith(f"class {c!r}") for n in notes):
+            notes.append(f"class {c!r} has no usable images; it stays in the class list with no samples")
+    if role == "DATA":
+        check_training_labels(a.y_train, a.classes, spec, "the training images")
     mean, std = a.mean, a.std
     if mean is None or std is None:
         mean, std = channel_stats(a.x_train)
@@ -413,36 +496,37 @@ def _from_arrays(a: Arrays, spec: str, root: Path, role: str) -> UserData:
 
 # -- arrays -------------------------------------------------------------------------------------------------
 def load_user_npz(path: Path, role: str = "DATA") -> UserData:
-    """``npz:PATH`` with x_train/y_train and optionally x_test/y_test and classes (no pickles are read)."""
-    import zipfile
-
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "x_train" not in f.files or "y_train" not in f.files:
-                raise DataError(f"{path}: needs arrays x_train and y_train (has {', '.join(f.files) or 'none'})")
-            has_test = "x_test" in f.files and "y_test" in f.files
-            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes") if k in f.files}
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    """``npz:PATH`` with x_train/y_train and optionally x_test/y_test and classes, through the checked reader
+    (``safe_npz``: no pickles, no decompression bombs); as DATA it must meet the data rules (``rules``)."""
+    where = f"npz:{path}"
+    with open_npz(path) as f:
+        if "x_train" not in f or "y_train" not in f:
+            raise DataError(f"{path}: needs arrays x_train and y_train (has {', '.join(f.files) or 'none'})")
+        has_test = "x_test" in f and "y_test" in f
+        arrays = f.read(["x_train", "y_train", "x_test", "y_test", "classes"] if has_test else
+                        ["x_train", "y_train", "classes"])
     ys = [arrays["y_train"]] + ([arrays["y_test"]] if has_test else [])
     if any(not np.issubdtype(v.dtype, np.integer) for v in ys):
         raise DataError(f"{path}: labels must be integers (got {', '.join(str(v.dtype) for v in ys)})")
     if any(v.size and v.min() < 0 for v in ys):
         raise DataError(f"{path}: negative labels")
     n = int(max(v.max() if v.size else -1 for v in ys)) + 1
-    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(n)]
+    classes = [str(c) for c in np.atleast_1d(arrays["classes"])] if "classes" in arrays else [str(i) for i in range(n)]
     if len(classes) < n:
         raise DataError(f"{path}: {len(classes)} class names but labels up to {n - 1}")
-    if len(classes) < 2:
-        raise DataError(f"{path}: only one class; a classifier needs at least two")
-    train = from_numpy_nhwc(arrays["x_train"], arrays["y_train"], f"npz:{path} ({role})", classes)
+    if role == "DATA":  # run's rules; --test and --trusted data may lack classes
+        check_training_labels(arrays["y_train"], classes, where, "y_train", arrays["y_test"] if has_test else None,
+                              "y_test")
+    elif not any(v.size for v in ys):
+        raise DataError(f"{role} {where}: no samples")
+    elif len(classes) < 2:
+        raise DataError(f"{where}: only one class; a classifier needs at least two classes")
+    train = from_numpy_nhwc(arrays["x_train"], arrays["y_train"], f"{where} ({role})", classes)
+    if has_test:
+        check_same_images(arrays["x_train"].shape, arrays["x_test"].shape, where, "x_train", "x_test")
     test = None
     if has_test and len(arrays["y_test"]):
-        test = from_numpy_nhwc(arrays["x_test"], arrays["y_test"], f"npz:{path} (test)", classes,
+        test = from_numpy_nhwc(arrays["x_test"], arrays["y_test"], f"{where} (test)", classes,
                                train.mean, train.std)
     return UserData(f"npz:{path}", train, test, None, None, np.arange(len(train), dtype=np.int64), len(train),
                     kind="npz")
@@ -474,6 +558,8 @@ def conform(other: UserData, like: ImageSet, role: str, use_test: bool) -> Image
     """``other``'s images (its test split when ``use_test`` and it has one) as a set shaped and labelled like
     ``like``: the same image shape and class list (folders are matched by class name)."""
     part = other.test if (use_test and other.test is not None) else other.train
+    if len(part) == 0:
+        raise DataError(f"{role} {other.spec}: no samples")
     if part.x.shape[1:] != like.x.shape[1:]:
         raise DataError(f"{role} {other.spec}: images are {tuple(part.x.shape[1:])} (C, H, W) but DATA's are "
                         f"{tuple(like.x.shape[1:])}")
