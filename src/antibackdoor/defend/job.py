@@ -35,7 +35,7 @@ from .prepare import (
     prepare,
     with_detector,
 )
-from .report import write_report
+from .report import verdict, write_report
 
 log = logging.getLogger("antibackdoor")
 
@@ -105,7 +105,7 @@ class DefendJob(Job):
             metrics.update({"acc": ev.acc, "ra": ev.ra, "eval_size": ev.size, "ra_attack": c.eval.label()})
         else:
             metrics["acc"] = metrics["ra"] = None
-        findings = analyse(result, data.train.y.numpy()[s.rows], data.train.classes)
+        findings = analyse(result, data.train.y.numpy()[s.rows], data.train.classes, c.defense)
         poison_rows = s.poison_rows
         if poison_rows is not None:
             metrics["mask"] = mask_metrics(findings.order, findings.isolated, poison_rows, findings.scores,
@@ -117,7 +117,12 @@ class DefendJob(Job):
             "train_size": len(s.rows), "data_size": len(data.train), "heldout": int(s.heldout.sum()),
             "isolated": int(findings.isolated.sum()), "kept": int((~findings.isolated).sum()),
             "bad_files": len(data.bad), "bad": [b.__dict__ for b in data.bad],
-            "surplus": findings.surplus.as_dict(),
+            # no ranking, no test: null (the verdict says why)
+            "surplus": findings.surplus.as_dict() if findings.surplus is not None else None,
+            "verdict": {**{k: v for k, v in verdict(findings.surplus, c.defense, int(findings.isolated.sum()),
+                                                    len(s.rows), findings.unranked).items() if k != "text"},
+                        **({"unranked": findings.unranked} if findings.unranked else {})},
+            "warnings": findings.warnings,
             "defense_info": result.info, "model": s.model, "precision": s.precision.name,
             "time_defense_s": out.time_defense_s,
         })
