@@ -112,12 +112,13 @@ def test_split_only_cells_report_no_model_metrics(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, capsys):
-    # an infinite learning rate passes the config checks, then the first update makes the weights inf/NaN
-    # (IEEE arithmetic, not rounding): those cells fail when they run, with the training loop's error
+    # a learning rate of 1e30 passes the config checks (finite, > 0), then the first SGD updates overflow
+    # the weights to inf/NaN (IEEE arithmetic, not rounding): those cells fail when they run, with the
+    # training loop's error
     grid = _grid(tmp_path)
     spec = yaml.safe_load(grid.read_text())
-    spec["defenses"] = [spec["defenses"][0], {"name": "none", "label": "diverges",
-                                              "params": {"train": {"epochs": 1, "lr": float("inf")}}}]
+    spec["defenses"] = [spec["defenses"][0], {"name": "none", "label": "diverges", "params": {
+        "train": {"epochs": 1, "lr": 1e30, "optimizer": "sgd"}}}]
     grid.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     code, _, err = _bench([str(grid), "--out", str(out), "--no-stage-cache"], capsys)

@@ -360,7 +360,7 @@ def test_poison_mask_must_fit_the_data(tmp_path, capsys):
     names = tmp_path / "m.txt"
     names.write_text("class0/nope.png\n")
     assert main(["defend", f"folder:{root}", "--poison-mask", str(names), "--out", str(tmp_path / "r")]) == 2
-    assert "class0/nope.png is not a sample" in capsys.readouterr().err
+    assert f"{names}: line 1 names no sample of folder:{root}" in capsys.readouterr().err  # never quoted
 
 
 def test_aibd_suggests_labels_and_the_surplus_test_reads_its_score_ranking(tmp_path, monkeypatch):
@@ -424,9 +424,10 @@ def test_npz_with_its_own_test_split_and_a_defense_that_isolates_nothing(tmp_pat
     run_dir = run_dir_of(out)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["eval_kind"] == "own-test" and m["eval_size"] == 60 and 0 <= m["acc"] <= 1
-    assert m["isolated"] == 0 and m["surplus"]["target"] is None
+    # no score, no ranking: no surplus test and no verdict (docs/defend.md, "The report")
+    assert m["isolated"] == 0 and m["surplus"] is None and m["verdict"]["kind"] == "unranked"
     page = parse(run_dir / "report.html")
-    assert "Nothing isolated" in page.of("verdict") and "DATA's own test split" in page.of("eval-table")
+    assert "No verdict" in page.of("verdict") and "DATA's own test split" in page.of("eval-table")
     rows = list(csv.DictReader(open(run_dir / "suspicious.csv")))
     assert len(rows) == 240 and all(r["isolated"] == "no" for r in rows) and rows[0]["file"] == ""
     assert len(np.loadtxt(run_dir / "clean_indices.txt", comments="#")) == 240

@@ -169,7 +169,8 @@ def test_run_and_defend_go_through_the_one_path(tmp_path, tiny_npz, monkeypatch,
                            "time_defense_s", "time_total_s"]
     assert list(defend_m) == ["eval_set", "eval_kind", "acc", "ra", "eval_size", "ra_attack", "train_size",
                               "data_size", "heldout", "isolated", "kept", "bad_files", "bad", "surplus",
-                              "defense_info", "model", "precision", "time_defense_s", "time_total_s"]
+                              "verdict", "warnings", "defense_info", "model", "precision", "time_defense_s",
+                              "time_total_s"]
     assert run_m["asr"] is not None and run_m["ra_attack"] == defend_m["ra_attack"] == "PGD-10 8/255"
     assert list(yaml.safe_load((defend_dir / "config.yaml").read_text())) == [
         "data", "defense", "detector", "defense_params", "model", "trusted", "test", "holdout", "skip_bad_files",

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import __version__
 from .attacks import ATTACKS
 from .bench.cli import add_parsers as add_bench_parsers
 from .bench.cli import cmd_bench, cmd_suites
@@ -31,6 +33,7 @@ from .models import MODELS, build_model, count_parameters
 from .precision import PRECISIONS
 from .report.cli import add_parser as add_report_parser
 from .report.cli import cmd_report
+from .runpath import Terminated
 
 log = logging.getLogger("antibackdoor")
 
@@ -41,6 +44,12 @@ SHARED_FLAGS = ("defense", "model", "preset", "seed", "out", "data_root", "devic
 RUN_FLAGS = ("dataset", "attack", "poison_rate", "target")
 #: ``defend``'s own such flags
 DEFEND_FLAGS = ("detector", "trusted", "test", "holdout", "poison_mask", "export_kept")
+
+
+#: the top-level --help's text (plain words: argparse prints it as it is)
+DESCRIPTION = ("Train clean, adversarially robust image classifiers from training data that may carry a backdoor, "
+               "and benchmark defenses against the attacks they must stop. Start with 'antibackdoor run' (the "
+               "default experiment: a few minutes on a CPU) or 'antibackdoor defend DATA' (your own data).")
 
 
 def _key_value(text: str) -> tuple[list[str], Any]:
@@ -79,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = ExperimentConfig()
     datasets = ", ".join(f"{n}:ARG" if e.takes_argument else (f"{n} (default)" if n == d.dataset else n)
                          for n, e in sorted(DATASETS.items()))
-    p = argparse.ArgumentParser(prog="antibackdoor", description=" ".join(__doc__.split("\n\n")[0].split()))
-    sub = p.add_subparsers(dest="command")
+    p = argparse.ArgumentParser(prog="antibackdoor", description=DESCRIPTION,
+                                epilog="antibackdoor COMMAND --help describes a command's options.")
+    p.add_argument("--version", action="version", version=f"antibackdoor {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     r = sub.add_parser("run", help="poison a dataset, train with a defense, report ACC/ASR/RA and split metrics")
     r.add_argument("--config", help="YAML file with any ExperimentConfig field; flags given here override it")
@@ -210,21 +221,14 @@ def cmd_defend(args: argparse.Namespace) -> int:
         print(f"reusing finished run (same data and config): {result.run_dir}  (--force runs it again)",
               file=sys.stderr)
     if args.json:
-
         print(dumps(m, indent=2))
         return 0
-    s = m.get("surplus", {})
-    classes = [r["name"] for r in s.get("rows", [])]
-    if s.get("target") is not None:
-        verdict = (f"class {classes[s['target']]!r} is over-represented among the most suspicious samples "
-                   f"(p = {s['p']:.2g}): suspected backdoor target")
-    else:
-        verdict = "no class has a surplus among the most suspicious samples"
-    rows = [("verdict", verdict),
+    rows = [("verdict", _defend_verdict(m)),
             ("isolated", f"{m.get('isolated')} of {m.get('train_size')} inspected "
                          f"({_fmt(m.get('isolated', 0) / max(m.get('train_size', 1), 1))})"),
             ("accuracy (ACC)", _fmt(m.get("acc"))), ("robust accuracy (RA)", _fmt(m.get("ra"))),
             ("measured on", m.get("eval_set", "-"))]
+    rows += [("warning", w) for w in m.get("warnings", [])]
     if m.get("bad_files"):
         rows.append(("skipped files", f"{m['bad_files']} (listed in the report)"))
     if m.get("mask"):
@@ -240,6 +244,21 @@ def cmd_defend(args: argparse.Namespace) -> int:
         print(f"  {k.ljust(width)}  {v}")
     print(f"\nreport: {result.run_dir / 'report.html'}\nranked samples: {result.run_dir / 'suspicious.csv'}")
     return 0
+
+
+def _defend_verdict(m: dict[str, Any]) -> str:
+    """The summary's verdict line: the report's headline, with the p-value where a class was called."""
+    s = m.get("surplus")
+    if not s:  # no ranking: no test and no verdict (metrics.json's verdict says why)
+        why = m.get("verdict", {}).get("unranked") or "the defense ranks no sample"
+        return f"none: {why}, so there is no ranking to test for a class surplus"
+    if s.get("target") is not None:
+        name = s["rows"][s["target"]]["name"]
+        return (f"class {name!r} is over-represented among the most suspicious samples (p = {s['p']:.2g}): "
+                "suspected backdoor target")
+    if m.get("isolated") == 0:
+        return "nothing isolated, and no class has a surplus among the most suspicious samples"
+    return "no class has a surplus among the most suspicious samples"
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,7 +334,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.reused:
         print(f"reusing finished run (same config): {result.run_dir}  (--force runs it again)", file=sys.stderr)
     if args.json:
-
         print(dumps(result.metrics, indent=2))
     else:
         print_table(result.metrics, result.run_dir)
@@ -326,7 +344,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     report = diagnose(QUICK if args.quick else DEFAULT, measure=not args.no_measure)
     if args.json:
-
         print(dumps(report, indent=2))
     else:
         print(format_report(report))
@@ -335,7 +352,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.command == "datasets":
-
         root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
         print(f"data root: {root}")
         for e in sorted(DATASETS.values(), key=lambda e: e.name):
@@ -344,22 +360,18 @@ def cmd_list(args: argparse.Namespace) -> int:
             where = e.where(root) if e.where else ""
             print(f"  {e.name:<16} {mark:<8} {e.description}\n  {'':<16} {'':<8} looks in: {where}")
     elif args.command == "models":
-
         for e in sorted(MODELS.values(), key=lambda e: e.name):
             n = count_parameters(build_model(e.name, 10))
             print(f"  {e.name:<18} {n / 1e6:>7.2f} M params (10 classes)  {e.description}")
     elif args.command == "attacks":
-
         for name, cls in sorted(ATTACKS.items()):
             print(f"{name} ({cls.label_mode} label): {cls.description}")
             _print_params(cls.presets, "--attack-param")
     elif args.command == "defenses":
-
         for name, cls in sorted(DEFENSES.items()):
             print(f"{name}: {cls.description}")
             _print_params(cls.presets, "--defense-param")
     elif args.command == "detectors":
-
         print("(set with --defense isolate-then-train --defense-param detector=NAME "
               "--defense-param detector_params.KEY=VALUE)\n")
         for name, cls in sorted(DETECTORS.items()):
@@ -425,11 +437,11 @@ def _setup_console_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["run"]
     args = parser.parse_args(argv)
-    if args.command is None:
+    if args.command is None:  # no command: say what there is rather than start minutes of training unasked
         parser.print_help()
+        print("antibackdoor: error: no command given; 'antibackdoor run' runs the default experiment",
+              file=sys.stderr)
         return 2
     _setup_console_logging()
     try:
@@ -438,7 +450,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "defend":
             return cmd_defend(args)
         if args.command in ("bench", "suites", "report"):
-
             return {"bench": cmd_bench, "suites": cmd_suites, "report": cmd_report}[args.command](args)
         if args.command == "doctor":
             return cmd_doctor(args)
@@ -446,9 +457,15 @@ def main(argv: list[str] | None = None) -> int:
     except AntibackdoorError as exc:
         print(f"antibackdoor: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("antibackdoor: interrupted; continue with the same command plus --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # SIGTERM (runpath.Terminated) exits 143 = 128 + 15, what a process killed by it exits with, so that
+        # a scheduler or a shell still sees a termination; Ctrl-C exits 130 = 128 + SIGINT likewise
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"antibackdoor: {how}; continue with the same command plus --resume", file=sys.stderr)
+        return 128 + int(exc.signum) if isinstance(exc, Terminated) else 130
+    except BrokenPipeError:  # the reader went away (antibackdoor defenses | head): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

@@ -42,6 +42,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where)
+    if origin is dict or tp is dict:  # a section of free keys (a part's parameters): checked by the part later
+        # None (a YAML key left empty) stays None as it always has: it is part of the run ids already written
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of key: value, got {value!r}")
+        return value
     if origin is tuple or tp is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -80,7 +85,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+        keys = ", ".join(sorted(map(str, unknown)))  # YAML keys need not be strings (``1: 2``)
+        raise ConfigError(f"{where}: unknown key(s) {keys}; known: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(hints[k], v, key_path(where, k)) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -21,7 +21,7 @@ import yaml
 from . import runpath
 from .attacks.base import ATTACKS, Attack, PoisonedSet, get_attack
 from .caching import atomic_write
-from .config import from_dict, to_dict
+from .config import check_tree, from_dict, to_dict
 from .data.imageset import DatasetSplits, GroundTruth, ImageSet, PaperSettings
 from .data.registry import load_dataset
 from .data.trusted import reserve_trusted
@@ -71,6 +71,7 @@ class RunOptions:
             raise ConfigError(f"--preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_tree(self.eval, "eval")  # RA is measured after the whole training: its settings are checked now
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as plain data, the config's own first and these shared ones last: the order config.yaml
@@ -107,7 +108,10 @@ class ExperimentConfig(RunOptions):
 def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:  # the bytes themselves are never quoted: the file may be anything
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {exc.start} is not UTF-8); a config file is YAML "
+                          "text saved as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
     except (OSError, yaml.YAMLError) as exc:

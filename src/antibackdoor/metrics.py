@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from .adversarial.pgd import PGDConfig, eval_mode, pgd
-from .config import param
+from .config import key_path, param
 from .data.imageset import ImageSet
+from .errors import ConfigError
 from .precision import PLAIN, Precision
 from .seeding import fixed_generator
 
@@ -29,6 +30,20 @@ class EvalConfig:
     ra_step: float = param(2 / 255, doc="step size of the RA attack, pixel units")
     ra_steps: int = param(10, doc="PGD steps of the RA attack (random start)")
     ra_samples: int = param(0, doc="measure RA on the first N test images (0: all)")
+
+    def validate(self, where: str) -> None:
+        """Ranges checked before a run starts: RA is measured last, after the whole training."""
+        if self.ra_samples < 0:
+            raise ConfigError(f"{key_path(where, 'ra_samples')} (--ra-samples): {self.ra_samples} must be >= 0 "
+                              "(0: every evaluation image)")
+        if self.ra_steps < 0:
+            raise ConfigError(f"{key_path(where, 'ra_steps')}: {self.ra_steps} must be >= 0")
+        if not 0.0 <= self.ra_eps <= 1.0:  # NaN fails too
+            raise ConfigError(f"{key_path(where, 'ra_eps')}: {self.ra_eps} must lie in [0, 1] (pixel units: "
+                              "8/255 = 0.0314)")
+        if self.ra_steps and not 0.0 < self.ra_step <= 1.0:
+            raise ConfigError(f"{key_path(where, 'ra_step')}: {self.ra_step} must lie in (0, 1] (pixel units: "
+                              "2/255 = 0.00784)")
 
     def pgd(self) -> PGDConfig:
         return PGDConfig(eps=self.ra_eps, step=self.ra_step, steps=self.ra_steps, random_start=True)

@@ -12,15 +12,19 @@ run-directory protocol (reuse a finished run, ``--resume`` an unfinished one, st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import socket
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,13 +93,49 @@ class RunResult:
 
 
 # -- the run directory --------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during a run (``kill``, ``timeout``, Docker, Kubernetes, a scheduler's preemption): handled
+    as Ctrl-C is, so status.json says interrupted and the run can be resumed. A KeyboardInterrupt, so that
+    everything that cleans up after Ctrl-C cleans up after it too."""
+
+    signum = signal.SIGTERM
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM"
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While inside: SIGTERM raises :class:`Terminated` in the main thread (once; a second SIGTERM while the
+    first is being handled is ignored, so the run's state is still written). The previous handler is restored
+    on the way out. Elsewhere than in the main thread (a thread pool's worker) nothing changes: Python delivers
+    signals to the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back; the default is the nearest
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def run_in_dir(run_dir: Path, config: dict[str, Any], resume: bool, force: bool,
                execute: Callable[[Path], RunResult]) -> RunResult:
     """The run-directory protocol shared by ``run`` and ``defend``.
 
     A finished directory (metrics.json present) is reused unless ``force``; an unfinished one needs
     ``resume`` (or ``force``, which deletes it). While ``execute(run_dir)`` works, status.json says running
-    and log.txt records the log; a failure leaves status.json saying failed or interrupted, with the error.
+    (with this process's id and host) and log.txt records the log; a failure leaves status.json saying failed
+    or interrupted (Ctrl-C, or SIGTERM: :class:`Terminated`), with the error.
     """
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists() and not force:
@@ -105,31 +145,110 @@ def run_in_dir(run_dir: Path, config: dict[str, Any], resume: bool, force: bool,
         if force:
             shutil.rmtree(run_dir)
         elif not resume:
-            state = _read_status(run_dir)
+            st = run_state(run_dir)  # a failure's error was printed when it happened: the state says enough
             raise RunStateError(
-                f"{run_dir}: holds an unfinished run ({state}); pass --resume to continue it or --force "
-                "to start over")
+                f"{run_dir}: holds an unfinished run ({st.state if st.state == 'failed' else st.text}); pass "
+                "--resume to continue it or --force to start over")
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _attach_log(run_dir / "log.txt")
     try:
-        write_json(run_dir / "status.json", {"state": "running", "pid": os.getpid(), "started": time.time()})
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        return execute(run_dir)
-    except BaseException as exc:
-        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        write_json(run_dir / "status.json", {"state": state, "error": str(exc) or exc.__class__.__name__})
-        log.debug("run %s: %s", state, exc)
-        raise
+        with sigterm_interrupts():
+            try:
+                write_json(run_dir / "status.json", {"state": "running", **_this_process(), "started": time.time()})
+                (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+                return execute(run_dir)
+            except BaseException as exc:
+                state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                write_json(run_dir / "status.json", {"state": state, "error": str(exc) or exc.__class__.__name__,
+                                                     "finished": time.time()})
+                log.debug("run %s: %s", state, exc)
+                raise
     finally:
         logging.getLogger("antibackdoor").removeHandler(handler)
         handler.close()
 
 
-def _read_status(run_dir: Path) -> str:
+# -- reading a run directory's state ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunState:
+    """What a run directory says about its run, as ``run_state`` reads it."""
+
+    #: done (metrics.json present), running, interrupted, failed, or unknown (no or unreadable status.json)
+    state: str
+    #: why it stopped: the error (failed, interrupted), "process N is gone" (a run whose process died
+    #: without a word, e.g. SIGKILL or a lost machine); None otherwise
+    detail: str | None = None
+    pid: int | None = None  # the process that runs or ran it
+    host: str | None = None  # the host that process runs on
+
+    @property
+    def text(self) -> str:
+        """``interrupted (process 4711 is gone)``, ``failed (the loss became NaN ...)``, ``running``."""
+        return f"{self.state} ({self.detail})" if self.detail else self.state
+
+
+def run_state(run_dir: Path) -> RunState:
+    """The state of the run in ``run_dir``: metrics.json marks it done; else status.json says. A status of
+    ``running`` whose process no longer exists reads ``interrupted`` with the detail "process N is gone" (the
+    process was killed without a chance to say so). A process is judged only on the host (and in the process
+    namespace) that recorded it; a run recorded elsewhere, or by a version that recorded no host, stays
+    ``running`` with its host named."""
+    if (run_dir / "metrics.json").is_file():
+        return RunState("done")
     try:
-        return json.loads((run_dir / "status.json").read_text()).get("state", "unknown")
+        status = json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
-        return "unknown state"
+        return RunState("unknown", "no readable status.json")
+    if not isinstance(status, dict):
+        return RunState("unknown", "no readable status.json")
+    state = str(status.get("state", "unknown"))
+    pid = status.get("pid") if isinstance(status.get("pid"), int) else None
+    host = status.get("host") if isinstance(status.get("host"), str) else None
+    if state != "running":
+        error = status.get("error")
+        return RunState(state, str(error) if error else None, pid, host)
+    alive = _alive(status, pid)
+    if alive is False:
+        return RunState("interrupted", f"process {pid} is gone", pid, host)
+    where = f"process {pid} on {host}" if pid is not None and host and alive is None else None
+    return RunState("running", where, pid, host)
+
+
+def _this_process() -> dict[str, Any]:
+    """What identifies this process for ``run_state``: the pid, the host and, where the system tells, the pid
+    namespace (containers on one host may share its name but not their pids) and the boot (pids are reused
+    after a reboot)."""
+    ident: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
+    for key, read in (("pid_ns", lambda: os.readlink("/proc/self/ns/pid")),
+                      ("boot_id", lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip())):
+        try:
+            ident[key] = read()
+        except OSError:
+            pass
+    return ident
+
+
+def _alive(status: dict[str, Any], pid: int | None) -> bool | None:
+    """Whether the process a running status names still exists: True, False, or None where this process
+    cannot tell (another host or namespace, no pid or host recorded)."""
+    if pid is None or pid <= 0:
+        return None
+    here = _this_process()
+    if status.get("host") != here["host"]:
+        return None
+    if status.get("pid_ns", here.get("pid_ns")) != here.get("pid_ns"):
+        return None
+    if "boot_id" in status and "boot_id" in here and status["boot_id"] != here["boot_id"]:
+        return False  # recorded before this machine last started: that process is gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return None
+    return True
 
 
 def _attach_log(path: Path) -> logging.Handler:
@@ -253,12 +372,12 @@ def _figures(run_dir: Path, inp: Inputs, result: DefenseResult) -> None:
     """The score histogram (clean vs poisoned where the truth is known) and the defense's own figures (only
     with the truth: they show what it got right)."""
     if result.scores is not None:
-
         score_histogram(result.scores.cpu(), inp.poison_mask, run_dir / "scores_hist.png",
                         xlabel=result.score_name or "score", threshold=result.info.get("threshold"), title=inp.title)
     if inp.poison_mask is not None:
         inp.defense.write_plots(result, inp.poison_mask, run_dir, true_labels=inp.true_labels)
 
 
-__all__ = ["NOT_IN_ID", "Evaluation", "Inputs", "Job", "RunResult", "Trained", "evaluate", "resolved_record",
-           "run_dir_for", "run_id", "run_in_dir", "slug", "train_and_record", "write_json"]
+__all__ = ["NOT_IN_ID", "Evaluation", "Inputs", "Job", "RunResult", "RunState", "Terminated", "Trained", "evaluate",
+           "resolved_record", "run_dir_for", "run_id", "run_in_dir", "run_state", "sigterm_interrupts", "slug",
+           "train_and_record", "write_json"]

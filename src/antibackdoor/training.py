@@ -64,12 +64,23 @@ class TrainConfig:
                                                   "examples (null: plain training)")
 
     def validate(self, where: str) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise ConfigError(f"{where}: epochs >= 0, batch_size >= 1 and lr > 0 are required")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"{key_path(where, 'weight_decay')}: {self.weight_decay} must be >= 0")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"{key_path(where, 'warmup_epochs')}: {self.warmup_epochs} must be >= 0")
+        """Ranges and finiteness, before anything trains: an infinite lr or momentum only shows as a NaN loss
+        epochs later (or never, for a zero lr_gamma)."""
+        checks = [
+            ("epochs", self.epochs >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", 0 < self.lr < math.inf, "a finite number > 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
+            ("lr_gamma", 0 < self.lr_gamma < math.inf, "a finite number > 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("crop", self.crop >= 0, ">= 0"),
+            ("milestones", all(m >= 0 for m in self.milestones), "epoch counts >= 0"),
+        ]
+        for key, ok, rule in checks:  # NaN fails every comparison, so it fails here too
+            if not ok:
+                value = list(self.milestones) if key == "milestones" else getattr(self, key)
+                raise ConfigError(f"{key_path(where, key)}: {value} must be {rule}")
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "step":

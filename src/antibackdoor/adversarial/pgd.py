@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import param
+from ..config import key_path, param
+from ..errors import ConfigError
 from ..precision import PLAIN, Precision
 from ..progress import bar
 from .losses import per_sample_loss
@@ -44,6 +45,23 @@ class PGDConfig:
                                         "2 = L2)")
     start_eps: float | None = param(None, doc="radius of the uniform random start, pixel units (None: eps)")
     project: bool = param(True, doc="project each step back onto the eps-ball (always onto the [0, 1] box)")
+
+    def validate(self, where: str) -> None:
+        """Ranges, before anything runs: eps and step are pixel units, so a value above 1 is almost always
+        8 meant as 8/255 (eps may be inf: only the [0, 1] box bounds the attack)."""
+        pixels = "pixel units: 8/255 = 0.0314"
+        checks = [
+            ("eps", self.eps == math.inf or 0 <= self.eps <= 1, f"in [0, 1] or inf ({pixels})"),
+            ("step", 0 < self.step <= 1 if self.steps else 0 <= self.step <= 1, f"in (0, 1] ({pixels})"),
+            ("steps", self.steps >= 0, ">= 0"),
+            ("start_eps", self.start_eps is None or 0 <= self.start_eps <= 1, f"in [0, 1] or null ({pixels})"),
+            ("sce_alpha", 0 <= self.sce_alpha < math.inf, "a finite number >= 0"),
+            ("sce_beta", 0 <= self.sce_beta < math.inf, "a finite number >= 0"),
+            ("grad_norm_p", 0 < self.grad_norm_p, "> 0 (1 = L1, 2 = L2, inf = max)"),
+        ]
+        for key, ok, rule in checks:  # NaN fails every comparison, so it fails here too
+            if not ok:
+                raise ConfigError(f"{key_path(where, key)}: {getattr(self, key)} must be {rule}")
 
     @classmethod
     def ifgsm(cls, eps: float, steps: int, step: float | None = None, loss: str = "ce") -> PGDConfig:

@@ -150,14 +150,17 @@ def _read_header(fp, path: Path, key: str) -> ArrayHeader:
     where = f"{path}: {key}" if key else str(path)
     try:
         version = npformat.read_magic(fp)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):  # numpy's message quotes the file's first bytes
+        raise DataError(f"{where}: not an npy array (no npy header)") from None
+    try:
         if version == (1, 0):
             shape, fortran, dtype = npformat.read_array_header_1_0(fp)
         elif version == (2, 0):
             shape, fortran, dtype = npformat.read_array_header_2_0(fp)
         else:
             raise ValueError(f"npy format version {version[0]}.{version[1]} is not supported")
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{where}: not a readable npy array ({_one_line(exc)})") from None
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, zipfile.BadZipFile):
+        raise DataError(f"{where}: not a readable npy array (a damaged npy header)") from None
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise DataError(f"{where}: holds Python objects (dtype {dtype}); refused, since loading it would unpickle "
@@ -315,8 +318,8 @@ def read_npy(path: Path) -> np.ndarray:
     check_fits(path, [h])
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npy array ({_one_line(exc)})") from None
+    except (ValueError, OSError, EOFError):
+        raise DataError(f"{path}: not a readable .npy array (a damaged file)") from None
 
 
 __all__ = ["ArrayHeader", "SafeNpz", "available_memory", "check_fits", "human_bytes", "open_npz", "read_npy"]

@@ -4,13 +4,18 @@ truth, how well it isolated."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..defenses.base import DefenseResult
 from ..metrics import roc_auc, suspicion
 from ..surplus import ALPHA, DEPTHS, MIN_DEPTH, ClassRow, Surplus, class_surplus, scan_depths
+
+#: below this share of the inspected samples kept as given, the report and the summary warn: the returned model
+#: learned from little of the data, and a split that sets most of it aside says little about which samples
+#: are poisoned (a threshold in the wrong place, or a score that does not separate anything on this data)
+LOW_KEPT_SHARE = 0.25
 
 
 @dataclass
@@ -21,9 +26,13 @@ class Findings:
     score_order: np.ndarray  # positions by score alone (what the class-surplus test reads)
     isolated: np.ndarray  # bool
     scores: np.ndarray | None  # float64 (None: the defense scores nothing)
-    surplus: Surplus
+    #: the class-surplus test of the ranking; None where there is no ranking to test (``unranked`` says why):
+    #: index order is no ranking, and on data stored class by class its top is one class
+    surplus: Surplus | None
     suggested: np.ndarray  # the label the defense trained an isolated sample with where it changed it, else -1
     flags: dict[str, np.ndarray]  # the defense's own boolean per-sample flags (A-ABL's taken_back, purged)
+    unranked: str = ""  # why the samples have no ranking ("" when they have one)
+    warnings: list[str] = field(default_factory=list)  # for the report and the summary: an extreme split
 
     @property
     def left_out(self) -> np.ndarray:
@@ -33,8 +42,9 @@ class Findings:
         return self.isolated | purged if purged is not None else self.isolated
 
 
-def analyse(result: DefenseResult, y: np.ndarray, classes: list[str]) -> Findings:
-    """The ranking, the isolated mask and the class-surplus test of one defense result."""
+def analyse(result: DefenseResult, y: np.ndarray, classes: list[str], defense: str = "the defense") -> Findings:
+    """The ranking, the isolated mask and the class-surplus test of one defense result (none without a
+    ranking: no score, no verdict), and warnings about an extreme split; ``defense`` names it in those."""
     n = len(y)
     isolated = (~result.kept.cpu().numpy()) if result.kept is not None else np.zeros(n, bool)
     scores = result.scores.double().cpu().numpy() if result.scores is not None else None
@@ -43,11 +53,44 @@ def analyse(result: DefenseResult, y: np.ndarray, classes: list[str]) -> Finding
     # target filter isolates within one class), which would make any class test meaningless
     score_order = suspicion_order(scores, result.higher_is_suspicious, np.zeros(n, bool)) if scores is not None \
         else order
-    surplus = class_surplus(y, score_order, isolated, classes)
+    unranked = why_unranked(scores, defense)
+    surplus = class_surplus(y, score_order, isolated, classes) if not unranked else None
     new = result.new_labels.cpu().numpy() if result.new_labels is not None else None
     suggested = np.where(isolated & (new != y), new, -1) if new is not None else np.full(n, -1)
     flags = {name: v.numpy() for name, v in result.flags(n).items()}
-    return Findings(order, score_order, isolated, scores, surplus, suggested, flags)
+    found = Findings(order, score_order, isolated, scores, surplus, suggested, flags, unranked)
+    found.warnings = split_warnings(found.left_out, y, classes, defense)
+    return found
+
+
+def why_unranked(scores: np.ndarray | None, defense: str) -> str:
+    """Why ``scores`` rank nothing ("" when they do): none at all, or fewer than two distinct finite values."""
+    if scores is None:
+        return f"{defense} gives no per-sample score"
+    if len(np.unique(scores[np.isfinite(scores)])) < 2:
+        return f"{defense} gave every sample the same score"
+    return ""
+
+
+def split_warnings(left_out: np.ndarray, y: np.ndarray, classes: list[str], defense: str) -> list[str]:
+    """Sentences about an extreme split: fewer than LOW_KEPT_SHARE of the samples kept as given, or a class
+    of which no sample was kept as given (the returned model never learned it from its own samples)."""
+    n = len(y)
+    kept = ~left_out.astype(bool)
+    out = []
+    if n and kept.sum() / n < LOW_KEPT_SHARE:
+        out.append(f"{defense} kept only {int(kept.sum())} of the {n} inspected samples ({100 * kept.sum() / n:.1f} "
+                   "%) as given: the returned model learned from little of the data, and a split that sets most "
+                   "of it aside says little about which samples are poisoned; check the defense's threshold on "
+                   "this data (the score histogram) before using its result")
+    present = np.bincount(y, minlength=len(classes)) > 0
+    kept_any = np.bincount(y[kept], minlength=len(classes)) > 0
+    gone = [classes[c] for c in np.flatnonzero(present & ~kept_any)]
+    if gone:
+        names = ", ".join(repr(c) for c in gone[:10]) + (f" and {len(gone) - 10} more" if len(gone) > 10 else "")
+        out.append(f"{defense} kept no sample of class{'es' if len(gone) > 1 else ''} {names} as given: the "
+                   "returned model did not learn it from its own labelled samples")
+    return out
 
 
 def suspicion_order(scores: np.ndarray | None, higher_is_suspicious: bool, isolated: np.ndarray) -> np.ndarray:
@@ -99,5 +142,6 @@ def mask_metrics(order: np.ndarray, isolated: np.ndarray, poison: np.ndarray,
     return out
 
 
-__all__ = ["ALPHA", "DEPTHS", "MIN_DEPTH", "ClassRow", "Findings", "Surplus", "analyse", "class_surplus",
-           "mask_metrics", "ranking_auc", "scan_depths", "score_auc", "suspicion_order"]
+__all__ = ["ALPHA", "DEPTHS", "LOW_KEPT_SHARE", "MIN_DEPTH", "ClassRow", "Findings", "Surplus", "analyse",
+           "class_surplus", "mask_metrics", "ranking_auc", "scan_depths", "score_auc", "split_warnings",
+           "suspicion_order", "why_unranked"]

@@ -20,6 +20,7 @@ import torch
 
 from .. import runpath
 from ..caching import atomic_write
+from ..data.images import inside, real_folder
 from ..data.userdata import UserData
 from ..errors import DataError
 from ..metrics import predict
@@ -35,7 +36,7 @@ from .prepare import (
     prepare,
     with_detector,
 )
-from .report import write_report
+from .report import verdict, write_report
 
 log = logging.getLogger("antibackdoor")
 
@@ -105,7 +106,7 @@ class DefendJob(Job):
             metrics.update({"acc": ev.acc, "ra": ev.ra, "eval_size": ev.size, "ra_attack": c.eval.label()})
         else:
             metrics["acc"] = metrics["ra"] = None
-        findings = analyse(result, data.train.y.numpy()[s.rows], data.train.classes)
+        findings = analyse(result, data.train.y.numpy()[s.rows], data.train.classes, c.defense)
         poison_rows = s.poison_rows
         if poison_rows is not None:
             metrics["mask"] = mask_metrics(findings.order, findings.isolated, poison_rows, findings.scores,
@@ -117,7 +118,12 @@ class DefendJob(Job):
             "train_size": len(s.rows), "data_size": len(data.train), "heldout": int(s.heldout.sum()),
             "isolated": int(findings.isolated.sum()), "kept": int((~findings.isolated).sum()),
             "bad_files": len(data.bad), "bad": [b.__dict__ for b in data.bad],
-            "surplus": findings.surplus.as_dict(),
+            # no ranking, no test: null (the verdict says why)
+            "surplus": findings.surplus.as_dict() if findings.surplus is not None else None,
+            "verdict": {**{k: v for k, v in verdict(findings.surplus, c.defense, int(findings.isolated.sum()),
+                                                    len(s.rows), findings.unranked).items() if k != "text"},
+                        **({"unranked": findings.unranked} if findings.unranked else {})},
+            "warnings": findings.warnings,
             "defense_info": result.info, "model": s.model, "precision": s.precision.name,
             "time_defense_s": out.time_defense_s,
         })
@@ -224,10 +230,13 @@ def export_kept(run_dir: Path, data: UserData, kind: str) -> Path:
         shutil.rmtree(tmp)
     for c in train.classes:
         (tmp / _safe(c)).mkdir(parents=True, exist_ok=True)
+    root_real = real_folder(data.root) if data.root is not None else None
     for r, i in zip(rows, kept, strict=True):
         cls = _safe(train.classes[int(train.y[r])])
         if data.sources and data.root is not None:
             src = data.root / data.sources[r]
+            if not inside(src, root_real):  # the loader refuses these; a copy must never reach outside DATA either
+                raise DataError(f"{src}: lies outside {data.root}; not exported")
             dst = tmp / cls / src.name
             if dst.exists():  # same name in two sub-folders of a class
                 dst = dst.with_name(f"{int(i):07d}_{src.name}")

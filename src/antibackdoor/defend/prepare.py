@@ -20,6 +20,7 @@ import torch
 
 from ..config import deep_update, from_dict
 from ..data.imageset import ImageSet
+from ..data.safe_npz import read_npy as safe_read_npy
 from ..data.userdata import UserData, conform, load_user_data
 from ..defenses.base import Defense, get_defense
 from ..detectors import DETECTORS
@@ -198,11 +199,7 @@ def load_poison_mask(path_text: str, data: UserData) -> np.ndarray:
         raise DataError(f"{path}: no such poison-mask file")
     mask = np.zeros(n, bool)
     if path.suffix == ".npy":
-        try:
-            a = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise DataError(f"{path}: not a readable .npy array ({exc})") from None
-        a = np.asarray(a).ravel()
+        a = read_npy(path).ravel()
         if a.dtype == bool or (np.issubdtype(a.dtype, np.integer) and len(a) == n and set(np.unique(a)) <= {0, 1}):
             if len(a) != n:
                 raise DataError(f"{path}: a mask of {len(a)} entries, but DATA has {n} indices")
@@ -211,21 +208,42 @@ def load_poison_mask(path_text: str, data: UserData) -> np.ndarray:
             raise DataError(f"{path}: expected a boolean mask or integer indices, got {a.dtype}")
         idx = a
     else:
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        if all(ln.isdigit() for ln in lines):
-            idx = np.array([int(ln) for ln in lines], np.int64)
+        # errors name the line, never its text: the file may be any file (--poison-mask /etc/passwd)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not a .npy array nor a UTF-8 text file of indices or file paths") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+        lines = [(no, ln.strip()) for no, ln in enumerate(text.splitlines(), start=1)
+                 if ln.strip() and not ln.lstrip().startswith("#")]
+        if all(ln.isdigit() for _, ln in lines):
+            idx = np.array([int(ln) for _, ln in lines], np.int64)
         else:
             if not data.sources:
-                raise DataError(f"{path}: file names need folder data; give indices for {data.spec}")
+                first = next(no for no, ln in lines if not ln.isdigit())
+                raise DataError(f"{path}: line {first} is not a sample index (file paths need folder data; give "
+                                f"indices for {data.spec})")
             where = {s: int(i) for s, i in zip(data.sources, data.index, strict=True)}
-            missing = [ln for ln in lines if ln not in where]
+            missing = [no for no, ln in lines if ln not in where]
             if missing:
-                raise DataError(f"{path}: {missing[0]} is not a sample of {data.spec} ({len(missing)} unknown)")
-            idx = np.array([where[ln] for ln in lines], np.int64)
+                raise DataError(f"{path}: line {missing[0]} names no sample of {data.spec} ({len(missing)} of "
+                                f"{len(lines)} lines name none; expected indices or folder-relative file paths)")
+            idx = np.array([where[ln] for _, ln in lines], np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise DataError(f"{path}: indices must lie in [0, {n})")
     mask[idx] = True
     return mask
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """The one place ``--poison-mask`` reads a ``.npy`` file: ``data.safe_npz``'s checked reader (no pickles, no
+    header bomb), whose errors say what is wrong without quoting the file."""
+    try:
+        return np.asarray(safe_read_npy(path))
+    except DataError as exc:
+        raise DataError(f"{exc} (--poison-mask expects a boolean mask or integer indices saved with numpy.save)"
+                        ) from None
 
 
 def _uses_trusted(defense: Defense) -> bool:
@@ -242,4 +260,4 @@ def _sha(*arrays: np.ndarray | torch.Tensor) -> str:
 
 
 __all__ = ["DEFAULT_HOLDOUT", "EXPORT_KINDS", "ISOLATE", "NOT_IN_ID", "DefendConfig", "DefendSetup", "EvalSet",
-           "load_poison_mask", "make_defend_config", "prepare", "stratified_holdout", "with_detector"]
+           "load_poison_mask", "make_defend_config", "prepare", "read_npy", "stratified_holdout", "with_detector"]

@@ -47,8 +47,16 @@ def pct(v: float | None, digits: int = 1) -> str:
     return f"{100 * v:.{digits}f} %"
 
 
-def verdict(surplus, defense: str, isolated: int, inspected: int) -> dict[str, str]:
-    """The headline: whether a class is over-represented at the top of the ranking, which, and how sure."""
+def verdict(surplus, defense: str, isolated: int, inspected: int, unranked: str = "") -> dict[str, str]:
+    """The headline: whether a class is over-represented at the top of the ranking, which, and how sure. No
+    ranking (``surplus`` None, ``unranked`` says why): no verdict, whatever was isolated."""
+    if surplus is None:
+        return {"kind": "unranked", "title": "No verdict: the samples have no ranking to test",
+                "text": f"{unranked or defense + ' ranks no sample'}, so there is no order of suspicion in which "
+                        f"a class could stand out; {defense} isolated {isolated} of the {inspected} samples it "
+                        "inspected. This run says nothing about whether the data carries a backdoor. To inspect "
+                        "the data, run a defense or a detector that scores every sample (antibackdoor defenses, "
+                        "antibackdoor detectors)."}
     rows = {r.label: r for r in surplus.rows}
     classes = sum(1 for x in surplus.rows if x.samples)
     if isolated == 0 and surplus.target is None:
@@ -58,11 +66,14 @@ def verdict(surplus, defense: str, isolated: int, inspected: int) -> dict[str, s
                         "what the defense assumed."}
     if surplus.target is not None:
         r = rows[surplus.target]
-        ratio = r.flagged / r.expected if r.expected > 0 else float("inf")
+        if r.expected > 0:
+            rate = f"the other classes' rate gives {r.expected:.0f} ({r.flagged / r.expected:.1f}x)"
+        else:  # no sample of another class is among them: a ratio would divide by zero
+            rate = "no sample of another class is among them"
         return {"kind": "target", "title": f"Backdoor suspected: class {r.name!r} has a surplus",
                 "text": f"Class {r.name!r} (label {r.label}) holds {r.flagged} of the {surplus.flagged} most "
-                        f"suspicious samples ({pct(r.flagged_share)}) but {pct(r.share)} of the data: the other "
-                        f"classes' rate gives {r.expected:.0f} ({ratio:.1f}x), more than their spread allows "
+                        f"suspicious samples ({pct(r.flagged_share)}) but {pct(r.share)} of the data: {rate}, "
+                        f"more than their spread allows "
                         f"(p = {fmt_p(r.p_adjusted)}, adjusted for {len(surplus.depths)} depths of the ranking and "
                         f"{classes} classes; evidence: {evidence_word(r.p_adjusted)}). A backdoor's target class "
                         f"looks like this. {defense} isolated {isolated} of {inspected} samples "
@@ -150,8 +161,9 @@ def build_context(run_dir: Path, setup: DefendSetup, result: DefenseResult, find
     figures: dict[str, bytes] = {}
     if findings.scores is not None:  # drawn by the shared path (runpath) with the same ground truth
         figures["hist"] = (run_dir / "scores_hist.png").read_bytes()
-    figures["classes"] = class_figure(surplus)
-    (run_dir / "isolated_per_class.png").write_bytes(figures["classes"])
+    if surplus is not None:  # no ranking, no test to draw
+        figures["classes"] = class_figure(surplus)
+        (run_dir / "isolated_per_class.png").write_bytes(figures["classes"])
     guess = TargetGuess.from_info(result.info)  # AIBD's own target guess (its target filter), where recorded
     if guess is not None:
         figures["target"] = target_figure(guess)
@@ -164,8 +176,9 @@ def build_context(run_dir: Path, setup: DefendSetup, result: DefenseResult, find
     for rank, r in enumerate(top, start=1):
         img = x[int(rows[r])].permute(1, 2, 0).numpy()
         s = int(findings.suggested[r])
+        file = data.sources[int(rows[r])] if data.sources else ""
         entry = {
-            "rank": rank, "index": int(index[r]), "file": data.sources[int(rows[r])] if data.sources else "",
+            "rank": rank, "index": int(index[r]), "file": file, "file_short": short_name(file),
             "label": classes[int(y[r])],
             "score": f"{findings.scores[r]:.4g}" if findings.scores is not None else "-",
             "isolated": bool(isolated[r]), "suggested": classes[s] if s >= 0 else "",
@@ -187,12 +200,11 @@ def build_context(run_dir: Path, setup: DefendSetup, result: DefenseResult, find
         "title": f"antibackdoor defend: {c.data}",
         "config": c, "data": data, "defense": c.defense, "model": setup.model, "preset": c.preset,
         "precision": setup.precision.describe(),
-        "verdict": verdict(surplus, c.defense, n_iso, n),
-        "surplus": surplus, "alpha": surplus.alpha, "depths": ", ".join(map(str, surplus.depths)),
-        "rows": [{**r.__dict__, "share_pct": pct(r.share), "flagged_pct": pct(r.flagged_share),
-                  "ratio": f"{r.flagged / r.expected:.2f}" if r.expected > 0 else "-",
-                  "p_exact_s": fmt_p(r.p_exact), "p_adj_s": fmt_p(r.p_adjusted),
-                  "is_target": r.label == surplus.target} for r in surplus.rows],
+        "verdict": verdict(surplus, c.defense, n_iso, n, findings.unranked),
+        "warnings": findings.warnings,
+        "surplus": surplus, "alpha": surplus.alpha if surplus else None,
+        "depths": ", ".join(map(str, surplus.depths)) if surplus else "",
+        "rows": _class_rows(surplus) if surplus is not None else _count_rows(y, isolated, classes),
         "n_inspected": n, "n_isolated": n_iso, "isolated_pct": pct(n_iso / n if n else 0.0),
         "n_data": data.num_indexed, "n_samples": len(train), "heldout": int(setup.heldout.sum()),
         "image": f"{train.image_size}x{train.image_size}, {train.channels} channel(s)",
@@ -219,6 +231,37 @@ def build_context(run_dir: Path, setup: DefendSetup, result: DefenseResult, find
         "has_hist": "hist" in figures,
         "time": metrics.get("time_defense_s"),
     }
+
+
+def _class_rows(surplus) -> list[dict[str, Any]]:
+    """The class table with the surplus test's columns."""
+    return [{**r.__dict__, "share_pct": pct(r.share), "flagged_pct": pct(r.flagged_share),
+             "ratio": f"{r.flagged / r.expected:.2f}" if r.expected > 0 else "-",
+             "p_exact_s": fmt_p(r.p_exact), "p_adj_s": fmt_p(r.p_adjusted),
+             "is_target": r.label == surplus.target} for r in surplus.rows]
+
+
+def _count_rows(y: np.ndarray, isolated: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
+    """The class table without a ranking: samples, share of the data and isolated per class."""
+    n = np.bincount(y, minlength=len(classes))
+    iso = np.bincount(y[isolated.astype(bool)], minlength=len(classes))
+    total = max(int(n.sum()), 1)
+    return [{"label": c, "name": name, "samples": int(n[c]), "share_pct": pct(n[c] / total), "isolated": int(iso[c]),
+             "is_target": False} for c, name in enumerate(classes)]
+
+
+#: the most characters of a file name a grid caption shows (the whole name is the caption's tooltip): the
+#: captions sit side by side, about 26 characters wide
+CAPTION_CHARS = 40
+
+
+def short_name(path: str, width: int = CAPTION_CHARS) -> str:
+    """``path`` in at most ``width`` characters: its start and its end around an ellipsis (the class folder
+    and the file name's end are what tell files apart)."""
+    if len(path) <= width:
+        return path
+    head = (width - 1) // 3
+    return path[:head] + "\u2026" + path[len(path) - (width - 1 - head):]
 
 
 #: what the report says instead of a measurement when no stage trained the returned model
@@ -276,4 +319,5 @@ def write_report(run_dir: Path, setup: DefendSetup, result: DefenseResult, findi
     return paths
 
 
-__all__ = ["build_context", "evidence_word", "target_figure", "verdict", "write_report"]
+__all__ = ["CAPTION_CHARS", "build_context", "evidence_word", "short_name", "target_figure", "verdict",
+           "write_report"]
