@@ -167,7 +167,7 @@ SECRET = "root:x:0:0:Zq7-secret-line"
 
 @pytest.mark.parametrize("name, content, message", [
     ("passwd", f"{SECRET}\nbin:x:1:1\n".encode(), "passwd: line 1 is not a sample index"),
-    ("mask.npy", f"{SECRET}\n".encode(), "mask.npy: not a readable .npy array"),
+    ("mask.npy", f"{SECRET}\n".encode(), "mask.npy: not an npy array (no npy header)"),
     ("binary", b"\x00\xff\xfe" + SECRET.encode(), "binary: not a .npy array nor a UTF-8 text file"),
 ])
 def test_poison_mask_errors_do_not_quote_the_file(tmp_path, tiny_npz, capsys, name, content, message):

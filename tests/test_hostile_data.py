@@ -335,7 +335,7 @@ def test_npy_reader_for_poison_masks(tmp_path):
         read_npy(obj)
     text = tmp_path / "t.npy"
     text.write_text("1\n2\n")
-    with pytest.raises(DataError, match=r"t.npy: not a readable npy array"):
+    with pytest.raises(DataError, match=r"t.npy: not an npy array \(no npy header\)"):
         read_npy(text)
 
 
