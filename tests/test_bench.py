@@ -197,6 +197,88 @@ def test_local_worker_death_fails_its_cell_only(tmp_path):
     assert results[1]["state"] == "done"  # a fresh worker took the next cell
 
 
+def _wait_running(run_root: Path, timeout: float = 180) -> Path:
+    """The run directory whose status.json says running (a cell has started training), once one does."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for status in run_root.glob("*/status.json"):
+            try:
+                if json.loads(status.read_text()).get("state") == "running":
+                    return status.parent
+            except ValueError:  # being written
+                pass
+        time.sleep(0.2)
+    raise AssertionError("no cell started")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_bench_like_ctrl_c(tmp_path, capsys):
+    """SIGTERM (kill, timeout, Docker, Kubernetes, Slurm preemption) once left status.json at running with a dead
+    pid, exit 143 and nothing printed, and --status then counted the cell as running. Now: the worker is
+    stopped, the cell reads interrupted, the resume hint is printed, and the same command resumes it."""
+    grid = _grid(tmp_path, epochs=200)  # cannot finish before the signal
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "ANTIBACKDOOR_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "antibackdoor.cli", "bench", str(grid), "--out", str(out), "--no-stage-cache",
+           "--defenses", "none", "--attacks", "badnets", "--workers", "1", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_dir = _wait_running(out / "runs")
+        worker = json.loads((run_dir / "status.json").read_text())["pid"]
+        assert worker != proc.pid  # the cell runs in a worker process
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "bench stopped by SIGTERM after 0 of 2 cells; run the same command again to continue" in err
+    assert "Traceback" not in err
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)  # the worker is gone too
+    manifest = json.loads((out / "bench" / "tiny-quick.json").read_text())
+    assert sorted(c["state"] for c in manifest["cells"]) == ["interrupted", "pending"]
+    code, text, _ = _bench([str(grid), "--out", str(out), "--defenses", "none", "--attacks", "badnets", "--status"],
+                           capsys)
+    assert code == 0 and "0 running, 1 interrupted, 1 pending" in text
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_by_sigterm_records_its_cell_as_interrupted(tmp_path):
+    """SIGTERM to a local worker alone (kill PID, a group signal): its cell's run records itself as interrupted
+    (status.json, from the worker) and the bench goes on with a fresh worker, instead of a cell stuck at running
+    reported as 'worker process died'."""
+    from antibackdoor.bench.executors import LocalExecutor
+
+    npz = write_npz(tmp_path / "tiny.npz")
+    payloads = []
+    for target in (0, 1):
+        cfg = {"dataset": f"npz:{npz}", "model": "cnn-small", "defense": "none", "target": target,
+               "defense_params": {"train": {"epochs": 300 if target == 0 else 1}},
+               "eval": {"ra_steps": 1}, "out": str(tmp_path / "runs")}
+        payloads.append({"config": cfg, "run_dir": str(tmp_path / "runs" / f"cell{target}"), "stage_cache": None})
+    results = {}
+
+    def stop_soon(i):
+        if i == 0:
+            def stop():
+                status = _wait_running(tmp_path / "runs") / "status.json"
+                os.kill(json.loads(status.read_text())["pid"], signal.SIGTERM)
+
+            threading.Thread(target=stop, daemon=True).start()
+
+    LocalExecutor(workers=1, threads=1).run(payloads, lambda i, r: results.__setitem__(i, r), on_start=stop_soon)
+    assert results[0]["state"] == "interrupted" and "SIGTERM" in results[0]["error"]
+    assert results[1]["state"] == "done"  # a fresh worker took the next cell
+    (cut,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/status.json")
+              if json.loads(p.read_text())["state"] != "done"]
+    assert cut["state"] == "interrupted"
+
+
 def test_a_cell_being_run_elsewhere_is_reported_busy(tmp_path):
     from antibackdoor.bench.cell import run_cell
     from antibackdoor.locking import try_lock

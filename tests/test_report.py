@@ -342,3 +342,80 @@ def test_runs_on_outside_data_are_labelled_by_their_trigger_and_target(tmp_path)
     part = md.split("### Target guesses")[1].split("###")[0]
     guess = [c.strip() for c in next(ln for ln in part.splitlines() if ln.startswith("| `")).split("|")]
     assert guess[2] == "own-patch" and guess[5:7] == ["c7 (7)", "c7 (7)"] and guess[9] == "yes"
+
+
+def _plain(attack: str, defense: str, target: int = 0) -> dict:
+    return {"dataset": "cifar10-mini", "attack": attack, "attack_params": {}, "poison_rate": 0.1, "target": target,
+            "defense": defense, "defense_params": {}, "model": "cnn", "preset": "quick", "seed": 0}
+
+
+def defend_run(root: Path, data: str, target: int | None, rid: str) -> Path:
+    """A finished `antibackdoor defend` run as it writes it: config.yaml names its data and no attack; its
+    metrics hold ACC, RA, the isolated count and the class-surplus verdict; it has a report of its own."""
+    d = root / "runs" / f"{Path(data).name}-defend-a-abl-{rid}"
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"data": data, "defense": "a-abl", "defense_params": {},
+                                                   "model": "cnn", "preset": "quick", "seed": 0}))
+    rows = [{"label": c, "name": f"class{c}"} for c in range(4)]
+    write_json(d / "metrics.json", {"acc": 0.8, "ra": 0.3, "isolated": 50, "train_size": 1000,
+                                    "surplus": {"target": target, "rows": rows}, "time_total_s": 20.0})
+    write_json(d / "status.json", {"state": "done"})
+    (d / "report.html").write_text("<html></html>")
+    return d
+
+
+def test_defend_runs_are_listed_one_per_row_not_averaged(tmp_path):
+    """`report` on a folder holding `defend` runs once showed them with attack '?' and averaged runs on unrelated
+    data in one cell. They get a section of their own: one row each, pointing at their own reports."""
+    defend_run(tmp_path, "folder:/data/shop", 2, "aaaa000001")
+    defend_run(tmp_path, "folder:/data/street", None, "aaaa000002")
+    fake_run(tmp_path, _plain("badnets", "a-abl"))
+    from antibackdoor.report import write_report
+
+    md = write_report(tmp_path)["markdown"].read_text()
+    assert "?" not in md
+    tables = md.split("## defend runs")[0]
+    assert "/data/shop" not in tables and "| 80.0" not in tables  # not in the attack x defense tables
+    part = md.split("## defend runs")[1]
+    assert "each has its own report (report.html in its run directory)" in part
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in part.splitlines() if ln.startswith("| runs/")]
+    assert [(r[1], r[4], r[5], r[6], r[7], r[8]) for r in rows] == [
+        ("folder:/data/shop", "done", "80.0", "30.0", "50 of 1000", "class2"),
+        ("folder:/data/street", "done", "80.0", "30.0", "50 of 1000", "none")]
+    assert all(r[9].endswith("/report.html") for r in rows)
+    csv_rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert all(r["attack"] != "?" for r in csv_rows)
+
+
+def test_compute_time_reads_in_seconds_when_it_is_seconds(tmp_path):
+    """'0.0 h of run time' and 'saving 0 min' for runs of seconds: durations read in the unit that fits."""
+    for target in (0, 3):
+        d = fake_run(tmp_path, _plain("badnets", "a-abl", target))
+        m = json.loads((d / "metrics.json").read_text())
+        m["time_total_s"], m["stage_cache"] = 20.0, [{"stage": "naive", "hit": True, "seconds": 5.0}]
+        write_json(d / "metrics.json", m)
+    from antibackdoor.report import write_report
+
+    paths = write_report(tmp_path)
+    for text in (paths["markdown"].read_text(), paths["html"].read_text()):
+        assert "Compute: 40 s of run time" in text and "saving 10 s" in text
+        assert " h of run time" not in text and "0 min" not in text
+
+
+def test_the_reference_is_recognised_by_name_not_label(tmp_path):
+    """A grid that labels defense `none` "Baseline": it is still the reference, never bold as the best."""
+    cells = []
+    for defense, lab in (("none", "Baseline"), ("adv-train", "Adv. Train"), ("a-abl", "A-ABL")):
+        config = _plain("badnets", defense)
+        d = fake_run(tmp_path, config)  # ACC: none 61 (the highest), adv-train 47, a-abl 46
+        axes = {**default_axes(config), "defense": lab}
+        cells.append({"run": str(d.relative_to(tmp_path)), "axes": axes, "config": config, "state": "done"})
+    (tmp_path / "bench").mkdir()
+    write_json(tmp_path / "bench" / "g-quick.json", {"name": "g", "suite": None, "preset": "quick", "cells": cells})
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    table = md.split("### ACC / ASR / RA (%)")[1].split("###")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
+    row = dict(zip(head, [c.strip() for c in lines[2].split("|")[1:-1]], strict=True))
+    assert row["Baseline ACC"] == "61.0" and row["Adv. Train ACC"] == "**47.0**" and row["A-ABL ACC"] == "46.0"

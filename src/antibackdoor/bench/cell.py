@@ -21,7 +21,7 @@ from ..locking import try_lock
 from .stage_cache import StageCache
 
 #: metrics copied into a cell's result for the progress lines
-SUMMARY = ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr", "model_trained")
+SUMMARY = ("acc", "asr", "ra", "gamma", "rho_vul", "tpr", "fpr", "isolated", "model_trained")
 
 
 def set_threads(threads: int | None) -> None:

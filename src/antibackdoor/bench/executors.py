@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
+import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -41,8 +44,10 @@ def available_cores() -> int:
 
 
 def split_threads(workers: int, threads: int | None = None, cores: int | None = None) -> int:
-    """Torch threads per worker so that workers x threads <= cores (at least 1)."""
-    if threads:
+    """Torch threads per worker so that workers x threads <= cores (at least 1); ``threads`` given: that."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads}: must be >= 1 (left out: cores / workers)")
         return int(threads)
     return max(1, (cores or available_cores()) // max(1, workers))
 
@@ -62,20 +67,44 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (the bench stopping its workers, ``kill``, a group signal from ``timeout`` or Slurm) raises
+    KeyboardInterrupt once, as Ctrl-C would: the cell's run records itself as interrupted and resumes from its
+    checkpoints next time. A second SIGTERM while it does so is ignored; the bench uses SIGKILL if it hangs."""
+    fired = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired:
+            fired.append(signum)
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _worker_main(conn: Connection, threads: int) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the bench's to handle: it stops the workers
-
+    _stop_on_sigterm()
     set_threads(threads)
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        index, payload = msg
-        conn.send((index, run_cell({**payload, "threads": threads})))
+    index, result = None, None
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if msg is None:
+                return
+            index, payload = msg
+            result = run_cell({**payload, "threads": threads})
+            conn.send((index, result))
+            index, result = None, None
+    except KeyboardInterrupt as exc:  # stopped: say which cell was cut off (if any), then end
+        if index is not None:
+            if result is None:
+                result = {"state": "interrupted", "error": str(exc) or "interrupted", "seconds": 0.0}
+            with contextlib.suppress(OSError, ValueError):
+                conn.send((index, result))
 
 
 @contextlib.contextmanager
@@ -103,6 +132,9 @@ class LocalExecutor:
     """
 
     name = "local"
+    local = True  # cells run on this machine: a process that is gone will not come back
+    #: seconds a stopped worker has to record its cell as interrupted before it is killed
+    grace_s = 10.0
 
     def __init__(self, workers: int = 1, threads: int | None = None):
         if workers < 1:
@@ -112,6 +144,12 @@ class LocalExecutor:
 
     def describe(self) -> str:
         return f"local: {self.workers} worker(s) x {self.threads} thread(s)"
+
+    def connect(self) -> None:
+        """Nothing to reach (Ray's connects to its cluster here)."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def run(self, payloads: list[dict[str, Any]], on_result: OnResult, on_start: OnStart | None = None) -> None:
         ctx = mp.get_context("spawn")
@@ -125,14 +163,14 @@ class LocalExecutor:
                                    name=f"antibackdoor-worker-{wid}")
                 proc.start()
             child.close()
-            workers[wid] = {"proc": proc, "conn": parent, "cell": None}
+            workers[wid] = {"proc": proc, "conn": parent, "cell": None, "retiring": False}
 
         for wid in range(min(self.workers, len(queue))):
             start(wid)
         try:
             while queue or any(w["cell"] is not None for w in workers.values()):
                 for w in workers.values():
-                    if w["cell"] is None and queue and w["proc"].is_alive():
+                    if w["cell"] is None and queue and w["proc"].is_alive() and not w["retiring"]:
                         i = queue.popleft()
                         w["conn"].send((i, payloads[i]))
                         w["cell"] = i
@@ -142,6 +180,8 @@ class LocalExecutor:
                 wait_any(waitables, timeout=1.0)
                 for wid, w in list(workers.items()):
                     self._collect(wid, w, on_result)
+                    if w["retiring"] and w["cell"] is None:
+                        w["proc"].join(timeout=self.grace_s)  # stopped by SIGTERM: it is ending
                     if not w["proc"].is_alive() and w["cell"] is None:
                         w["conn"].close()
                         del workers[wid]
@@ -156,6 +196,7 @@ class LocalExecutor:
             while conn.poll():
                 i, result = conn.recv()
                 w["cell"] = None
+                w["retiring"] = w["retiring"] or result.get("state") == "interrupted"
                 on_result(i, result)
         except (EOFError, OSError):
             pass
@@ -165,20 +206,22 @@ class LocalExecutor:
             on_result(i, _failure(f"worker process died (exit code {code}); the cell resumes from its "
                                   "checkpoints when the bench is run again"))
 
-    @staticmethod
-    def _stop(workers: dict[int, dict[str, Any]]) -> None:
+    def _stop(self, workers: dict[int, dict[str, Any]]) -> None:
+        """Idle workers are told to end; busy ones get SIGTERM, record their cell as interrupted and end; one
+        that has not ended after ``grace_s`` is killed."""
         for w in workers.values():
             with contextlib.suppress(OSError, BrokenPipeError):
                 if w["cell"] is None:
                     w["conn"].send(None)
-        deadline = time.time() + 5
         for w in workers.values():
-            if w["cell"] is not None:
+            if w["cell"] is not None and w["proc"].is_alive():
                 w["proc"].terminate()
+        deadline = time.time() + self.grace_s
+        for w in workers.values():
             w["proc"].join(timeout=max(0.1, deadline - time.time()))
             if w["proc"].is_alive():
-                w["proc"].terminate()
-                w["proc"].join(timeout=2)
+                w["proc"].kill()
+                w["proc"].join(timeout=5)
             with contextlib.suppress(OSError):
                 w["conn"].close()
 
@@ -193,15 +236,25 @@ class RayExecutor:
     """One Ray task per cell with ``cpus`` CPUs and ``gpus`` GPUs (fractions allowed, e.g. 0.25 = four cells
     per GPU), retried up to ``retries`` times when its worker dies. ``address``: an existing cluster
     (``ray://host:10001`` or ``auto``); None starts a local one with ``workers`` x ``cpus`` CPUs. Run
-    directories must be on a file system that every node sees."""
+    directories must be on a file system that every node sees.
+
+    ``connect`` fails at once, in one line, where Ray would wait silently: an address where nothing answers
+    (Ray retries for minutes), a connection that does not come up within ``connect_timeout_s``, and a cluster
+    that lacks what one cell asks for (a task asking for a GPU on a cluster without one never starts)."""
 
     name = "ray"
+    local = False  # a cell may run on another node: its process cannot be looked up here
+    connect_timeout_s = 30.0
 
     def __init__(self, address: str | None = None, workers: int | None = None, cpus: float = 1.0,
                  gpus: float = 0.0, retries: int = 2):
-        if cpus <= 0 or gpus < 0:
+        if not cpus > 0 or not gpus >= 0 or not math.isfinite(cpus + gpus):
             raise ConfigError("--cpus-per-cell must be > 0 and --gpus-per-cell >= 0")
+        if retries < 0:
+            raise ConfigError(f"--retries {retries}: must be >= 0")
         self.address, self.workers, self.cpus, self.gpus, self.retries = address, workers, cpus, gpus, retries
+        self._ray: Any = None
+        self._started = False
 
     def describe(self) -> str:
         where = self.address or "a local Ray instance"
@@ -210,23 +263,78 @@ class RayExecutor:
     def threads(self) -> int:
         return max(1, int(self.cpus))
 
-    def run(self, payloads: list[dict[str, Any]], on_result: OnResult, on_start: OnStart | None = None) -> None:
+    def connect(self) -> None:
+        """Join the cluster (or start a local instance) and check that one cell fits it."""
+        if self._ray is not None:
+            return
         try:
             import ray
         except ImportError:
             raise ConfigError("--executor ray: Ray is not installed (pip install 'antibackdoor[ray]')") from None
-        started = not ray.is_initialized()
-        if started:
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "logging_level": logging.WARNING}
+        if not ray.is_initialized():
             if self.address:
-                kwargs["address"] = self.address
-            else:
-                kwargs["num_cpus"] = int(max(1, (self.workers or available_cores()) * self.cpus))
-                env = {k: os.environ[k] for k in ("PYTHONPATH", "ANTIBACKDOOR_DATA") if k in os.environ}
-                if env:
-                    kwargs["runtime_env"] = {"env_vars": env}
-            ray.init(**kwargs)
+                _probe(self.address, min(10.0, self.connect_timeout_s))
+            self._init(ray)
+            self._started = True
+        self._ray = ray
+        try:
+            self._check_resources(ray.cluster_resources())
+        except ConfigError:
+            self.close()
+            raise
+
+    def _init(self, ray: Any) -> None:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "logging_level": logging.WARNING}
+        if self.address:
+            kwargs["address"] = self.address
+        else:
+            kwargs["num_cpus"] = int(max(1, (self.workers or available_cores()) * self.cpus))
+            env = {k: os.environ[k] for k in ("PYTHONPATH", "ANTIBACKDOOR_DATA") if k in os.environ}
+            if env:
+                kwargs["runtime_env"] = {"env_vars": env}
+        what = f"--ray-address {self.address}" if self.address else "--executor ray (a local instance)"
+        outcome: dict[str, BaseException] = {}
+
+        def init() -> None:
+            try:
+                ray.init(**kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the bench's thread below
+                outcome["error"] = exc
+
+        if self.address:
+            # joining a cluster, in a daemon thread: Ray's own retries cannot keep the bench waiting past the
+            # timeout, nor alive after it
+            t = threading.Thread(target=init, name="antibackdoor-ray-init", daemon=True)
+            t.start()
+            t.join(self.connect_timeout_s)
+            if t.is_alive():
+                raise ConfigError(f"{what}: no connection to Ray within {self.connect_timeout_s:g} s")
+        else:  # a local instance: nothing to wait for, started where Ray expects (the main thread)
+            init()
+        if "error" in outcome:
+            exc = outcome["error"]
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise ConfigError(f"{what}: Ray did not start: {first}")
+
+    def _check_resources(self, resources: dict[str, float]) -> None:
+        have = {k: float(resources.get(k, 0.0)) for k in ("CPU", "GPU")}
+        summary = f"the cluster has {have['CPU']:g} CPU and {have['GPU']:g} GPU in all"
+        if self.gpus > have["GPU"]:
+            raise ConfigError(f"--gpus-per-cell {self.gpus:g}: {summary}, so no cell could ever start "
+                              "(--gpus-per-cell 0 runs on CPUs)")
+        if self.cpus > have["CPU"]:
+            raise ConfigError(f"--cpus-per-cell {self.cpus:g}: {summary}, so no cell could ever start")
+
+    def close(self) -> None:
+        if self._ray is not None and self._started:
+            self._ray.shutdown()
+        self._ray, self._started = None, False
+
+    def run(self, payloads: list[dict[str, Any]], on_result: OnResult, on_start: OnStart | None = None) -> None:
+        own = self._ray is None
+        self.connect()
+        ray = self._ray
         try:
             task = ray.remote(_ray_cell).options(num_cpus=self.cpus, num_gpus=self.gpus,
                                                  max_retries=self.retries, retry_exceptions=False)
@@ -246,8 +354,32 @@ class RayExecutor:
                                           f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                     on_result(i, result)
         finally:
-            if started:
-                ray.shutdown()
+            if own:
+                self.close()
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Whether anything listens at a Ray address (``host:port``, ``ray://host[:port]``), in ``timeout``
+    seconds: where nothing does, Ray itself retries for minutes without a word. ``auto`` and ``local`` are
+    Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    client = address.startswith("ray://")
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        host, port = rest, "10001" if client else "6379"  # Ray's default client and GCS ports
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"--ray-address {address}: expected HOST:PORT, ray://HOST:PORT or auto") from None
+    try:
+        with socket.create_connection((host.strip("[]"), number), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or exc.__class__.__name__).lower()
+        raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{number} ({why} within "
+                          f"{timeout:g} s); is the cluster up?") from None
 
 
 # -- Slurm (submitit) ----------------------------------------------------------------------------------------
@@ -280,6 +412,7 @@ class SlurmExecutor:
     submitit's local executor (tests, a machine without Slurm)."""
 
     name = "slurm"
+    local = False  # jobs go on when the bench stops: their cells' states are theirs to write
 
     def __init__(self, folder: Path, partition: str | None = None, gpus_per_task: int = 0, time: str | int = 60,
                  cpus_per_task: int = 2, parallelism: int | None = None, cluster: str | None = "slurm",
@@ -296,6 +429,12 @@ class SlurmExecutor:
         part = f"partition {self.partition}, " if self.partition else ""
         return (f"slurm ({self.cluster}): {part}{self.cpus} CPU + {self.gpus} GPU per task, {self.time_min} min, "
                 f"logs in {self.folder}")
+
+    def connect(self) -> None:
+        """Nothing to reach before the jobs are submitted (submitit's presence is checked with the options)."""
+
+    def close(self) -> None:
+        """The jobs are Slurm's: nothing to release."""
 
     def run(self, payloads: list[dict[str, Any]], on_result: OnResult, on_start: OnStart | None = None) -> None:
         try:

@@ -118,6 +118,8 @@ class Grid:
     common: dict[str, Any] = field(default_factory=dict)  # PASS_THROUGH fields
     #: extra columns of the report's per-run table (dotted paths into metrics.json, see report/columns.py)
     columns: list[Any] = field(default_factory=list)
+    #: where the grid came from, as errors name it (the grid file's path, "suite aabl-t3")
+    where: str = "grid"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "grid") -> Grid:
@@ -126,7 +128,7 @@ class Grid:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
                               f"known: {', '.join(sorted(known))}")
-        g = cls(name=str(data.get("name", "grid")), preset=str(data.get("preset", "quick")))
+        g = cls(name=str(data.get("name", "grid")), preset=str(data.get("preset", "quick")), where=where)
         for axis in AXES:
             if axis not in data:
                 continue

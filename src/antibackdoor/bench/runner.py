@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..attacks import ATTACKS
 from ..defenses import DEFENSES, get_defense
 from ..errors import AntibackdoorError, ConfigError, DataError
 from ..experiment import Experiment, make_config
 from ..jsonutil import write_json
+from ..runpath import run_state
 from . import estimate as est
 from .grid import Cell, Grid
 from .stage_cache import cache_hits
@@ -31,7 +32,7 @@ from .suites import SUITES, Suite
 
 log = logging.getLogger("antibackdoor")
 
-STATES = ("done", "failed", "running", "pending")
+STATES = ("done", "failed", "running", "interrupted", "pending")
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Planned:
     run_dir: Path
     state: str = "pending"
     error: str | None = None
+    #: the state as --status shows it ("interrupted (process 123 is gone)"); empty: ``state`` itself
+    shown: str = ""
     group: str = ""
     passes: float = 0.0
     seconds_per_pass: float = 0.0
@@ -58,6 +61,7 @@ class Plan:
     grid: Grid
     cells: list[Planned]
     skipped: dict[str, list[str]]  # reason -> what (missing defenses, detectors, datasets)
+    total: int = 0  # cells of the grid before the skipped ones were left out
 
     def count(self, state: str) -> int:
         return sum(c.state == state for c in self.cells)
@@ -153,8 +157,13 @@ def detector_registry() -> Detectors | None:
     return Detectors(registry, getattr(mod, "get_detector", None))
 
 
-def check_methods(cells: list[Cell], preset: str) -> tuple[list[Cell], dict[str, list[str]]]:
-    """Keep the cells whose defense (and detector) exist and accept the cell's parameters; say what is not."""
+def check_methods(cells: list[Cell], preset: str, strict: str | None = None,
+                  ) -> tuple[list[Cell], dict[str, list[str]]]:
+    """Keep the cells whose defense (and detector) exist and accept the cell's parameters; say what is not.
+
+    ``strict`` (a user's grid file, named so): a method that is missing or rejects its parameters is an error
+    naming the file, not a skipped cell -- a typo must not turn into a bench that runs nothing and exits 0.
+    A named suite (``strict`` None) skips them: its methods may land later."""
     detectors = detector_registry()
     missing: dict[str, set[str]] = {}
     kept: list[Cell] = []
@@ -162,10 +171,13 @@ def check_methods(cells: list[Cell], preset: str) -> tuple[list[Cell], dict[str,
     for cell in cells:
         c = cell.config
         if c["attack"] != "none" and c["attack"] not in ATTACKS:
-            raise ConfigError(f"attack {c['attack']!r} is not registered; known: none, {', '.join(sorted(ATTACKS))}")
+            raise ConfigError(f"{strict + ': ' if strict else ''}attack {c['attack']!r} is not registered; known: "
+                              f"none, {', '.join(sorted(ATTACKS))}")
         key = json.dumps([c["defense"], c["defense_params"]], sort_keys=True, default=str)
         if key not in verdict:
-            verdict[key] = _check_defense(c, preset, DEFENSES, detectors, get_defense, missing)
+            verdict[key], problem = _check_defense(c, preset, DEFENSES, detectors, get_defense, missing)
+            if strict and problem:
+                raise ConfigError(f"{strict}: defense {c['defense']}: {problem}")
         real = verdict[key]
         if real is None:
             continue
@@ -177,12 +189,20 @@ def check_methods(cells: list[Cell], preset: str) -> tuple[list[Cell], dict[str,
     return kept, {k: sorted(v) for k, v in missing.items()}
 
 
+def _grid_keys(exc: Exception, prefix: str) -> str:
+    """An error about a part's parameters with its keys as a grid file spells them (``params.train``, not
+    ``--defense-param train``)."""
+    return str(exc).replace("--defense-param ", prefix).replace("--detector-param ", prefix)
+
+
 def _detector_of(c: dict) -> str | None:
     return c["defense_params"].get("detector") if isinstance(c["defense_params"], dict) else None
 
 
 def _check_defense(c: dict, preset: str, defenses: dict, detectors: Detectors | None, get_defense: Any,
-                   missing: dict[str, set[str]]) -> str | None:
+                   missing: dict[str, set[str]]) -> tuple[str | None, str | None]:
+    """The registered name of the cell's defense, or None after recording why in ``missing`` (for a suite's
+    notes); and that reason as one sentence for a grid file's error."""
     real = find_registered(c["defense"], defenses)
     det = _detector_of(c)
     det_real = find_registered(det, detectors.registry) if det is not None and detectors is not None else None
@@ -190,10 +210,11 @@ def _check_defense(c: dict, preset: str, defenses: dict, detectors: Detectors | 
         missing.setdefault("detectors not available yet", set()).add(det)
         if real is None:
             missing.setdefault("defenses not available yet", set()).add(c["defense"])
-        return None
+        known = ", ".join(sorted(detectors.registry)) if detectors is not None else "none (no detectors package)"
+        return None, f"params.detector: {det!r} is not a registered detector; known: {known}"
     if real is None:
         missing.setdefault("defenses not available yet", set()).add(c["defense"])
-        return None
+        return None, f"{c['defense']!r} is not a registered defense; known: {', '.join(sorted(defenses))}"
     params = dict(c["defense_params"])
     if det_real is not None and detectors is not None:
         params["detector"] = det_real
@@ -202,13 +223,13 @@ def _check_defense(c: dict, preset: str, defenses: dict, detectors: Detectors | 
                 detectors.get(det_real, preset, params.get("detector_params") or None)
         except AntibackdoorError as exc:
             missing.setdefault("detectors that reject the suite's parameters", set()).add(f"{det_real} ({exc})")
-            return None
+            return None, f"detector {det_real}: {_grid_keys(exc, 'params.')}"
     try:
         get_defense(real, preset, params)
     except AntibackdoorError as exc:
         missing.setdefault("defenses that reject the suite's parameters", set()).add(f"{real} ({exc})")
-        return None
-    return real
+        return None, _grid_keys(exc, "params.")
+    return real, None
 
 
 # -- the plan ----------------------------------------------------------------------------------------------
@@ -229,24 +250,48 @@ def index_runs(out: Path) -> dict[str, Path]:
     return found
 
 
-def cell_state(run_dir: Path) -> tuple[str, str | None]:
-    if (run_dir / "metrics.json").is_file():
-        return "done", None
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return "pending", None
-    state = status.get("state")
+class CellState(NamedTuple):
+    state: str  # one of STATES
+    error: str | None  # a failure's error
+    shown: str  # as --status shows it: "interrupted (process 123 is gone)"
+
+
+def read_state(run_dir: Path) -> str:
+    """A run directory's state as the plan reads it (``runpath.run_state``, the one reader): ``done``,
+    ``failed``, ``running``, ``interrupted``, ``interrupted (process N is gone)`` or ``pending`` (never started)."""
+    s = run_state(run_dir)
+    if s.state == "interrupted" and s.pid is not None and s.detail == f"process {s.pid} is gone":
+        return s.text
+    return s.state if s.state in ("done", "failed", "running", "interrupted") else "pending"
+
+
+def cell_state(run_dir: Path) -> CellState:
+    """A run directory's state (``read_state``) as the plan counts it: ``running`` while its process lives,
+    ``interrupted`` when it was stopped or its process is gone, ``pending`` when it never started."""
+    shown = read_state(run_dir)
+    state = "interrupted" if shown.startswith("interrupted") else shown
+    if state not in STATES:
+        state = "pending"
+    error = None
     if state == "failed":
-        return "failed", status.get("error")
-    if state == "running":
-        return "running", None
-    return "pending", status.get("error")
+        try:
+            error = json.loads((run_dir / "status.json").read_text()).get("error")
+        except (OSError, ValueError, AttributeError):
+            error = None
+    return CellState(state, error, shown)
 
 
 def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> Plan:
+    """Every cell resolved as ``antibackdoor run`` would, with where it is under ``out`` and its state.
 
-    cells, skipped = check_methods(grid.cells(), grid.preset)
+    A user's grid file (``suite`` None) allows no gaps: a method that is missing or rejects its parameters, or
+    a data set that does not load, is an error naming the file. A named suite skips those cells and says so
+    (``Plan.skipped``): its methods may land later, its paper-size data sets may not be downloaded."""
+    strict = None if suite is not None else grid.where
+    every = grid.cells()
+    cells, skipped = check_methods(every, grid.preset, strict)
+    if not cells:
+        raise ConfigError(_no_cells(grid, skipped))
     runs = index_runs(out)
     splits_cache: dict[tuple[str, str | None], Any] = {}
     planned: list[Planned] = []
@@ -258,6 +303,8 @@ def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> P
             try:
                 splits_cache[dkey] = exp.load_data()
             except DataError as exc:
+                if strict:
+                    raise ConfigError(f"{strict}: dataset {cfg.dataset}: {exc}") from exc
                 splits_cache[dkey] = exc
         splits = splits_cache[dkey]
         if isinstance(splits, DataError):
@@ -275,8 +322,8 @@ def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> P
         run_dir = exp.run_dir(resolved)
         rid = resolved.run_id()
         where = runs.get(rid, run_dir)
-        state, error = cell_state(where) if where.exists() else ("pending", None)
-        p = Planned(cell, run_dir.name, where, state, error)
+        st = cell_state(where) if where.exists() else CellState("pending", None, "pending")
+        p = Planned(cell, run_dir.name, where, st.state, st.error, st.shown)
         cell.axes["model"] = resolved.model
         attack = resolved.attack.describe() if resolved.attack is not None else "none"
         p.group = json.dumps([cfg.dataset, attack, cfg.poison_rate, cfg.target, cfg.seed, resolved.model,
@@ -285,12 +332,21 @@ def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> P
                                              cfg.eval.ra_steps)
         p.seconds_per_pass = est.seconds_per_pass(resolved.model, splits.train.channels,
                                                   splits.train.image_size, n, threads)
-        if state == "done":
+        if st.state == "done":
             p.measured_s = _measured(where)
         planned.append(p)
     for k in list(skipped):
         skipped[k] = sorted(set(skipped[k]))
-    return Plan(grid.name, grid.preset, suite, grid, planned, skipped)
+    if not planned:
+        raise ConfigError(_no_cells(grid, skipped))
+    return Plan(grid.name, grid.preset, suite, grid, planned, skipped, len(every))
+
+
+def _no_cells(grid: Grid, skipped: dict[str, list[str]]) -> str:
+    """Why a grid has no cell to plan: everything excluded or filtered out, or (a suite) every method or data
+    set unavailable. Never 'every cell is done' for no cells."""
+    why = "; ".join(f"{reason}: {', '.join(sorted(set(what)))}" for reason, what in skipped.items())
+    return f"{grid.where}: no cell to run ({why or 'exclude and the command-line filters leave none'})"
 
 
 def _measured(run_dir: Path) -> float | None:
@@ -369,10 +425,20 @@ def print_status(plan: Plan, file: Any = None) -> None:
     file = file if file is not None else sys.stdout  # looked up now: sys.stdout may be replaced after import
     counts = {s: plan.count(s) for s in STATES}
     print(f"{plan.name} ({plan.preset}): {len(plan.cells)} cells: {counts['done']} done, {counts['failed']} failed, "
-          f"{counts['running']} running or interrupted, {counts['pending']} pending", file=file)
+          f"{counts['running']} running, {counts['interrupted']} interrupted, {counts['pending']} pending", file=file)
     for p in plan.cells:
-        if p.state in ("failed", "running"):
+        if p.state in ("failed", "running", "interrupted"):
             extra = f": {p.error}" if p.error else ""
-            print(f"  {p.state:<8} {_where(p.cell)}  ({p.run_dir}){extra}", file=file)
+            print(f"  {p.shown or p.state}  {_where(p.cell)}  ({p.run_dir}){extra}", file=file)
+    print_skipped(plan, file)
+
+
+def print_skipped(plan: Plan, file: Any) -> None:
+    """What a suite left out, and how many of its cells that was."""
+    if not plan.skipped:
+        return
+    total = plan.total or len(plan.cells)
+    print(f"  NOTE: {total - len(plan.cells)} of the suite's {total} cells are skipped and will not run:",
+          file=file)
     for reason, what in plan.skipped.items():
-        print(f"  skipped, {reason}: {', '.join(what)}", file=file)
+        print(f"    {reason}: {', '.join(what)}", file=file)

@@ -51,7 +51,8 @@ class TableSpec:
 
     Values are the mean (± std) over the cells that share the row, column and block (seeds, targets).
     ``competitors`` names the axis ("rows" or "cols") whose entries compete: the best value per metric
-    across it is bold (``reference`` entries, e.g. "No defense", do not compete). ``summary`` appends
+    across it is bold (``reference``: names of defenses, e.g. ``none``, whose entries do not compete, whatever
+    their label). ``summary`` appends
     "average" / "worst" rows (or columns, for ``summary_axis="cols"``) over the non-clean entries.
     """
 
@@ -149,7 +150,7 @@ _add(Suite(
      "paper": {"datasets": ["cifar10", "gtsrb", "tiny-imagenet"], "attacks": _attacks(AABL_ATTACKS),
                "defenses": _aabl_t3_defenses(), "adjust": [CLB_RATE]}},
     (TableSpec("ACC / ASR / RA (%)", rows="attack", cols="defense", metrics=("acc", "asr", "ra"), blocks="dataset",
-               competitors="cols", reference=("No defense",), summary=("average", "worst"), mark_failures=True,
+               competitors="cols", reference=("none",), summary=("average", "worst"), mark_failures=True,
                published="aabl_t3"),
      TableSpec("isolation of the defenses that isolate: TPR / FPR (%)", rows="attack", cols="defense",
                metrics=("tpr", "fpr"), blocks="dataset", competitors="cols", isolating_only=True)),
@@ -225,7 +226,7 @@ _add(Suite(
                             {"name": "dbd", "label": "DBD"}, {"name": "cbd", "label": "CBD"},
                             {"name": "aibd", "label": "AIBD"}]}},
     (TableSpec("ACC / ASR (%)", rows="attack", cols="defense", metrics=("acc", "asr"), blocks="dataset",
-               competitors="cols", reference=("No Defense",), summary=("average",), mark_failures=True,
+               competitors="cols", reference=("none",), summary=("average",), mark_failures=True,
                published="aibd_t1"),),
     figures=("k_dist",),
 ))
@@ -292,7 +293,7 @@ _add(Suite(
                       {"name": "aibd", "label": "AIBD"}]}
      for p in ("quick", "paper")},
     (TableSpec("ACC / ASR / RA per trigger (%)", rows="attack", cols="defense", metrics=("acc", "asr", "ra"),
-               competitors="cols", reference=("No defense",), summary=("average", "worst")),
+               competitors="cols", reference=("none",), summary=("average", "worst")),
      TableSpec("isolation: gamma / rho_vul / TPR / FPR (%)", rows="attack", cols="defense",
                metrics=("gamma", "rho_vul", "tpr", "fpr"), isolating_only=True)),
 ))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bench.estimate import fmt_duration
 from ..bench.stage_cache import cache_hits, saved_seconds
 from ..bench.suites import SUITES, TableSpec
 from ..caching import atomic_write
@@ -19,7 +20,7 @@ from ..errors import ConfigError
 from . import figures as figs
 from . import published
 from .collect import Record, collect, isolation, target_guess
-from .columns import Column, RunTable, expand, parse_columns, run_table, write_results_csv
+from .columns import Column, RunTable, expand, fmt, parse_columns, run_table, write_results_csv
 from .html import png_data_uri, render
 from .tables import Table, build, by_target, to_markdown
 
@@ -69,11 +70,42 @@ class Section:
 
 
 def _counts(records: list[Record]) -> dict[str, int]:
-    out = {"done": 0, "failed": 0, "running": 0, "pending": 0}
+    out = {"done": 0, "failed": 0, "running": 0, "interrupted": 0, "pending": 0}
     for r in records:
         out[r.state] = out.get(r.state, 0) + 1
     out["total"] = len(records)
+    out["unfinished"] = out["total"] - out["done"] - out["failed"]
     return out
+
+
+def _defend_section(records: list[Record]) -> Section:
+    """Runs of ``antibackdoor defend``: a user's own data, no attack, so no ASR and no two runs on the same
+    footing; one row each (never averaged), pointing at the report each of them wrote."""
+    sec = Section("defend runs", counts=_counts(records))
+    sec.notes.append("Runs of `antibackdoor defend` on a user's own data: no attack, so no ASR, and nothing in "
+                     "common to average over. One row each; each has its own report (report.html in its run "
+                     "directory) with the ranking, the verdict and the images.")
+    header = ["run", "data", "defense", "model", "state", "ACC (%)", "RA (%)", "isolated", "suspected target",
+              "report"]
+    rows = []
+    for r in records:
+        m = r.metrics
+        surplus = m.get("surplus") if isinstance(m.get("surplus"), dict) else None
+        if surplus is None:
+            target = "–"
+        elif surplus.get("target") is None:
+            target = "none"
+        else:
+            names = {row.get("label"): row.get("name") for row in surplus.get("rows") or []}
+            target = str(names.get(surplus["target"], surplus["target"]))
+        isolated = f"{m['isolated']} of {m['train_size']}" if "isolated" in m and "train_size" in m else "–"
+        page = r.run_dir / "report.html"
+        rows.append([r.rel, str(r.axes.get("dataset")), str(r.axes.get("defense")),
+                     str(r.axes.get("model") or "–"), r.state, fmt("acc", r.value("acc")), fmt("ra", r.value("ra")),
+                     isolated, target, f"{r.rel}/report.html" if page.is_file() else "–"])
+    sec.runs = RunTable("one row per defend run", header, rows, len(header) - 4)
+    sec.failures = [r for r in records if r.state == "failed"]
+    return sec
 
 
 def _generic_specs(records: list[Record]) -> tuple[list[TableSpec], list[Record]]:
@@ -98,7 +130,7 @@ def _generic_specs(records: list[Record]) -> tuple[list[TableSpec], list[Record]
             table_records.append(copy)
     blocks = "setting" if varying else None
     specs = [TableSpec("ACC / ASR / RA (%)", rows="attack", cols="defense", metrics=("acc", "asr", "ra"),
-                       blocks=blocks, competitors="cols", reference=("No defense",), summary=("average", "worst"),
+                       blocks=blocks, competitors="cols", reference=("none",), summary=("average", "worst"),
                        mark_failures=True),
              TableSpec("isolation: gamma / rho_vul / TPR / FPR (%)", rows="attack", cols="defense",
                        metrics=("gamma", "rho_vul", "tpr", "fpr"), blocks=blocks, isolating_only=True)]
@@ -209,12 +241,15 @@ def write_report(root: str | Path, title: str | None = None, columns: str | list
             specs, trecs = _generic_specs(recs)
             sections.append(_section(f"grid {m['name']} ({m['preset']})", recs, specs, _auto_figures(recs), folder,
                                      key, skipped=m.get("skipped"), table_records=trecs, columns=cols))
-    rest = [r for r in records if not r.manifests]
+    defended = [r for r in records if r.is_defend]
+    rest = [r for r in records if not r.manifests and not r.is_defend]
     if rest:
         specs, trecs = _generic_specs(rest)
         extra += [c for c in expand(asked or [], rest) if c.path not in {e.path for e in extra}]
         sections.append(_section("runs not in a bench manifest" if manifests else "runs", rest, specs,
                                  _auto_figures(rest), folder, "runs", table_records=trecs, columns=asked))
+    if defended:
+        sections.append(_defend_section(defended))
     csv_path = write_results_csv(records, root / "results.csv", extra)
     done = [r for r in records if r.state == "done"]
     hits = [e for r in done for e in cache_hits(r.metrics)]
@@ -222,8 +257,8 @@ def write_report(root: str | Path, title: str | None = None, columns: str | list
         "title": title or f"antibackdoor report: {root.name}",
         "root": root.name, "generated": time.strftime("%Y-%m-%d %H:%M"), "sections": sections,
         "counts": _counts(records),
-        "compute_s": sum(float(r.metrics.get("time_total_s") or 0) for r in done),
-        "saved_s": saved_seconds(hits), "cache_hits": len(hits),
+        "compute": fmt_duration(sum(float(r.metrics.get("time_total_s") or 0) for r in done)),
+        "saved": fmt_duration(saved_seconds(hits)), "cache_hits": len(hits),
     }
     md = root / "report.md"
     html = root / "report.html"

@@ -14,6 +14,7 @@ import yaml
 
 from ..bench.grid import outside_axes
 from ..bench.labels import label
+from ..bench.runner import cell_state
 from ..errors import AntibackdoorError
 from ..surplus import TargetGuess, fmt_p
 
@@ -39,6 +40,11 @@ class Record:
     axes: dict[str, Any] = field(default_factory=dict)
     manifests: list[str] = field(default_factory=list)
     order: tuple = ()
+
+    @property
+    def is_defend(self) -> bool:
+        """A run of ``antibackdoor defend`` (a user's own data, no attack): not a cell of any table."""
+        return is_defend_config(self.config)
 
     @property
     def model_trained(self) -> bool:
@@ -73,8 +79,18 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def is_defend_config(config: dict[str, Any]) -> bool:
+    """``defend``'s config.yaml names its data (``data``) and no attack; ``run``'s names a dataset and an attack."""
+    return "data" in config and "attack" not in config
+
+
 def default_axes(config: dict[str, Any]) -> dict[str, Any]:
     """A run's coordinates from its config (runs no bench manifest lists), labelled as a grid labels them."""
+    if is_defend_config(config):  # no attack, no rate, no target: the data it was given
+        defense = config.get("defense", "?")
+        return {"dataset": config.get("data"), "attack": None, "attack_name": None,
+                "defense": label("defense", defense, config.get("defense_params")), "defense_name": defense,
+                "model": config.get("model"), "poison_rate": None, "target": None, "seed": config.get("seed")}
     attack, defense = config.get("attack", "?"), config.get("defense", "?")
     axes = {"dataset": config.get("dataset"), "attack": label("attack", attack, config.get("attack_params")),
             "attack_name": attack, "defense": label("defense", defense, config.get("defense_params")),
@@ -110,9 +126,9 @@ def collect(root: Path) -> tuple[list[Record], list[dict[str, Any]]]:
     for d in find_run_dirs(root):
         config = _load_yaml(d / "config.yaml")
         metrics = _load_json(d / "metrics.json")
-        status = _load_json(d / "status.json")
-        state = "done" if metrics else {"failed": "failed", "running": "running"}.get(status.get("state"), "pending")
-        rec = Record(d, str(d.relative_to(root)), state, status.get("error"), config, metrics)
+        st = cell_state(d)  # "running" in a process that is gone reads "interrupted"
+        state = "done" if metrics else ("pending" if st.state == "done" else st.state)  # unreadable metrics.json
+        rec = Record(d, str(d.relative_to(root)), state, st.error, config, metrics)
         labelled = by_name.get(d.name)
         rec.axes = dict(labelled[0]) if labelled else default_axes(config)
         rec.order = labelled[1] if labelled else (len(manifests), d.name)

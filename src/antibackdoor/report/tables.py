@@ -180,7 +180,9 @@ def _one(spec: TableSpec, rs: list[Record], block: Any, published: dict[tuple, f
                     group.append(TCell(v, None, 1 if v is not None else 0, paper))
                 row.cells.append(group)
             groups.append(SUMMARY_LABELS[kind])
-    _mark(spec, rows, groups, metrics)
+    refs = _references(spec, rs)
+    _mark(spec, rows, groups, metrics, {axis_label(spec.cols if spec.competitors == "cols" else spec.rows, v)
+                                        for v in refs})
     title = spec.title if block is None else f"{spec.title} — {axis_label(spec.blocks, block)}"
     return Table(title, spec.rows, groups, metrics, rows, block=None if block is None else str(block))
 
@@ -197,8 +199,20 @@ def _summary(kind: str, metric: str, vals: list[float]) -> float | None:
     return min(vals) if metric in HIGHER_BETTER else max(vals)
 
 
-def _mark(spec: TableSpec, rows: list[Row], groups: list[str], metrics: list[str]) -> None:
-    ref = set(spec.reference)
+def _references(spec: TableSpec, records: list[Record]) -> set[Any]:
+    """Values of the competing axis that are references, not competitors: those whose every run used a
+    defense named in ``spec.reference`` (``none``) -- recognised by the registered name, so a grid that labels
+    ``none`` "baseline" still keeps it out of the bold marks."""
+    if spec.competitors not in ("cols", "rows") or not spec.reference:
+        return set()
+    axis = spec.cols if spec.competitors == "cols" else spec.rows
+    names: dict[Any, set[str]] = {}
+    for r in records:
+        names.setdefault(r.axes.get(axis), set()).add(str(r.axes.get("defense_name") or r.config.get("defense")))
+    return {v for v, ns in names.items() if ns <= set(spec.reference)}
+
+
+def _mark(spec: TableSpec, rows: list[Row], groups: list[str], metrics: list[str], ref: set[str]) -> None:
     for row in rows:
         for group in row.cells:
             for mi, m in enumerate(metrics):
