@@ -223,7 +223,9 @@ def test_status_says_interrupted_when_the_running_process_is_gone(tmp_path, caps
     alive = plan.cells[1].run_dir
     for p, pid in ((plan.cells[0].run_dir, gone.pid), (alive, None)):
         p.mkdir(parents=True)
-        write_json(p / "status.json", {"state": "running", "pid": pid or __import__("os").getpid()})
+        # what a run of this host writes (runpath): its pid and the host, so the pid can be judged here
+        write_json(p / "status.json", {"state": "running", "pid": pid or __import__("os").getpid(),
+                                       "host": __import__("socket").gethostname()})
     assert main(["bench", grid, "--out", str(out), "--status"]) == 0
     text = capsys.readouterr().out
     assert "2 cells: 0 done, 0 failed, 1 running, 1 interrupted, 0 pending" in text
