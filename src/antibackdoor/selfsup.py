@@ -76,3 +76,16 @@ def guess_labels(model: nn.Module, views: list[torch.Tensor], temperature: float
     """MixMatch's label guess: the sharpened mean prediction over the augmented views of unlabelled samples."""
     p = torch.stack([torch.softmax(model(v).float(), 1) for v in views]).mean(0)
     return sharpen(p, temperature)
+
+
+@torch.no_grad()
+def mean_prediction(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """The mean softmax prediction (fp32) over the augmented views of the same samples."""
+    return torch.stack([torch.softmax(model(v).float(), 1) for v in views]).mean(0)
+
+
+def sharpen_hard(p: torch.Tensor) -> torch.Tensor:
+    """Sharpening's limit T -> 0: the one-hot of each row's largest entry (ties share it equally), as VaB's
+    pseudo-labels."""
+    top = (p == p.max(1, keepdim=True).values).float()
+    return top / top.sum(1, keepdim=True)

@@ -16,7 +16,8 @@ SimCLR config trains 1,000 epochs on a 1,000-epoch cosine schedule, but their fi
 checkpoint of epoch 100 — so the backbone DBD used saw 100 epochs at an almost undecayed learning rate. We train
 100 epochs and anneal the cosine schedule over those 100 (a finished schedule, at the epoch count they used).
 MixMatch's interleaving of labelled and unlabelled batches (a multi-GPU BatchNorm device) is replaced by one
-forward pass over the whole mixed batch, which gives BatchNorm the same statistics.
+forward pass over the whole mixed batch, which gives BatchNorm the same statistics. The MixMatch step is the
+shared one of ``stages/semisup.py`` (ASD and VaB train with it too), with DBD's draws: batches with replacement.
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import augment
 from ..data.imageset import ImageSet
 from ..seeding import derive_seed
-from ..selfsup import guess_labels, mixmatch_loss, mixup
 from ..stages import DefenseContext
 from ..stages.dbd import (
     QUICK_DBD,
@@ -42,6 +40,8 @@ from ..stages.dbd import (
     simclr_pretrain,
     warmup_head,
 )
+from ..stages.mixing import MixUp
+from ..stages.semisup import SemiSpec, linear_rampup, semisup_epoch
 from ..training import epoch_generator, save_checkpoint
 from .base import Defense, DefenseResult, register_defense
 
@@ -50,41 +50,17 @@ log = logging.getLogger("antibackdoor")
 
 def mixmatch_round(model: nn.Module, opt: torch.optim.Optimizer, data: ImageSet, labelled: torch.Tensor,
                    p: DBDParams, round_idx: int, ctx: DefenseContext) -> dict:
-    """Stage 3, one round: ``p.iterations`` MixMatch steps on the whole model, in the context's precision."""
-    cfg, dev, prec = p.finetune, ctx.device, ctx.compute_precision()
-    gen = epoch_generator(derive_seed(ctx.seed, "dbd", "mixmatch"), round_idx)
+    """Stage 3, one round: ``p.iterations`` MixMatch steps on the whole model, in the context's precision (the
+    shared semi-supervised step, ``stages/semisup.py``; batches drawn with replacement)."""
+    cfg = p.finetune
     for g in opt.param_groups:
         g["lr"] = cfg.lr_at(round_idx)
-    scaler = prec.scaler()
-    lab = labelled.nonzero().squeeze(1)
-    unl = (~labelled).nonzero().squeeze(1)
-    b = cfg.batch_size
-    k = data.num_classes
-    model.train()
-    sums = {"loss": 0.0, "lx": 0.0, "lu": 0.0}
-    lam_u = 0.0
-    for it in range(p.iterations):
-        li = lab[torch.randint(len(lab), (b,), generator=gen)].to(data.device)
-        ui = unl[torch.randint(len(unl), (b,), generator=gen)].to(data.device)
-        xl = augment(data.x[li].to(dev), cfg.crop, cfg.flip, gen).float().div_(255.0)
-        tl = F.one_hot(data.y[li].to(dev), k).float()
-        xu = [augment(data.x[ui].to(dev), cfg.crop, cfg.flip, gen).float().div_(255.0) for _ in range(2)]
-        with prec.autocast():
-            tu = guess_labels(model, [prec.batch(v) for v in xu], p.mix_temperature)
-        mixed, targets, _ = mixup(torch.cat([xl, *xu]), torch.cat([tl, tu, tu]), p.mix_alpha, gen)
-        with prec.autocast():
-            logits = model(prec.batch(mixed))
-        lx, lu = mixmatch_loss(logits[:b], targets[:b], logits[b:], targets[b:])
-        lam_u = p.lambda_u * min(max((round_idx + it / p.iterations) / max(p.rampup, 1), 0.0), 1.0)
-        loss = lx + lam_u * lu
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sums["loss"] += float(loss.detach())
-        sums["lx"] += float(lx.detach())
-        sums["lu"] += float(lu.detach())
-    return {k_: v / p.iterations for k_, v in sums.items()} | {"lambda_u": lam_u}
+    return semisup_epoch(
+        model, opt, data, labelled, SemiSpec(temperature=p.mix_temperature), epoch=round_idx,
+        iterations=p.iterations, batch_size=cfg.batch_size, crop=cfg.crop, flip=cfg.flip, mixer=MixUp(p.mix_alpha),
+        weight_u=lambda progress: linear_rampup(p.lambda_u, progress, p.rampup),
+        generator=epoch_generator(derive_seed(ctx.seed, "dbd", "mixmatch"), round_idx),
+        precision=ctx.compute_precision(), device=ctx.device, sampling="random")
 
 
 @register_defense
