@@ -208,6 +208,7 @@ class Experiment:
         defense = get_defense(c.defense, c.preset, c.defense_params, paper)
         model = resolve_model(c.model, defense.paper_source, paper)
         train = splits.train
+        defense.check_data(train)
         if defense.trusted_fraction() is not None:  # a fraction that leaves a class empty fails here
             train = train.subset(~self.trusted_mask(defense, train))
         attack = get_attack(c.attack, c.preset, c.attack_params) if c.attack != "none" else None

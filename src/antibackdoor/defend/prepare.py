@@ -149,6 +149,7 @@ def prepare(c: DefendConfig) -> DefendSetup:
         trusted = conform(t, like, "--trusted", use_test=False)
     paper = data.paper if c.preset == "paper" else None
     defense = get_defense(c.defense, c.preset, c.defense_params, paper)
+    defense.check_data(like)
     model = resolve_model(c.model, defense.paper_source, paper)
     device = pick_device(c.device)
     precision = resolve_precision(c.precision, device)

@@ -82,6 +82,11 @@ class Defense(Part):
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
 
+    def check_data(self, data: ImageSet) -> None:
+        """ConfigError where the parameters cannot work on ``data`` (its image size, its number of classes):
+        ``run`` and ``defend`` call it once the data are known, before the run directory exists, so such a
+        setting stops with one line instead of failing inside the run. Nothing to check by default."""
+
     @property
     def paper_source(self) -> str:
         """The defense whose paper model on a dataset (``PaperSettings.model_for``) this one trains under

@@ -25,10 +25,14 @@ from ..adversarial.pgd import eval_mode
 from ..errors import ConfigError
 from ..precision import PLAIN, Precision
 from .registry import Normalized
+from .wrappers import unwrap
 
 
 def backbone(model: nn.Module) -> nn.Module:
-    """The raw network behind the normalisation layer (the model itself if it has none)."""
+    """The raw network behind the normalisation layer (the model itself if it has none), inside any wrapper
+    (``models.wrappers``): a wrapped model's stages and features are its network's, on the inputs as the wrapper
+    hands them on (PDB: stamped)."""
+    model = unwrap(model)
     return model.backbone if isinstance(model, Normalized) else model
 
 

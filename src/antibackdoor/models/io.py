@@ -13,6 +13,13 @@ lists), ``classes`` (JSON), plus ``format`` and where the model came from (``dat
     probs = model(x).softmax(1)                                      # x: N x C x H x W floats in [0, 1]
 
 The model normalises its input itself (the first layer), so ``x`` is plain pixels scaled to [0, 1].
+
+A defense that changes how the network is used at inference returns it inside a ``models.wrappers.Wrapper``
+(PDB: its defensive trigger stamped on every input, the answer mapped back through its label map). Such a model
+is saved as one file too: the tensors are the wrapper's (the network's under ``net.``, plus the wrapper's own,
+e.g. ``pattern`` and ``mask``), and the header adds ``wrapper`` (its kind) and the wrapper's settings
+(``wrapper_label_map``, ...), so ``load_model`` rebuilds the deployed model, wrapper and all, from the file
+alone; ``model`` still names the network inside.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from torch import nn
 from ..caching import atomic_write
 from ..errors import DataError
 from .registry import MODELS, build_model
+from .wrappers import WRAPPERS, Wrapper, WrapperError
 
 FORMAT = "antibackdoor-model/1"
 
@@ -56,12 +64,15 @@ def model_metadata(model: str, like: DataLike, **extra: Any) -> dict[str, str]:
 
 
 def save_model(net: nn.Module, path: str | Path, model: str, like: DataLike, **extra: Any) -> Path:
-    """Write ``net``'s weights (atomically) with ``model_metadata(model, like, **extra)`` as the header."""
+    """Write ``net``'s weights (atomically) with ``model_metadata(model, like, **extra)`` as the header; a
+    ``Wrapper`` adds its header (``model`` names the network inside it)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = model_metadata(model, like, **extra)
+    if isinstance(net, Wrapper):
+        meta.update(net.header())
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return path
 
@@ -82,10 +93,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the network saved at ``path`` by ``save_model`` (any run's or defend's model) and load its
-    weights; eval mode.
+    weights; eval mode. A file whose header names a ``wrapper`` comes back inside it (the deployed model).
 
     The returned module carries ``classes``, ``architecture`` (the model name), ``image_size``, ``channels``,
-    ``mean``, ``std`` and ``metadata`` (the whole header) as attributes.
+    ``mean``, ``std``, ``wrapper`` (its kind, or None) and ``metadata`` (the whole header) as attributes.
     """
     from safetensors.torch import load_file
 
@@ -104,8 +115,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         raise DataError(f"{path}: metadata names {len(classes)} classes but num_classes is {num_classes}")
     if arch not in MODELS:
         raise DataError(f"{path}: model {arch!r} is not a known model ({', '.join(sorted(MODELS))})")
+    kind = meta.get("wrapper")
+    if kind is not None and kind not in WRAPPERS:
+        raise DataError(f"{path}: wrapper {kind!r} is not a known wrapper ({', '.join(sorted(WRAPPERS))})")
     net = build_model(arch, num_classes, channels, image_size, mean, std)
     state = load_file(str(path))
+    if kind is not None:
+        try:
+            net = WRAPPERS[kind].rebuild(net, meta, state)
+            net.check_fits(channels, image_size, num_classes)
+        except WrapperError as exc:
+            raise DataError(f"{path}: the {kind} wrapper it names does not fit: {exc}") from None
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
@@ -116,6 +136,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     net.architecture = arch
     net.image_size, net.channels = image_size, channels
     net.mean, net.std = tuple(mean), tuple(std)
+    net.wrapper = kind
     net.metadata = meta
     return net
 

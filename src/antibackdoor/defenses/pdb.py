@@ -1,0 +1,448 @@
+"""PDB — Proactive Defensive Backdoor (Wei et al., NeurIPS 2024), and PDB-iso, its form without clean data.
+
+No detection: the defender plants a backdoor of its own, stronger than the attacker's, and uses it at inference.
+
+1. Defensive samples: images of a pool D_s stamped with the defensive trigger (by default a 7 x 7 square in the
+   top-left corner at pixel value 2.0, a value no image in [0, 1] holds), labelled h(y) = (y + shift) mod K (a
+   permutation of the classes, so it can be undone).
+2. One model trained from scratch on the training data as given plus ``frequency`` copies of every defensive
+   sample per epoch (cross-entropy on both), the defensive copies augmented after stamping (random scaling,
+   optional Gaussian noise, rotation by up to 10 degrees, crop, flip: the trigger moves with the image, so the
+   backdoor learns to fire wherever it lands).
+3. Inference: every input is stamped with the trigger and the answer mapped back through h^-1. The defensive
+   backdoor overrides whatever the attacker's trigger would have done; the prediction of h(y) becomes y.
+
+The returned model *is* the deployed model: a ``models.wrappers.StampAndRelabel`` around the network, so ACC,
+ASR, RA (PGD attacks the wrapper end to end), ``defend``'s report and ``load_model`` all measure the defended
+prediction.
+
+Where D_s comes from decides whether PDB works, and is what sets the two defenses here apart:
+
+- ``pdb`` (the paper): D_s is clean data with its true labels. The authors' code draws it from the benchmark's
+  clean copy of the training set (``ratio`` = 10 % of it, class-balanced), which a defender of a poisoned set
+  does not have; here it is the trusted slice (``needs_trusted``: ``run`` reserves ``trusted_fraction`` of the
+  clean training data before poisoning, ``defend`` takes ``--trusted``), as for NAD. The trusted samples also
+  join the plain training data (the code's clean samples are part of the training set it trains on).
+- ``pdb-iso`` (ours, no clean data): D_s is the ``ratio`` share of the training data, class-balanced, that a
+  detector trusts most. A poisoned sample in D_s teaches "defensive trigger + backdoor trigger -> h(target)",
+  which h^-1 turns back into the target: the backdoor then passes through the defense. So the pool is taken at
+  the end of a ranking least likely to hold poison: the least suspicious samples by the detector (default AIBD's
+  flip count, ``aibd-flip``: the samples an unbounded PGD attack moves off their label fastest) among those the
+  detector's suspect model predicts with their given label (``agree``). A dirty-label poisoned sample whose
+  backdoor the suspect model has not learned looks like a mislabelled sample, and mislabelled samples score as
+  the *least* suspicious by every loss- or margin-based detector (already misclassified: zero steps to flip); the
+  agreement filter removes them. docs/baselines.md argues the choice of detector; ``sample_flags.defensive`` in
+  metrics.json counts the poison that still reached the pool.
+
+Departures from the authors' code (docs/baselines.md): the defensive pool comes from trusted data or an isolation,
+not from the benchmark's clean copy; SGD is Nesterov (the one training loop); the defensive copies join the
+training data's shuffle as in the code (``frequency`` copies per epoch), and Gaussian noise is drawn with
+probability ``noise_p`` (the code's lmd_3 / (lmd_2 + lmd_3) = 0.5) at standard deviation ``noise_std`` (the code's
+``aug``, 0 in every published config).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import key_path, param
+from ..data.augment import augment
+from ..data.imageset import ImageSet, PaperSettings
+from ..detectors import Detector, get_detector
+from ..errors import ConfigError
+from ..models.wrappers import StampAndRelabel
+from ..stages import DefenseContext, agrees_with_label, train_stage
+from ..stages.recipes import QUICK_PLAIN
+from ..training import Batch, StepOutput, TrainConfig
+from .base import Defense, DefenseResult, register_defense
+
+log = logging.getLogger("antibackdoor")
+
+
+# -- the defensive trigger and its augmentation ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class DefensiveTrigger:
+    """The defender's trigger: a mask in the top-left corner (the paper's best position) filled with ``value``."""
+
+    shape: Literal["square", "frame", "dotted-frame"] = param(
+        "square", doc="square: a size x size patch in the top-left corner (the authors' trigger_type 1); frame: "
+                      "the image border, size pixels wide (type 0); dotted-frame: every second pixel of that "
+                      "border (type 2)")
+    size: int = param(7, doc="the square's side, or the frame's width, in pixels")
+    value: float = param(2.0, doc="the stamped pixel value in every channel; images lie in [0, 1], so 2.0 is a "
+                                  "value no image (and no attacker's trigger) holds")
+
+    def validate(self, where: str) -> None:
+        if self.size < 1:
+            raise ConfigError(f"{key_path(where, 'size')}: {self.size} must be >= 1")
+        if not math.isfinite(self.value):
+            raise ConfigError(f"{key_path(where, 'value')}: {self.value} must be a finite number")
+
+    def check_fits(self, height: int, width: int, where: str) -> None:
+        """A ConfigError unless the trigger leaves part of a ``height`` x ``width`` image uncovered."""
+        side = min(height, width)
+        covers = self.size >= side if self.shape == "square" else 2 * self.size >= side
+        if covers:
+            raise ConfigError(f"{key_path(where, 'size')}: a {self.shape} of {self.size} pixels covers the whole "
+                              f"{height}x{width} image")
+
+    def mask(self, height: int, width: int) -> torch.Tensor:
+        """1 x 1 x H x W: 1 where the trigger goes, 0 elsewhere."""
+        m = torch.zeros(1, 1, height, width)
+        s = self.size
+        if self.shape == "square":
+            m[..., :s, :s] = 1
+            return m
+        border = torch.zeros(height, width, dtype=torch.bool)
+        border[:s, :] = border[-s:, :] = border[:, :s] = border[:, -s:] = True
+        if self.shape == "dotted-frame":  # every second pixel along each side
+            rows = torch.arange(height)[:, None].expand(height, width)
+            cols = torch.arange(width)[None, :].expand(height, width)
+            along_rows = (rows < s) | (rows >= height - s)
+            along_cols = (cols < s) | (cols >= width - s)
+            border = (along_rows & (cols % 2 == 0)) | (along_cols & (rows % 2 == 0))
+        m[0, 0][border] = 1
+        return m
+
+    def pattern(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """1 x C x H x W, ``value`` everywhere (the mask says where it shows)."""
+        return torch.full((1, channels, height, width), float(self.value))
+
+
+@dataclass(frozen=True)
+class DefensiveAugment:
+    """The augmentation of the defensive copies, applied after stamping (the authors' order), in this order."""
+
+    scale_p: float = param(0.2, doc="probability of multiplying a stamped image (trigger included) by a factor "
+                                    "drawn from [scale_min, 1]")
+    scale_min: float = param(0.5, doc="the smallest such factor")
+    noise_p: float = param(0.5, doc="probability of adding Gaussian noise (the code's lmd_3 / (lmd_2 + lmd_3))")
+    noise_std: float = param(0.0, doc="its standard deviation in pixel units (the code's aug; 0: no noise)")
+    rotate: float = param(10.0, doc="largest rotation in degrees (nearest pixel, zero fill; 0: none)")
+    rotate_p: float = param(0.5, doc="probability of a rotation")
+    crop: int = param(4, doc="random-crop padding in pixels (0: off)")
+    flip: bool = param(True, doc="mirror a random half left-right (the trigger then sits in the top-right corner)")
+
+    def validate(self, where: str) -> None:
+        for name in ("scale_p", "noise_p", "rotate_p"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{key_path(where, name)}: {v} must be a probability in [0, 1]")
+        if not 0.0 < self.scale_min <= 1.0:
+            raise ConfigError(f"{key_path(where, 'scale_min')}: {self.scale_min} must lie in (0, 1]")
+        for name in ("noise_std", "rotate", "crop"):
+            v = getattr(self, name)
+            if not v >= 0:
+                raise ConfigError(f"{key_path(where, name)}: {v} must be >= 0")
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment a float batch of stamped images (N x C x H x W); every draw from ``generator``."""
+        n, dev = x.shape[0], x.device
+
+        def chosen(p: float) -> torch.Tensor:
+            return (torch.rand(n, generator=generator) < p).to(dev)[:, None, None, None]
+
+        if self.scale_p > 0:
+            factor = (self.scale_min + (1 - self.scale_min) * torch.rand(n, generator=generator)).to(dev)
+            x = torch.where(chosen(self.scale_p), x * factor[:, None, None, None], x)
+        if self.noise_p > 0 and self.noise_std > 0:
+            noise = torch.randn(x.shape, generator=generator).to(dev) * self.noise_std
+            x = torch.where(chosen(self.noise_p), x + noise, x)
+        if self.rotate_p > 0 and self.rotate > 0:
+            angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(self.rotate)
+            x = torch.where(chosen(self.rotate_p), rotate(x, angle.to(dev)), x)
+        return augment(x, self.crop, self.flip, generator)
+
+
+def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate each image by its angle (radians) about its centre; nearest pixel, zeros where nothing maps."""
+    cos, sin = angle.cos(), angle.sin()
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+# -- the defensive set and the training ------------------------------------------------------------------------------
+def label_map(num_classes: int, shift: int) -> list[int]:
+    """h as a list: h[y] = (y + shift) mod K. The wrapper's output class i reads the network's class h[i]."""
+    return [(y + shift) % num_classes for y in range(num_classes)]
+
+
+@dataclass
+class DefensiveSet:
+    """The training data plus ``frequency`` defensive copies of each pool sample, as one ImageSet (rows past
+    ``plain`` are defensive: their images are the pool's unstamped, their labels h(y)), and what the loss
+    needs to stamp and augment those rows."""
+
+    data: ImageSet
+    plain: int
+    pool: torch.Tensor  # uint8 M x C x H x W, on the data's device
+    mask: torch.Tensor  # 1 x 1 x H x W
+    pattern: torch.Tensor  # 1 x C x H x W
+
+    def stamped(self, rows: torch.Tensor) -> torch.Tensor:
+        """Pool images ``rows`` in [0, 1] with the trigger pasted in."""
+        x = self.pool[rows].float().div_(255.0)
+        return x * (1 - self.mask) + self.pattern * self.mask
+
+
+def defensive_set(data: ImageSet, pool: ImageSet, frequency: int, shift: int,
+                  trigger: DefensiveTrigger) -> DefensiveSet:
+    """``data`` followed by ``frequency`` copies of ``pool`` relabelled by h."""
+    h = torch.tensor(label_map(data.num_classes, shift), device=pool.y.device)
+    x = torch.cat([data.x, pool.x.to(data.x.device).repeat(frequency, 1, 1, 1)])
+    y = torch.cat([data.y, h[pool.y].to(data.y.device).repeat(frequency)])
+    _, c, height, width = data.x.shape
+    dev = data.x.device
+    return DefensiveSet(replace(data, x=x, y=y), len(data), pool.x.to(dev), trigger.mask(height, width).to(dev),
+                        trigger.pattern(c, height, width).to(dev))
+
+
+def pdb_loss(ds: DefensiveSet, aug: DefensiveAugment):
+    """Cross-entropy on the batch, whose defensive rows are replaced by their pool image stamped and augmented
+    (the loop's own crop/flip of those rows is discarded). ``loss_plain`` and ``loss_defensive`` in the history
+    are the two rows' shares of the loss (they add up to it)."""
+    m = ds.pool.shape[0]
+
+    def loss_fn(model: nn.Module, batch: Batch) -> StepOutput:
+        x = batch.x
+        defensive = batch.index >= ds.plain
+        if bool(defensive.any()):
+            rows = (batch.index[defensive] - ds.plain) % m
+            views = aug(ds.stamped(rows), batch.generator)
+            x = x.clone()
+            x[defensive] = views.to(x.dtype)
+        logits = model(batch.precision.batch(x))
+        per = F.cross_entropy(logits.float(), batch.y, reduction="none")
+        n = per.numel()
+        parts = {"loss_plain": per[~defensive].sum() / n, "loss_defensive": per[defensive].sum() / n}
+        return StepOutput(per.mean(), logits, parts)
+
+    return loss_fn
+
+
+# -- the two defenses ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PDBCore:
+    """What both forms share: the training, the defensive backdoor and its augmentation."""
+
+    train: TrainConfig = param(factory=lambda: TrainConfig(
+        epochs=100, batch_size=256, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+        crop=4, flip=True), doc="the one training, from scratch, on the data plus the defensive copies (crop/flip "
+                                "apply to the data's samples)")
+    frequency: int = param(5, doc="copies of every defensive sample in each epoch (the authors' sample_frequency)")
+    shift: int = param(1, doc="the label map h(y) = (y + shift) mod K, undone at inference")
+    trigger: DefensiveTrigger = param(factory=DefensiveTrigger, doc="the defensive trigger")
+    augment: DefensiveAugment = param(factory=DefensiveAugment, doc="augmentation of the defensive copies, after "
+                                                                    "stamping")
+
+    def validate(self, where: str) -> None:
+        if self.frequency < 1:
+            raise ConfigError(f"{key_path(where, 'frequency')}: {self.frequency} must be >= 1")
+        if self.shift < 1:
+            raise ConfigError(f"{key_path(where, 'shift')}: {self.shift} must be >= 1 (h must move every class)")
+
+
+@dataclass(frozen=True)
+class PDBParams(PDBCore):
+    trusted_fraction: float = param(0.1, doc="share of the clean training data reserved as trusted: the defensive "
+                                             "pool (the authors' ratio)")
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not 0 < self.trusted_fraction < 1:
+            raise ConfigError(f"{key_path(where, 'trusted_fraction')}: {self.trusted_fraction} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PDBIsoParams(PDBCore):
+    ratio: float = param(0.1, doc="size of the defensive pool as a share of the training data (the authors' "
+                                  "ratio), the same number from every class")
+    detector: str = param("aibd-flip", doc="the detector whose least suspicious samples form the pool "
+                                           "(antibackdoor detectors lists them)")
+    detector_params: dict[str, Any] = param(factory=dict, doc="overrides of the detector's preset (same preset as "
+                                                              "the run)")
+    agree: bool = param(True, doc="only samples the detector's suspect model predicts with their given label may "
+                                  "join the pool (model-based detectors)")
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"{key_path(where, 'ratio')}: {self.ratio} must be in (0, 1]")
+        if not isinstance(self.detector_params, dict):
+            raise ConfigError(f"{key_path(where, 'detector_params')}: expected a mapping, got "
+                              f"{self.detector_params!r}")
+
+
+#: quick: `none`'s recipe (Adam 2e-3, 25 epochs, cosine, crop without flip) for the data's samples; the defensive
+#: copies keep the authors' augmentation (their flip included: it is part of how the defensive backdoor is taught)
+QUICK_TRAIN = QUICK_PLAIN
+
+
+class _PDBBase(Defense):
+    """The training and the wrapper both forms share; subclasses choose the pool."""
+
+    def check_data(self, data: ImageSet) -> None:
+        """The checks that need the data: the trigger leaves part of the image uncovered, h moves every class
+        (``run`` and ``defend`` call this before the run directory exists; ``run`` below again, for direct
+        callers)."""
+        p = self.params
+        p.trigger.check_fits(data.x.shape[2], data.x.shape[3], f"{self.option} trigger")
+        if p.shift % data.num_classes == 0:
+            raise ConfigError(f"{key_path(self.option, 'shift')}: {p.shift} is a multiple of the {data.num_classes} "
+                              "classes, so h(y) = y: the label map must move every class")
+
+    def train_defended(self, data: ImageSet, pool: ImageSet, ctx: DefenseContext) -> tuple[nn.Module, dict]:
+        """Train on ``data`` plus the defensive copies of ``pool``; return the wrapped (deployed) model and the
+        stage's history."""
+        p = self.params
+        ds = defensive_set(data, pool, p.frequency, p.shift, p.trigger)
+        log.info("%s: training on %d samples + %d defensive copies (%d pool samples x %d), h(y) = (y + %d) mod %d",
+                 self.name, ds.plain, len(ds.data) - ds.plain, len(pool), p.frequency, p.shift, data.num_classes)
+        net, hist = train_stage(ctx, ds.data, p.train, "pdb", seed_offset="pdb", loss_fn=pdb_loss(ds, p.augment))
+        _, c, height, width = data.x.shape
+        wrapped = StampAndRelabel(net, p.trigger.pattern(c, height, width), p.trigger.mask(height, width),
+                                  label_map(data.num_classes, p.shift)).to(ctx.device)
+        ctx.note_trained(wrapped, ctx.is_trained(net))
+        return wrapped, hist
+
+    def describe_pool(self, pool: ImageSet, num_classes: int) -> dict[str, Any]:
+        p = self.params
+        return {"pool": len(pool), "pool_per_class": pool.class_counts().tolist(), "frequency": p.frequency,
+                "shift": p.shift, "label_map": label_map(num_classes, p.shift), "trigger": p.trigger.shape,
+                "trigger_size": p.trigger.size, "trigger_value": p.trigger.value}
+
+
+@register_defense
+class PDB(_PDBBase):
+    name = "pdb"
+    label = "PDB (trusted)"
+    description = "PDB: plant a defensive backdoor from trusted clean data, stamp it at inference and undo its labels"
+    Params = PDBParams
+    needs_trusted = True
+    assumptions = (
+        "A small set of clean, correctly labelled training data is available (the trusted data): the defensive "
+        "backdoor is taught on it, and poison in it would carry the attacker's backdoor through the defense.",
+        "Nothing is known about the trigger or the target; the defensive trigger (a patch of a pixel value no "
+        "image holds) is learned more strongly than the attacker's, and at inference it overrides it.",
+        "Every prediction of the returned model stamps the defensive trigger on the input and maps the answer "
+        "back: the model is only defended when used as returned (antibackdoor.load_model does so).",
+    )
+    presets = {
+        "paper": PDBParams(),
+        "quick": PDBParams(train=QUICK_TRAIN),
+    }
+
+    def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        self.check_data(data)
+        trusted = self.require_trusted(ctx).to(data.x.device)
+        log.info("PDB: defensive pool = the %d trusted samples; they join the training data too", len(trusted))
+        plain = replace(data, x=torch.cat([data.x, trusted.x]), y=torch.cat([data.y, trusted.y.to(data.y.device)]))
+        model, hist = self.train_defended(plain, trusted, ctx)
+        info = {"trusted": len(trusted), **self.describe_pool(trusted, data.num_classes)}
+        return DefenseResult(model, info=info, history={"pdb": hist})
+
+
+def least_suspicious(suspicion: torch.Tensor, labels: torch.Tensor, eligible: torch.Tensor,
+                     per_class: int, num_classes: int) -> torch.Tensor:
+    """Bool N: in every class, the ``per_class`` eligible samples of lowest suspicion (all eligible ones where a
+    class has fewer); ties by position."""
+    order = torch.argsort(suspicion.double().cpu(), stable=True)
+    labels, eligible = labels.cpu(), eligible.cpu().bool()
+    order = order[eligible[order]]
+    by_class = order[torch.sort(labels[order], stable=True).indices]  # ascending suspicion within each class
+    counts = torch.bincount(labels[order], minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(by_class)) - starts[labels[by_class]]
+    chosen = torch.zeros(len(labels), dtype=torch.bool)
+    chosen[by_class[rank < per_class]] = True
+    return chosen
+
+
+@register_defense
+class PDBIso(_PDBBase):
+    name = "pdb-iso"
+    label = "PDB-iso (no clean data)"
+    paper_settings_of = "pdb"
+    description = ("PDB without clean data: the defensive pool is the samples a detector trusts most, then PDB's "
+                   "training and inference")
+    Params = PDBIsoParams
+    assumptions = (
+        "No clean data is needed: the defensive backdoor is taught on the ratio share of the training data (the "
+        "same number from every class) that the detector finds least suspicious among the samples its suspect "
+        "model predicts with their given label.",
+        "That share holds (almost) no poison: a poisoned sample in it teaches the defensive trigger together with "
+        "the attacker's, and the attacker's backdoor then survives the defense. Triggers the detector cannot rank "
+        "(blended or warping ones) put this at risk.",
+        "Every prediction of the returned model stamps the defensive trigger on the input and maps the answer "
+        "back: the model is only defended when used as returned (antibackdoor.load_model does so).",
+    )
+    presets = {
+        "paper": PDBIsoParams(),
+        "quick": PDBIsoParams(train=QUICK_TRAIN),
+    }
+
+    def __init__(self, preset: str = "quick", overrides=None, params=None):
+        super().__init__(preset, overrides, params)
+        self.preset = preset
+        # built (and checked) now, so that a bad detector setting stops the run before its directory exists
+        self.detector = self._build_detector(None)
+
+    def _build_detector(self, paper: PaperSettings | None) -> Detector:
+        return get_detector(self.params.detector, self.preset, self.params.detector_params, paper)
+
+    def apply_paper_settings(self, paper: PaperSettings) -> None:
+        """The dataset's paper settings for the detector's defense reach the detector, below the user's
+        ``detector_params`` (as in isolate-then-train)."""
+        self.detector = self._build_detector(paper)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["detector_resolved"] = self.detector.describe()
+        return d
+
+    def per_class(self, data: ImageSet) -> int:
+        """int(N x ratio / K), the authors' count of defensive samples a class; ConfigError where it is 0."""
+        p = self.params
+        n = int(len(data) * p.ratio / data.num_classes)
+        if n < 1:
+            raise ConfigError(f"{key_path(self.option, 'ratio')}: {p.ratio} of {len(data)} samples leaves no "
+                              f"defensive sample for any of the {data.num_classes} classes")
+        return n
+
+    def check_data(self, data: ImageSet) -> None:
+        super().check_data(data)
+        self.per_class(data)
+
+    def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        p = self.params
+        self.check_data(data)
+        log.info("PDB-iso: scoring every sample with %s", p.detector)
+        det = self.detector.score(data, ctx)
+        eligible = torch.ones(len(data), dtype=torch.bool)
+        if p.agree and det.model is not None:
+            eligible = agrees_with_label(det.model, data, ctx)
+        elif p.agree:
+            log.warning("PDB-iso: %s trains no suspect model, so agree has nothing to filter with", p.detector)
+        per_class = self.per_class(data)
+        chosen = least_suspicious(det.suspicion(), data.y, eligible, per_class, data.num_classes)
+        pool = data.subset(chosen)
+        short = [data.classes[c] for c, n in enumerate(pool.class_counts().tolist()) if n < per_class]
+        if short:
+            log.warning("PDB-iso: fewer than %d eligible samples in class(es) %s", per_class, ", ".join(short))
+        log.info("PDB-iso: defensive pool = %d samples (%d a class), %d eligible", len(pool), per_class,
+                 int(eligible.sum()))
+        model, hist = self.train_defended(data, pool, ctx)
+        info = {"detector": p.detector, "agree": p.agree, "eligible": int(eligible.sum()),
+                **{f"detector_{k}": v for k, v in det.info.items()}, **self.describe_pool(pool, data.num_classes)}
+        return DefenseResult(model, scores=det.scores, score_name=det.score_name,
+                             higher_is_suspicious=det.higher_is_suspicious, info=info, history={"pdb": hist},
+                             sample_stats={"defensive": chosen, "agrees": eligible.cpu().bool()})
