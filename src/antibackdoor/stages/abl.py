@@ -86,8 +86,9 @@ class ABLParams:
 
 
 #: CPU budget: the quick CNN with Adam (SGD 0.1 does not suit it, see stages/recipes.py); unlearning keeps the
-#: official number of ascent steps (~4 per epoch: 500 isolated samples in batches of 128) for the ~50 samples
-#: that 1 % of the mini dataset isolates, by using batches of 16
+#: paper preset's number of ascent steps (~4 per epoch: 500 isolated samples in batches of 128; the official
+#: config's batches of 64 give 8) for the ~50 samples that 1 % of the mini dataset isolates, by using batches of
+#: 16. On Blend it destroys the model: docs/baselines.md, "ABL on Blend".
 QUICK_ABL = ABLParams(
     isolation=TrainConfig(epochs=20, optimizer="adam", lr=1e-3, crop=0, flip=False),
     finetune=TrainConfig(epochs=30, optimizer="adam", lr=1e-3, schedule="cosine", crop=4, flip=False),
