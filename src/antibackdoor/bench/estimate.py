@@ -2,11 +2,13 @@
 
 The cost of a cell is counted in *sample passes* (one forward + backward pass of one training image):
 every training stage its resolved defense config lists costs epochs x images x (1 + PGD steps of its
-adversary), plus an allowance for scoring passes and the robust-accuracy evaluation. A pass of model M
-costs ``REF_SECONDS`` x MACs(M) / MACs(cnn). REF_SECONDS is the quick `cnn` measured on the project's
-2-core CPU (A-ABL's naive stage, 40 epochs x 5,170 images, ~85 s with 2 threads); when cells of the grid
-have already finished, their measured times calibrate the estimate instead. Stages shared through the
-stage cache (same poisoned data, same recipe) are counted once.
+adversary), plus an allowance for scoring passes and the robust-accuracy evaluation, plus what the defense
+says its loops do beyond that (``Defense.extra_passes``: semi-supervised steps over several views, scoring
+every epoch). A pass of model M costs ``REF_SECONDS`` x MACs(M) / MACs(cnn). REF_SECONDS is the quick `cnn`
+measured on the project's 2-core CPU (A-ABL's naive stage, 40 epochs x 5,170 images, ~85 s with 2 threads);
+when cells of the grid have already finished, their measured times calibrate the estimate instead, per
+defense where that defense has finished cells (``runner.estimate_plan``). Stages shared through the stage
+cache (same poisoned data, same recipe) are counted once.
 """
 
 from __future__ import annotations

@@ -330,6 +330,7 @@ def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> P
                               cfg.preset], sort_keys=True, default=str)
         p.passes, p.shared = est.cell_passes(resolved.defense.describe(), len(splits.train), len(splits.test),
                                              cfg.eval.ra_steps)
+        p.passes += resolved.defense.extra_passes(len(splits.train))  # what the defense's loops add (base.py)
         p.seconds_per_pass = est.seconds_per_pass(resolved.model, splits.train.channels,
                                                   splits.train.image_size, n, threads)
         if st.state == "done":
@@ -367,9 +368,17 @@ def _where(cell: Cell) -> str:
 
 def estimate_plan(plan: Plan, todo: list[Planned], workers: int) -> tuple[float, str]:
     """Seconds the cells in ``todo`` should take with ``workers`` in parallel, and how that was judged.
-    A shared stage (stage cache) is counted for the first cell that needs it only."""
+    A shared stage (stage cache) is counted for the first cell that needs it only. Finished cells calibrate
+    the count: a cell by the finished cells of its own defense where there are any (the count misses a
+    different share of each defense's work), else by all finished cells."""
     paid = {(p.group, k) for p in plan.cells if p.state == "done" for k, _ in p.shared}
-    total = 0.0
+    measured: dict[str, list[tuple[float, float]]] = {}
+    for p in plan.cells:
+        if p.state == "done" and p.measured_s:
+            measured.setdefault(_defense(p), []).append((p.measured_s, p.seconds_per_pass * p.passes))
+    overall = est.calibration([m for ms in measured.values() for m in ms])
+    own = {name: f for name, ms in measured.items() if (f := est.calibration(ms)) is not None}
+    total, by_own, by_all = 0.0, set(), set()
     for p in todo:
         passes = p.passes
         for k, cost in p.shared:
@@ -377,13 +386,21 @@ def estimate_plan(plan: Plan, todo: list[Planned], workers: int) -> tuple[float,
                 passes -= cost
             else:
                 paid.add((p.group, k))
-        total += passes * p.seconds_per_pass
-    measured = [(p.measured_s, p.seconds_per_pass * p.passes) for p in plan.cells
-                if p.state == "done" and p.measured_s]
-    factor = est.calibration(measured)
-    how = (f"calibrated on {len(measured)} finished cell(s) here" if factor
-           else "from the quick cnn's speed on a 2-core CPU; attack preparation on first use not included")
-    return total * (factor or 1.0) / max(1, min(workers, len(todo) or 1)), how
+        name = _defense(p)
+        (by_own if name in own else by_all).add(name)
+        total += passes * p.seconds_per_pass * own.get(name, overall or 1.0)
+    if overall is None:
+        how = "from the quick cnn's speed on a 2-core CPU; attack preparation on first use not included"
+    else:
+        done = sum(len(ms) for ms in measured.values())
+        parts = ([f"per defense: {', '.join(sorted(by_own))}"] if by_own else []) + \
+                ([f"on all of them: {', '.join(sorted(by_all))}"] if by_all else [])
+        how = f"calibrated on {done} finished cell(s) here" + (f" ({'; '.join(parts)})" if parts else "")
+    return total / max(1, min(workers, len(todo) or 1)), how
+
+
+def _defense(p: Planned) -> str:
+    return str(p.cell.axes.get("defense_name", ""))
 
 
 # -- running -----------------------------------------------------------------------------------------------

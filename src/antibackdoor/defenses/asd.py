@@ -47,7 +47,7 @@ from ..stages.dbd import lowest, restore
 from ..stages.mixing import MixUp
 from ..stages.semisup import SemiSpec, linear_rampup, semisup_epoch
 from ..training import TrainConfig, epoch_generator, make_optimizer, save_checkpoint, train
-from .base import Defense, DefenseResult, register_defense
+from .base import FORWARD_PASS, Defense, DefenseResult, register_defense, train_passes
 
 log = logging.getLogger("antibackdoor")
 
@@ -196,6 +196,24 @@ def virtual_update(model: nn.Module, data: ImageSet, p: ASDParams, ctx: DefenseC
     return virtual
 
 
+def mixmatch_spec(p: ASDParams) -> SemiSpec:
+    """The semi-supervised step ASD trains with (MixMatch's K = 2 views of each unlabelled sample)."""
+    return SemiSpec(temperature=p.mix_temperature)
+
+
+def asd_passes(p: ASDParams, n: int) -> float:
+    """Sample passes (``base.Defense.extra_passes``) of one run on ``n`` images, seed included, counted from its
+    loop: every epoch ``iterations`` MixMatch steps (a labelled batch and the K views of an unlabelled one
+    trained, the K views guessed by a forward pass) and one scoring pass over all samples; every meta-split epoch
+    also the virtual update (``p.meta`` on all samples) and a second scoring pass. The polluted pool holds at
+    least a batch (it is half the data or more), so every step draws a whole unlabelled batch."""
+    spec, b = mixmatch_spec(p), p.train.batch_size
+    step = b * (spec.labelled_views + spec.views) + b * spec.views * FORWARD_PASS
+    meta_epochs = max(0, p.train.epochs - p.agnostic_until)
+    return (p.train.epochs * (p.iterations * step + n * FORWARD_PASS)
+            + meta_epochs * (train_passes(p.meta, n) + n * FORWARD_PASS))
+
+
 # -- the defense -----------------------------------------------------------------------------------------------
 @register_defense
 class ASD(Defense):
@@ -214,6 +232,11 @@ class ASD(Defense):
         "poison that reaches the clean pool is trained with its label.",
     )
     presets = {"paper": ASDParams(), "quick": QUICK_ASD}
+
+    def extra_passes(self, n_train: int) -> float:
+        """``asd_passes`` less the one pass of every image per epoch that ``train`` and ``meta`` count for."""
+        p = self.params
+        return asd_passes(p, n_train) - train_passes(p.train, n_train) - train_passes(p.meta, n_train)
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         p = self.params
@@ -241,7 +264,7 @@ class ASD(Defense):
         log.info("ASD: %d epochs on %d samples + a clean seed of %d (class-aware split to epoch %d, "
                  "class-agnostic to %d, meta-split after)", p.train.epochs, n, len(trusted), p.class_aware_until,
                  p.agnostic_until)
-        spec = SemiSpec(temperature=p.mix_temperature)
+        spec = mixmatch_spec(p)
         stream = derive_seed(ctx.seed, "asd", "mixmatch")
         for epoch in range(start, p.train.epochs):
             phase = p.phase(epoch)

@@ -21,8 +21,21 @@ from ..metrics import suspicion
 from ..parts import Part
 from ..registry import Registry
 from ..stages.context import DefenseContext
+from ..training import TrainConfig
 
 log = logging.getLogger("antibackdoor")
+
+#: a forward pass alone (no gradient: scoring, label guessing, attention maps), in sample passes: about a third of
+#: a forward + backward pass
+FORWARD_PASS = 1.0 / 3.0
+
+
+def train_passes(cfg: TrainConfig, n: float) -> float:
+    """Sample passes of ``cfg`` on ``n`` images as the bench's estimate counts every TrainConfig of a defense's
+    ``describe()``: epochs x images x (1 + PGD steps). A defense's ``extra_passes`` subtracts it for a
+    TrainConfig whose real work differs."""
+    steps = cfg.adversary.steps if cfg.adversary is not None else 0
+    return float(cfg.epochs) * n * (1 + steps)
 
 
 @dataclass
@@ -81,6 +94,14 @@ class Defense(Part):
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
+
+    def extra_passes(self, n_train: int) -> float:
+        """Work ``run`` does on ``n_train`` training images beyond what the bench's time estimate counts from the
+        TrainConfigs in ``describe()`` (``train_passes`` of each), in *sample passes*: one forward + backward pass
+        of one training image; a forward pass alone counts ``FORWARD_PASS``. A defense whose loops differ from
+        its TrainConfigs (semi-supervised steps over several views, scoring every epoch) returns the difference
+        here, so the estimate need not know any defense; it may be negative. None beyond them by default."""
+        return 0.0
 
     def check_data(self, data: ImageSet) -> None:
         """ConfigError where the parameters cannot work on ``data`` (its image size, its number of classes):

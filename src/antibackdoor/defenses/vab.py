@@ -52,7 +52,7 @@ from ..stages.dbd import restore
 from ..stages.mixing import AttentionMix, CutMix, Mixer, MixUp, no_mix
 from ..stages.semisup import SemiSpec, semisup_epoch
 from ..training import TrainConfig, epoch_generator, make_optimizer, save_checkpoint, train
-from .base import Defense, DefenseResult, register_defense
+from .base import FORWARD_PASS, Defense, DefenseResult, register_defense, train_passes
 
 log = logging.getLogger("antibackdoor")
 
@@ -167,6 +167,41 @@ def make_mixer(p: VaBParams) -> Mixer:
             "cutmix": CutMix(p.mix_alpha), "none": no_mix}[p.mix]
 
 
+def beneficiary_spec() -> SemiSpec:
+    """The beneficiary's step: two views of each credible sample mixed by the mixer alone, two of each suspect
+    unmixed with a hard pseudo-label and a cross-entropy loss."""
+    return SemiSpec(temperature=0.0, views=2, labelled_views=2, mix_unlabelled=False, unlabelled_loss="ce")
+
+
+#: the suspects' share of the data, for counting a run's cost before it runs (the victim's split is known only
+#: then): the grids' default poison rate, which is what the victim flags when it works. It moves little of the
+#: count: a suspect costs the beneficiary about what a credible sample does.
+SUSPECT_SHARE = 0.1
+
+
+def vab_passes(p: VaBParams, n: int) -> float:
+    """Sample passes (``base.Defense.extra_passes``) of one run on ``n`` images, counted from its loops with
+    ``SUSPECT_SHARE`` of them suspects. Victim: the warm-up on all samples, a round on the suspects per warm-up
+    threshold, one every ``victim_every`` beneficiary epochs before ``semi_from`` and every epoch after; each
+    round ends with a forward pass over all samples (the entropy). Beneficiary, every epoch: its views of the
+    credible batches trained (AttentionMix adds a forward pass of them for the attention maps); from
+    ``semi_from`` also the suspects' views guessed (forward) and trained, and the victim's prediction of every
+    drawn sample (forward)."""
+    spec, cfg = beneficiary_spec(), p.beneficiary
+    suspects = round(SUSPECT_SHARE * n)
+    iterations = math.ceil((n - suspects) / cfg.batch_size)
+    credible = iterations * min(cfg.batch_size, n - suspects)  # what the sampler draws an epoch
+    unlabelled = iterations * max(suspects // max(iterations, 1), 1)
+    labelled = credible * spec.labelled_views * (1 + (FORWARD_PASS if p.mix == "attention" else 0.0))
+    semi_extra = unlabelled * spec.views * (1 + FORWARD_PASS) + (credible + unlabelled) * FORWARD_PASS
+    semi_epochs = max(0, cfg.epochs - p.semi_from)
+    rounds = len(p.warmup_thresholds) + min(p.semi_from, cfg.epochs) // p.victim_every + semi_epochs
+    victim_round = train_passes(p.victim, suspects)
+    entropy = (1 + rounds) * n * FORWARD_PASS
+    warmup = train_passes(replace(p.victim, epochs=p.victim_warmup_epochs), n)
+    return cfg.epochs * labelled + semi_epochs * semi_extra + warmup + rounds * victim_round + entropy
+
+
 # -- the defense -----------------------------------------------------------------------------------------------
 @register_defense
 class VaB(Defense):
@@ -184,6 +219,12 @@ class VaB(Defense):
         "victim predicts it.",
     )
     presets = {"paper": VaBParams(), "quick": QUICK_VAB}
+
+    def extra_passes(self, n_train: int) -> float:
+        """``vab_passes`` less one pass of every image per epoch of ``victim`` and ``beneficiary``, what the
+        estimate counts for them."""
+        p = self.params
+        return vab_passes(p, n_train) - train_passes(p.victim, n_train) - train_passes(p.beneficiary, n_train)
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         p = self.params
@@ -238,8 +279,7 @@ class VaB(Defense):
                  p.beneficiary.epochs, p.semi_from)
         cfg, mixer = p.beneficiary, make_mixer(p)
         stream = derive_seed(ctx.seed, "vab", "beneficiary")
-        labelled_spec = SemiSpec(temperature=0.0, views=2, labelled_views=2, mix_unlabelled=False,
-                                 unlabelled_loss="ce")
+        spec = beneficiary_spec()
         for epoch in range(start, cfg.epochs):
             semi = epoch >= p.semi_from
             credible = ~suspects
@@ -255,7 +295,7 @@ class VaB(Defense):
             for g in ben_opt.param_groups:
                 g["lr"] = cfg.lr_at(epoch)
             stats = semisup_epoch(
-                ben, ben_opt, data, credible, labelled_spec, epoch=epoch, iterations=iterations,
+                ben, ben_opt, data, credible, spec, epoch=epoch, iterations=iterations,
                 batch_size=cfg.batch_size, crop=cfg.crop, flip=cfg.flip, mixer=mixer,
                 weight_u=lambda _progress, w=weight: w, generator=epoch_generator(stream, epoch), precision=prec,
                 device=dev, unlabelled=suspects if semi else torch.zeros_like(suspects),
