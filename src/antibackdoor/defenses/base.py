@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data.imageset import ImageSet, PaperSettings
+from ..detectors import Detector, get_detector
 from ..errors import ConfigError
 from ..metrics import suspicion
 from ..parts import Part
@@ -139,6 +140,33 @@ class Defense(Part):
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", "--defense")
 register_defense = DEFENSES.register
+
+
+
+class UsesDetector:
+    """Mixed into a defense whose params name a detector (``detector``, ``detector_params``): the detector is
+    built, and so checked, when the defense is (a bad detector setting stops the run before its directory
+    exists); the dataset's paper settings for the detector's defense reach it below the user's
+    ``detector_params``; ``describe`` holds the resolved detector. List it before the ``Defense`` base."""
+
+    detector: Detector
+
+    def __init__(self, preset: str = "quick", overrides=None, params=None):
+        super().__init__(preset, overrides, params)
+        self.preset = preset
+        self.detector = self._build_detector(None)
+
+    def _build_detector(self, paper: PaperSettings | None) -> Detector:
+        return get_detector(self.params.detector, self.preset, self.params.detector_params, paper)
+
+    def apply_paper_settings(self, paper: PaperSettings) -> None:
+        """A-ABL's split eps for ``ifgsm-sce``, ...: what the detector's own defense would get from the data set."""
+        self.detector = self._build_detector(paper)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["detector_resolved"] = self.detector.describe()
+        return d
 
 
 def get_defense(name: str, preset: str = "quick", overrides: dict[str, Any] | None = None,

@@ -26,8 +26,7 @@ from typing import Any, Literal
 import torch
 
 from ..config import key_path, param
-from ..data.imageset import ImageSet, PaperSettings
-from ..detectors import Detector, get_detector
+from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..metrics import roc_auc, roc_curve_points
 from ..plots import plot_roc
@@ -35,7 +34,7 @@ from ..seeding import generator
 from ..stages import DefenseContext, Treatment, train_stage, treat
 from ..stages.recipes import PAPER_AT, QUICK_AT
 from ..training import TrainConfig
-from .base import Defense, DefenseResult, register_defense
+from .base import Defense, DefenseResult, UsesDetector, register_defense
 
 log = logging.getLogger("antibackdoor")
 
@@ -59,7 +58,7 @@ class IsolateParams:
 
 
 @register_defense
-class IsolateThenTrain(Defense):
+class IsolateThenTrain(UsesDetector, Defense):
     name = "isolate-then-train"
     description = "any detector + a treatment (drop / relabel / unlearn) + naive or adversarial training"
     Params = IsolateParams
@@ -68,30 +67,11 @@ class IsolateThenTrain(Defense):
         "paper": IsolateParams(train=PAPER_AT),
     }
 
-    def __init__(self, preset: str = "quick", overrides=None, params=None):
-        super().__init__(preset, overrides, params)
-        self.preset = preset
-        # built (and checked) now, so that a bad detector setting stops the run before its directory exists
-        self.detector = self._build_detector(None)
-
-    def _build_detector(self, paper: PaperSettings | None) -> Detector:
-        return get_detector(self.params.detector, self.preset, self.params.detector_params, paper)
-
-    def apply_paper_settings(self, paper: PaperSettings) -> None:
-        """The dataset's paper settings for the detector's defense (A-ABL's split eps for ``ifgsm-sce``, ...)
-        reach the detector as they reach that defense, below the user's ``detector_params``."""
-        self.detector = self._build_detector(paper)
-
     @property
     def paper_source(self) -> str:
         """Under ``--preset paper`` the run trains the paper model of the detector's defense (AIBD's WRN-16-1
         on GTSRB for ``aibd-flip``), so the detector scores the model that defense splits with."""
         return self.detector.paper_settings_of or self.name
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["detector_resolved"] = self.detector.describe()
-        return d
 
     def write_plots(self, result: DefenseResult, poison_mask: torch.Tensor, run_dir, true_labels=None) -> list:
         """The detector's ROC curve (the runner passes the ground truth, which the defense never sees)."""

@@ -54,14 +54,13 @@ from torch import nn
 
 from ..config import key_path, param
 from ..data.augment import augment
-from ..data.imageset import ImageSet, PaperSettings
-from ..detectors import Detector, get_detector
+from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..models.wrappers import StampAndRelabel
 from ..stages import DefenseContext, agrees_with_label, train_stage
 from ..stages.recipes import QUICK_PLAIN
 from ..training import Batch, StepOutput, TrainConfig
-from .base import Defense, DefenseResult, register_defense
+from .base import Defense, DefenseResult, UsesDetector, register_defense
 
 log = logging.getLogger("antibackdoor")
 
@@ -368,7 +367,7 @@ def least_suspicious(suspicion: torch.Tensor, labels: torch.Tensor, eligible: to
 
 
 @register_defense
-class PDBIso(_PDBBase):
+class PDBIso(UsesDetector, _PDBBase):
     name = "pdb-iso"
     label = "PDB-iso (no clean data)"
     paper_settings_of = "pdb"
@@ -389,25 +388,6 @@ class PDBIso(_PDBBase):
         "paper": PDBIsoParams(),
         "quick": PDBIsoParams(train=QUICK_TRAIN),
     }
-
-    def __init__(self, preset: str = "quick", overrides=None, params=None):
-        super().__init__(preset, overrides, params)
-        self.preset = preset
-        # built (and checked) now, so that a bad detector setting stops the run before its directory exists
-        self.detector = self._build_detector(None)
-
-    def _build_detector(self, paper: PaperSettings | None) -> Detector:
-        return get_detector(self.params.detector, self.preset, self.params.detector_params, paper)
-
-    def apply_paper_settings(self, paper: PaperSettings) -> None:
-        """The dataset's paper settings for the detector's defense reach the detector, below the user's
-        ``detector_params`` (as in isolate-then-train)."""
-        self.detector = self._build_detector(paper)
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["detector_resolved"] = self.detector.describe()
-        return d
 
     def per_class(self, data: ImageSet) -> int:
         """int(N x ratio / K), the authors' count of defensive samples a class; ConfigError where it is 0."""
