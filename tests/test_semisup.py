@@ -82,6 +82,37 @@ def test_guess_is_the_sharpened_mean_prediction_over_views():
     assert torch.equal(guess(model, views, 0.0, PLAIN), sharpen_hard(mean))
 
 
+class ModeAware(MeanColour):
+    """MeanColour that records the mode and batch size of every forward pass and, like BatchNorm, refuses a
+    train-mode batch of one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[bool, int]] = []
+
+    def forward(self, x):
+        self.calls.append((self.training, x.shape[0]))
+        if self.training and x.shape[0] < 2:
+            raise ValueError("Expected more than 1 value per channel when training")
+        return super().forward(x)
+
+
+def test_a_single_unlabelled_sample_is_guessed_from_its_views_together():
+    g = torch.Generator().manual_seed(2)
+    views = [torch.rand(1, 3, 4, 4, generator=g) for _ in range(2)]
+    model = ModeAware().train()
+    expected = torch.stack([torch.softmax(MeanColour()(v), 1) for v in views]).mean(0)
+    assert torch.allclose(guess(model, views, 0.5, PLAIN), sharpen(expected, 0.5))
+    assert model.calls == [(True, 2)] and model.training  # both views in one train-mode pass
+    model.calls.clear()
+    one = guess(model, views[:1], 0.0, PLAIN)  # one view of one sample: eval mode, and train mode after
+    assert torch.equal(one, sharpen_hard(torch.softmax(MeanColour()(views[0]), 1)))
+    assert model.calls == [(False, 1)] and model.training
+    model.calls.clear()
+    guess(model, [torch.rand(3, 3, 4, 4, generator=g) for _ in range(2)], 0.5, PLAIN)
+    assert model.calls == [(True, 3), (True, 3)]  # larger batches: one pass per view, as MixMatch
+
+
 def test_one_step_losses_on_a_known_model():
     """No augmentation and no mixing: both views of an unlabelled sample are its image, so its guess is the
     sharpened prediction of that image; L_x is the cross-entropy of the labelled images' given labels."""

@@ -74,14 +74,26 @@ def mixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_u: tor
 @torch.no_grad()
 def guess_labels(model: nn.Module, views: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """MixMatch's label guess: the sharpened mean prediction over the augmented views of unlabelled samples."""
-    p = torch.stack([torch.softmax(model(v).float(), 1) for v in views]).mean(0)
-    return sharpen(p, temperature)
+    return sharpen(mean_prediction(model, views), temperature)
 
 
 @torch.no_grad()
 def mean_prediction(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-    """The mean softmax prediction (fp32) over the augmented views of the same samples."""
-    return torch.stack([torch.softmax(model(v).float(), 1) for v in views]).mean(0)
+    """The mean softmax prediction (fp32) over the augmented views of the same samples, one forward pass per view.
+
+    A batch of one sample (an unlabelled pool of one) cannot pass a model in train mode one view at a time:
+    BatchNorm needs two values per channel, which a small image no longer has at the last stage. Its views then
+    pass together, and a single view of a single sample passes in eval mode."""
+    n = views[0].shape[0]
+    if n >= 2:
+        return torch.stack([torch.softmax(model(v).float(), 1) for v in views]).mean(0)
+    joined, was_training = torch.cat(views), model.training
+    model.train(was_training and joined.shape[0] >= 2)
+    try:
+        p = torch.softmax(model(joined).float(), 1)
+    finally:
+        model.train(was_training)
+    return p.view(len(views), n, -1).mean(0)
 
 
 def sharpen_hard(p: torch.Tensor) -> torch.Tensor:

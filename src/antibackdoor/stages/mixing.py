@@ -59,15 +59,19 @@ def cutmix(x: torch.Tensor, targets: torch.Tensor, alpha: float,
 def feature_attention(model: nn.Module, x: torch.Tensor, precision: Precision) -> torch.Tensor:
     """VaB's attention map: the channel sum of the squared output of the model's last stage, resized (nearest)
     to the image and scaled to [0, 1] per sample; N x 1 x H x W, fp32. The pass runs in the model's current
-    mode (train mode during training, as the training loop's other no-gradient passes)."""
-    last = list(stage_modules(model))[-1]
-    with capture(model, stages=[last], penultimate=False) as feats, precision.autocast():
+    mode (train mode during training, as the training loop's other no-gradient passes).
+
+    A last stage of one pixel (VGG-16 at 32 px, any model on small images) says nothing about where the model
+    looks; the last stage with more than one pixel is read instead. A map with no contrast is all zeros."""
+    stages = list(stage_modules(model))
+    with capture(model, stages=stages, penultimate=False) as feats, precision.autocast():
         model(precision.batch(x))
-    att = feats.stages[last].float().pow(2).sum(1, keepdim=True)
+    wide = [s for s in stages if feats.stages[s].shape[-2:].numel() > 1]
+    att = feats.stages[(wide or stages)[-1]].float().pow(2).sum(1, keepdim=True)
     att = F.interpolate(att, size=tuple(x.shape[-2:]), mode="nearest")
     low = att.amin(dim=(2, 3), keepdim=True)
-    high = att.amax(dim=(2, 3), keepdim=True)
-    return (att - low) / (high - low + 1e-12)
+    span = att.amax(dim=(2, 3), keepdim=True) - low
+    return torch.where(span > 0, (att - low) / span.clamp_min(torch.finfo(att.dtype).tiny), torch.zeros_like(att))
 
 
 def attention_mix(x: torch.Tensor, attention: torch.Tensor, targets: torch.Tensor, threshold: float,
