@@ -104,3 +104,22 @@ def test_without_finished_cells_the_count_stands():
     seconds, how = estimate_plan(_plan([failed, *todo]), todo, workers=1)
     assert seconds == pytest.approx(70)
     assert how.startswith("from the quick cnn's speed")
+
+
+def test_only_the_stages_a_defense_trains_through_the_stage_cache_count_as_shared(tmp_path):
+    """ASD's and PDB's "train" are their own loops (never loaded from the cache): counted in full in every cell;
+    `none`'s "train", A-ABL's "naive", NAD's "backdoored" and a detector's suspect model are shared."""
+    npz = write_npz(tmp_path / "tiny.npz")
+    grid = Grid.from_dict({
+        "name": "tiny", "datasets": [f"npz:{npz}"], "attacks": ["badnets"], "models": ["cnn-small"],
+        "defenses": ["none", "asd", "pdb", "pdb-iso", "nad", "a-abl", "vab"], "targets": [0], "eval": {"ra_steps": 1}})
+    cells = {str(p.cell.axes["defense_name"]): p for p in make_plan(grid, None, tmp_path / "out").cells}
+    assert {name: len(p.shared) for name, p in cells.items()} == \
+        {"none": 1, "asd": 0, "pdb": 0, "pdb-iso": 1, "nad": 1, "a-abl": 1, "vab": 0}
+    assert cells["none"].shared[0][0].startswith("all{")
+    # a stage is shared by the data it trains on and its recipe: the same recipe under another data name is not
+    cfg = {"epochs": 2, "batch_size": 8, "optimizer": "sgd"}
+    _, a = est.cell_passes({"train": cfg}, N, 10, 1, {"train": "all"})
+    _, b = est.cell_passes({"infected": cfg}, N, 10, 1, {"infected": "subset"})
+    _, none = est.cell_passes({"train": cfg}, N, 10, 1)
+    assert a[0][1] == b[0][1] == 2 * N and a[0][0] != b[0][0] and none == []

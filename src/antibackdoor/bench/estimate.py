@@ -8,7 +8,7 @@ every epoch). A pass of model M costs ``REF_SECONDS`` x MACs(M) / MACs(cnn). REF
 measured on the project's 2-core CPU (A-ABL's naive stage, 40 epochs x 5,170 images, ~85 s with 2 threads);
 when cells of the grid have already finished, their measured times calibrate the estimate instead, per
 defense where that defense has finished cells (``runner.estimate_plan``). Stages shared through the stage
-cache (same poisoned data, same recipe) are counted once.
+cache (same poisoned data, same recipe; ``Defense.cached_stages`` names them) are counted once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
 from ..models import build_model
@@ -23,8 +24,6 @@ from ..models import build_model
 #: seconds per sample pass of the quick `cnn` (32x32) with 2 threads (see the module docstring)
 REF_SECONDS = 4.1e-4
 REF_THREADS = 2
-#: stage keys of a resolved defense config that train from scratch on all the (poisoned) data: shared
-SHARED_STAGES = ("train", "naive", "infected")
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,18 +62,17 @@ def _train_configs(d: Any, prefix: str = "") -> list[tuple[str, dict]]:
     return out
 
 
-def cell_passes(defense: dict[str, Any], n_train: int, n_test: int,
-                ra_steps: int = 10) -> tuple[float, list[tuple[str, float]]]:
-    """Sample passes of one cell, and its shareable stages as (key, passes) pairs."""
-    total, shared = 0.0, []
+def cell_passes(defense: dict[str, Any], n_train: int, n_test: int, ra_steps: int = 10,
+                cached: Mapping[str, str] | None = None) -> tuple[float, list[tuple[str, float]]]:
+    """Sample passes of one cell, and its shareable stages as (key, passes) pairs: the TrainConfigs that
+    ``cached`` (``Defense.cached_stages``) names, keyed by the data they train on and their recipe."""
+    total, shared, cached = 0.0, [], cached or {}
     for key, cfg in _train_configs(defense):
         adv = cfg.get("adversary") or {}
         cost = float(cfg.get("epochs", 0)) * n_train * (1 + float(adv.get("steps", 0)))
-        if key in SHARED_STAGES:
-            # the stage cache matches data and recipe, not stage names: `none`'s "train" is A-ABL's "naive";
-            # AIBD's "infected" trains on a subset (its hold-out left out), so it is shared among AIBD cells only
-            data = "subset" if key == "infected" else "all"
-            shared.append((data + json.dumps(cfg, sort_keys=True, default=str), cost))
+        if key in cached:
+            # the stage cache matches data and recipe, not stage names: `none`'s "train" is A-ABL's "naive"
+            shared.append((cached[key] + json.dumps(cfg, sort_keys=True, default=str), cost))
         total += cost
     total += 10 * n_train  # scoring passes (iFGSM split, flip counting): a rough allowance
     total += (1 + ra_steps) * n_test  # ACC, ASR and PGD-10 robust accuracy on the test set

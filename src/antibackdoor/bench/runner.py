@@ -329,7 +329,7 @@ def make_plan(grid: Grid, suite: Suite | None, out: Path, threads: int = 2) -> P
         p.group = json.dumps([cfg.dataset, attack, cfg.poison_rate, cfg.target, cfg.seed, resolved.model,
                               cfg.preset], sort_keys=True, default=str)
         p.passes, p.shared = est.cell_passes(resolved.defense.describe(), len(splits.train), len(splits.test),
-                                             cfg.eval.ra_steps)
+                                             cfg.eval.ra_steps, resolved.defense.cached_stages)
         p.passes += resolved.defense.extra_passes(len(splits.train))  # what the defense's loops add (base.py)
         p.seconds_per_pass = est.seconds_per_pass(resolved.model, splits.train.channels,
                                                   splits.train.image_size, n, threads)

@@ -99,6 +99,7 @@ class AABLParams:
 @register_defense
 class AABL(Defense):
     name = "a-abl"
+    cached_stages = {"naive": "all"}
     label = "A-ABL"
     description = "A-ABL: naive training, iFGSM+SCE Otsu split, PGD adversarial training on the vulnerable subset"
     Params = AABLParams

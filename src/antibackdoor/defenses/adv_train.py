@@ -21,6 +21,7 @@ class AdvTrainParams:
 @register_defense
 class AdvTrain(Defense):
     name = "adv-train"
+    cached_stages = {"train": "all"}
     label = "Adv. Train"
     description = "PGD adversarial training on all data (eps 8/255, step 2/255, 10 steps in the paper preset)"
     Params = AdvTrainParams

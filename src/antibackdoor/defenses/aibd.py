@@ -212,6 +212,7 @@ class QSearch:
 @register_defense
 class AIBD(Defense):
     name = "aibd"
+    cached_stages = {"infected": "aibd-holdout-complement"}  # all but its held-out slice
     label = "AIBD"
     description = "AIBD: isolate by PGD flip counts, relabel adversarially, progressive top-q"
     Params = AIBDParams

@@ -92,6 +92,11 @@ class Defense(Part):
     #: ``trusted_fraction`` parameter); ``defend`` evaluates on trusted data only when the defense does not use it
     uses_trusted: ClassVar[bool] = False
     needs_trusted: ClassVar[bool] = False
+    #: the TrainConfigs of ``describe()`` (by key) that ``run`` trains through the stage cache from a fresh model
+    #: with seed offset 0, each mapped to the data it trains on ("all": every training sample as given; another
+    #: name: a subset chosen the same way in every cell of the same data): cells of the same poisoned data with the
+    #: same such config train it once, and the bench's time estimate counts it once. None by default.
+    cached_stages: ClassVar[dict[str, str]] = {}
 
     def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
@@ -150,6 +155,8 @@ class UsesDetector:
     ``detector_params``; ``describe`` holds the resolved detector. List it before the ``Defense`` base."""
 
     detector: Detector
+    #: the detector's suspect model (``Detector.suspect_model``: all the data, seed offset 0)
+    cached_stages: ClassVar[dict[str, str]] = {"model": "all"}
 
     def __init__(self, preset: str = "quick", overrides=None, params=None):
         super().__init__(preset, overrides, params)

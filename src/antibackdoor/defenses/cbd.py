@@ -111,6 +111,7 @@ class CBDParams:
 @register_defense
 class CBD(Defense):
     name = "cbd"
+    cached_stages = {"backdoored": "all"}
     label = "CBD"
     description = "CBD: a briefly trained backdoored model re-weights the clean model's loss, plus an MI penalty"
     Params = CBDParams

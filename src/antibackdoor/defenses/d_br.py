@@ -82,6 +82,7 @@ def remove_backdoor(model: torch.nn.Module, data: ImageSet, poisoned: torch.Tens
 @register_defense
 class DBR(Defense):
     name = "d-br"
+    cached_stages = {"backdoored": "all"}
     label = "D-BR"
     description = "D-BR: FCT separation, then unlearn the poisoned part / relearn the clean part of a backdoored model"
     Params = DBRParams

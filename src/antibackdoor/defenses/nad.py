@@ -87,6 +87,7 @@ class NADParams:
 @register_defense
 class NAD(Defense):
     name = "nad"
+    cached_stages = {"backdoored": "all"}
     label = "NAD"
     description = "NAD: fine-tune a teacher on 5% trusted clean data, distil its attention maps into the model"
     Params = NADParams

@@ -20,6 +20,7 @@ class NoDefenseParams:
 @register_defense
 class NoDefense(Defense):
     name = "none"
+    cached_stages = {"train": "all"}
     label = "No defense"
     description = "standard training on all data (no defense)"
     Params = NoDefenseParams
