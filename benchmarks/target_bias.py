@@ -22,6 +22,7 @@ import yaml
 from _common import pct
 
 import antibackdoor as ab
+from antibackdoor.metrics import predict
 
 
 def target_of(config: dict, metrics: dict) -> int:
@@ -29,14 +30,10 @@ def target_of(config: dict, metrics: dict) -> int:
     return int(truth["target"]) if config.get("attack") == "none" and "target" in truth else int(config["target"])
 
 
-@torch.no_grad()
-def clean_to_target(model: torch.nn.Module, test, target: int, batch: int = 256) -> float:
+def clean_to_target(model: torch.nn.Module, test, target: int) -> float:
     """Share of clean test images whose class is not ``target`` that ``model`` predicts as ``target``."""
-    keep = test.y != target
-    x = test.x[keep]
-    hits = sum(int((model(x[i:i + batch].float().div(255.0)).argmax(1) == target).sum())
-               for i in range(0, len(x), batch))
-    return hits / max(1, len(x))
+    pred = predict(model, test)[test.y.cpu() != target]
+    return float((pred == target).float().mean()) if len(pred) else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
