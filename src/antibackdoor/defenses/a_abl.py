@@ -159,10 +159,11 @@ class AABL(Defense):
                              info=info, history=history, sample_stats=stats)
 
     def purge(self, model, data: ImageSet, kept, scores, ctx: DefenseContext, info: dict, history: dict,
-              stats: dict):
+              stats: dict, retrain_last: bool = True):
         """The ``purge`` option: the stage-3 model retrained without the kept target-class samples it disagrees
         with (``purge_rounds`` times, each round judged by the previous round's model), or ``model`` itself when
-        the split's ranking shows no class surplus."""
+        the split's ranking shows no class surplus. Without ``retrain_last`` the last round only drops (a later
+        stage trains on what is left) and the model that judged it is returned."""
         surplus = class_surplus(data.y.cpu().numpy(), torch.argsort(scores.cpu()).numpy(),
                                 (~kept).cpu().numpy(), data.classes)
         info["purge_target"], info["purge_p"] = surplus.target, surplus.p
@@ -174,13 +175,16 @@ class AABL(Defense):
         in_target = kept & (data.y.cpu() == surplus.target)
         purged = torch.zeros_like(kept)
         info["purged_per_round"] = []
-        for r in range(1, self.params.purge_rounds + 1):
+        rounds = self.params.purge_rounds
+        for r in range(1, rounds + 1):
             dropped = in_target & ~purged & ~agrees_with_label(model, data, ctx)
             purged |= dropped
             info["purged_per_round"].append(int(dropped.sum()))
             log.info("purge round %d: class %d has a surplus (p %.2g); dropping %d more of its %d kept samples "
-                     "(the robust model disagrees with their label) and training stage 3 again on %d", r,
-                     surplus.target, surplus.p, int(dropped.sum()), int(in_target.sum()), int((kept & ~purged).sum()))
+                     "(the robust model disagrees with their label), %d kept samples left", r, surplus.target,
+                     surplus.p, int(dropped.sum()), int(in_target.sum()), int((kept & ~purged).sum()))
+            if r == rounds and not retrain_last:
+                break
             stage = "purged_adv_train" if r == 1 else f"purged_adv_train_{r}"
             model, history[stage] = train_stage(ctx, data.subset(kept & ~purged), self.params.final, stage,
                                                 seed_offset=2 + r)

@@ -5,6 +5,8 @@
 - ``scores``: per-sample passes over a model (adversarial statistics, losses, features, label agreement);
 - ``select``: Otsu's threshold, the one top-fraction rule, the one treatment of isolated samples;
 - ``recipes``: the training recipes several parts share;
+- ``defensive``: the defensive backdoor (PDB's trigger, augmentation, label map, loss, class-balanced pool) that
+  every defense planting one uses;
 - the scorers a defense and its detector share, one module per method: ``aabl`` (iFGSM + SCE split), ``aibd``
   (flip counts, Eq. 4, target guess), ``abl`` (bounded-loss isolation), ``dbd`` (SimCLR + SCE warm-up),
   ``separation`` (D-ST/D-BR's FCT split).

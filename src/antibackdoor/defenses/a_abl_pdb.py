@@ -1,0 +1,166 @@
+"""A-ABL-PDB (ours): A-ABL+'s isolation and purge, then adversarial training behind a defensive backdoor.
+
+A-ABL+ (the log-score split and the purge of the surplus class) removes the poison a naively trained model learns
+as a robust feature: patches, few pixels, Trojan, IAB. Whole-image triggers (Blend, WaNet, SSBA) stay in its kept
+set; adversarial training learns little of their trigger, but their target-labelled poison still pulls clean inputs
+toward the target class. PDB's defensive backdoor overrides both at inference, if its pool holds no poison. So:
+
+1. Naive training on all data; A-ABL's iFGSM split with Otsu's threshold on the log score (``a-abl+``).
+2. The robust model: PGD adversarial training on the kept samples (A-ABL's stage 3).
+3. The purge (``a-abl+``): where the split shows a class surplus, the kept samples of that class the robust model
+   disagrees with are dropped (without the retraining ``a-abl+`` does: step 4 trains on what is left).
+4. The defensive pool: in every class, the ``ratio`` share of the data (the same number a class) that the ranking
+   ``pool_rank`` trusts most, among the samples left that both models predict with their given label. The
+   default ranking, ``loss-gain``, is the naive model's loss minus the robust model's: a poisoned sample is easy
+   for the naive model (it learned the trigger) and harder for the robust one (it learned little of it), a clean
+   sample the other way round.
+5. PGD adversarial training from scratch on the samples left plus ``frequency`` stamped and augmented copies of
+   every pool sample, labelled h(y) = (y + shift) mod K; the adversary perturbs every row, around the defensive
+   trigger but never on it. The returned model stamps the trigger on every input and maps the answer back through
+   h^-1 (``models.wrappers.StampAndRelabel``), so ACC, ASR, RA (PGD through the wrapper) and ``defend``'s report
+   measure what is deployed.
+
+Cost: one more stage 3 than ``a-abl`` on the kept samples plus the defensive copies (``frequency`` x ``ratio`` of
+the data); no retraining after the purge.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..config import key_path, param
+from ..data.imageset import ImageSet
+from ..errors import ConfigError
+from ..stages import DefenseContext, agrees_with_label, sample_losses, train_stage
+from ..stages.aabl import robust_split
+from ..stages.defensive import DefensiveAugment, DefensiveTrigger, least_suspicious
+from ..stages.recipes import QUICK_AT, QUICK_NAIVE
+from .a_abl import AABL, AABLParams
+from .base import DefenseResult, register_defense, train_passes
+from .pdb import _PDBBase
+
+log = logging.getLogger("antibackdoor")
+
+PoolRank = Literal["loss-gain", "robust-loss", "naive-loss"]
+
+
+@dataclass(frozen=True)
+class AABLPDBParams(AABLParams):
+    ratio: float = param(0.1, doc="size of the defensive pool as a share of the training data, the same number "
+                                  "from every class (PDB's ratio)")
+    pool_rank: PoolRank = param("loss-gain", doc="which samples the pool trusts most, among those both models "
+                                                 "predict with their given label: loss-gain (the naive model's "
+                                                 "loss minus the robust model's, highest first), robust-loss (the "
+                                                 "robust model's loss, lowest first), naive-loss (the naive "
+                                                 "model's loss, highest first)")
+    frequency: int = param(5, doc="copies of every defensive sample in each epoch of the final training")
+    shift: int = param(1, doc="the label map h(y) = (y + shift) mod K, undone at inference")
+    trigger: DefensiveTrigger = param(factory=DefensiveTrigger, doc="the defensive trigger")
+    augment: DefensiveAugment = param(factory=DefensiveAugment, doc="augmentation of the defensive copies, after "
+                                                                    "stamping")
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"{key_path(where, 'ratio')}: {self.ratio} must be in (0, 1]")
+        if self.frequency < 1:
+            raise ConfigError(f"{key_path(where, 'frequency')}: {self.frequency} must be >= 1")
+        if self.shift < 1:
+            raise ConfigError(f"{key_path(where, 'shift')}: {self.shift} must be >= 1 (h must move every class)")
+        if self.final.adversary is None:
+            raise ConfigError(f"{key_path(where, 'final.adversary')}: the final training must be adversarial")
+
+
+@register_defense
+class AABLPDB(AABL, _PDBBase):
+    name = "a-abl-pdb"
+    label = ""  # ours: tables name it by its name
+    paper_settings_of = "a-abl"
+    description = ("A-ABL+'s split and purge, then adversarial training behind a defensive backdoor drawn from "
+                   "the samples the naive and robust models trust most")
+    Params = AABLPDBParams
+    assumptions = (
+        "Nothing is known about the trigger, the target class or the poison rate, and no clean data is needed.",
+        "Poison a naively trained model learns as a robust feature (patches, few pixels) falls below the split's "
+        "threshold or is purged from the class with a surplus among the isolated samples, as in a-abl+.",
+        "Adversarial training learns little of the triggers left (blended, warping, invisible ones), so the "
+        "robust model finds their poisoned samples harder than the naive model does: in every class the samples "
+        "whose loss drops most from the naive to the robust model are clean, and they form the defensive pool. "
+        "Poison in the pool would carry the attacker's backdoor through the defense.",
+        "Every prediction of the returned model stamps the defensive trigger on the input and maps the answer "
+        "back: the model is only defended when used as returned (antibackdoor.load_model does so).",
+    )
+    presets = {
+        # a-abl+'s presets (a-abl's with the log split and the purge) and PDB's defensive backdoor
+        "paper": AABLPDBParams(min_isolated=0.1, split_log=True, purge=True),
+        "quick": AABLPDBParams(naive=QUICK_NAIVE, final=QUICK_AT, split_log=True, purge=True),
+    }
+
+    def per_class(self, data: ImageSet) -> int:
+        """int(N x ratio / K) pool samples a class; ConfigError where it is 0."""
+        n = int(len(data) * self.params.ratio / data.num_classes)
+        if n < 1:
+            raise ConfigError(f"{key_path(self.option, 'ratio')}: {self.params.ratio} of {len(data)} samples leaves "
+                              f"no defensive sample for any of the {data.num_classes} classes")
+        return n
+
+    def check_data(self, data: ImageSet) -> None:
+        _PDBBase.check_data(self, data)
+        self.per_class(data)
+
+    def extra_passes(self, n_train: int) -> float:
+        """The final training on (about) the kept samples plus the defensive copies, which ``describe()``
+        counts only as the one ``final`` config of stage 3."""
+        p = self.params
+        return train_passes(p.final, n_train * (1 + p.frequency * p.ratio))
+
+    def trust(self, naive, robust, data: ImageSet, ctx: DefenseContext) -> torch.Tensor:
+        """Per-sample trust for the pool under ``pool_rank`` (higher = more trusted), float64 on the CPU."""
+        rank = self.params.pool_rank
+        if rank == "robust-loss":
+            return -sample_losses(robust, data, ctx).double()
+        naive_loss = sample_losses(naive, data, ctx).double()
+        if rank == "naive-loss":
+            return naive_loss
+        return naive_loss - sample_losses(robust, data, ctx).double()
+
+    def run(self, data: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        p = self.params
+        self.check_data(data)
+        log.info("A-ABL-PDB 1/5: naive training on all %d samples", len(data))
+        naive, naive_hist = train_stage(ctx, data, p.naive, "naive")
+        scores = self.split_scores(naive, data, ctx)
+        split = robust_split(scores, log_scale=p.split_log, min_isolated=p.min_isolated)
+        kept = split.kept.cpu()
+        log.info("split (%s): threshold %.4g; kept %d, isolated %d", split.rule, split.threshold, int(kept.sum()),
+                 int((~kept).sum()))
+        log.info("A-ABL-PDB 2/5: PGD adversarial training on the %d kept samples", int(kept.sum()))
+        robust, robust_hist = train_stage(ctx, data.subset(kept), p.final, "adv_train", seed_offset=1)
+        info = split.info()
+        history = {"naive": naive_hist, "adv_train": robust_hist}
+        stats: dict[str, torch.Tensor] = {}
+        if p.purge:
+            log.info("A-ABL-PDB 3/5: purge")
+            robust = self.purge(robust, data, kept, scores, ctx, info, history, stats, retrain_last=False)
+        left = kept & ~stats["purged"] if "purged" in stats else kept
+        log.info("A-ABL-PDB 4/5: defensive pool (%s)", p.pool_rank)
+        eligible = left & agrees_with_label(robust, data, ctx) & agrees_with_label(naive, data, ctx)
+        trust = self.trust(naive, robust, data, ctx)
+        per_class = self.per_class(data)
+        chosen = least_suspicious(-trust, data.y, eligible, per_class, data.num_classes)
+        pool = data.subset(chosen)
+        short = [data.classes[c] for c, n in enumerate(pool.class_counts().tolist()) if n < per_class]
+        if short:
+            log.warning("A-ABL-PDB: fewer than %d eligible pool samples in class(es) %s", per_class, ", ".join(short))
+        log.info("A-ABL-PDB 5/5: adversarial training on %d samples behind the defensive trigger", int(left.sum()))
+        model, history["defended"] = self.train_defended(data.subset(left), pool, ctx, cfg=p.final,
+                                                         stage="defended", seed_offset="defended")
+        info.update({"pool_rank": p.pool_rank, "eligible": int(eligible.sum()), "trained_on": int(left.sum()),
+                     **self.describe_pool(pool, data.num_classes)})
+        stats.update({"defensive": chosen, "pool_trust": trust.float()})
+        return DefenseResult(model, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
+                             info=info, history=history, sample_stats=stats)
