@@ -27,7 +27,7 @@ the data); no retraining after the purge.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -39,6 +39,7 @@ from ..stages import DefenseContext, agrees_with_label, sample_losses, train_sta
 from ..stages.aabl import robust_split
 from ..stages.defensive import DefensiveAugment, DefensiveTrigger, least_suspicious
 from ..stages.recipes import QUICK_AT, QUICK_NAIVE
+from ..training import TrainConfig
 from .a_abl import AABL, AABLParams
 from .base import DefenseResult, register_defense, train_passes
 from .pdb import _PDBBase
@@ -59,6 +60,10 @@ class AABLPDBParams(AABLParams):
                                                  "model's loss, highest first)")
     frequency: int = param(5, doc="copies of every defensive sample in each epoch of the final training")
     shift: int = param(1, doc="the label map h(y) = (y + shift) mod K, undone at inference")
+    from_robust: bool = param(False, doc="the final training continues from the robust model instead of a fresh "
+                                         "one")
+    defended_epochs: int | None = param(None, doc="epochs of the final training (None: final.epochs)")
+    defended_lr: float | None = param(None, doc="learning rate of the final training (None: final.lr)")
     trigger: DefensiveTrigger = param(factory=DefensiveTrigger, doc="the defensive trigger")
     augment: DefensiveAugment = param(factory=DefensiveAugment, doc="augmentation of the defensive copies, after "
                                                                     "stamping")
@@ -71,6 +76,10 @@ class AABLPDBParams(AABLParams):
             raise ConfigError(f"{key_path(where, 'frequency')}: {self.frequency} must be >= 1")
         if self.shift < 1:
             raise ConfigError(f"{key_path(where, 'shift')}: {self.shift} must be >= 1 (h must move every class)")
+        if self.defended_epochs is not None and self.defended_epochs < 1:
+            raise ConfigError(f"{key_path(where, 'defended_epochs')}: {self.defended_epochs} must be >= 1")
+        if self.defended_lr is not None and not self.defended_lr > 0:
+            raise ConfigError(f"{key_path(where, 'defended_lr')}: {self.defended_lr} must be > 0")
         if self.final.adversary is None:
             raise ConfigError(f"{key_path(where, 'final.adversary')}: the final training must be adversarial")
 
@@ -112,11 +121,16 @@ class AABLPDB(AABL, _PDBBase):
         _PDBBase.check_data(self, data)
         self.per_class(data)
 
+    def defended_config(self) -> TrainConfig:
+        """The final training: stage 3's adversary and optimiser, with ``defended_epochs`` and ``defended_lr``."""
+        p = self.params
+        return replace(p.final, epochs=p.defended_epochs or p.final.epochs, lr=p.defended_lr or p.final.lr)
+
     def extra_passes(self, n_train: int) -> float:
         """The final training on (about) the kept samples plus the defensive copies, which ``describe()``
         counts only as the one ``final`` config of stage 3."""
         p = self.params
-        return train_passes(p.final, n_train * (1 + p.frequency * p.ratio))
+        return train_passes(self.defended_config(), n_train * (1 + p.frequency * p.ratio))
 
     def trust(self, naive, robust, data: ImageSet, ctx: DefenseContext) -> torch.Tensor:
         """Per-sample trust for the pool under ``pool_rank`` (higher = more trusted), float64 on the CPU."""
@@ -157,10 +171,11 @@ class AABLPDB(AABL, _PDBBase):
         if short:
             log.warning("A-ABL-PDB: fewer than %d eligible pool samples in class(es) %s", per_class, ", ".join(short))
         log.info("A-ABL-PDB 5/5: adversarial training on %d samples behind the defensive trigger", int(left.sum()))
-        model, history["defended"] = self.train_defended(data.subset(left), pool, ctx, cfg=p.final,
-                                                         stage="defended", seed_offset="defended")
+        model, history["defended"] = self.train_defended(data.subset(left), pool, ctx, cfg=self.defended_config(),
+                                                         stage="defended", seed_offset="defended",
+                                                         model=robust if p.from_robust else None)
         info.update({"pool_rank": p.pool_rank, "eligible": int(eligible.sum()), "trained_on": int(left.sum()),
                      **self.describe_pool(pool, data.num_classes)})
-        stats.update({"defensive": chosen, "pool_trust": trust.float()})
+        stats.update({"defensive": chosen, "pool_eligible": eligible, "pool_trust": trust.float()})
         return DefenseResult(model, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
                              info=info, history=history, sample_stats=stats)

@@ -148,9 +148,11 @@ class _PDBBase(Defense):
                               "classes, so h(y) = y: the label map must move every class")
 
     def train_defended(self, data: ImageSet, pool: ImageSet, ctx: DefenseContext, cfg: TrainConfig | None = None,
-                       stage: str = "pdb", seed_offset: int | str = "pdb") -> tuple[nn.Module, dict]:
+                       stage: str = "pdb", seed_offset: int | str = "pdb",
+                       model: nn.Module | None = None) -> tuple[nn.Module, dict]:
         """Train on ``data`` plus the defensive copies of ``pool`` with ``cfg`` (default the ``train`` parameter);
-        return the wrapped (deployed) model and the stage's history. A ``cfg`` with an adversary trains
+        return the wrapped (deployed) model and the stage's history; ``model`` given, training continues from it
+        instead of a fresh one. A ``cfg`` with an adversary trains
         adversarially, the defensive rows' trigger left untouched by the adversary (``pdb_loss``)."""
         p = self.params
         cfg = p.train if cfg is None else cfg
@@ -160,7 +162,7 @@ class _PDBBase(Defense):
                  ", adversarially" if cfg.adversary is not None else "")
         loss = pdb_loss(ds, p.augment, cfg.adversary)
         net, hist = train_stage(ctx, ds.data, replace(cfg, adversary=None), stage, seed_offset=seed_offset,
-                                loss_fn=loss)
+                                loss_fn=loss, model=model)
         _, c, height, width = data.x.shape
         wrapped = StampAndRelabel(net, p.trigger.pattern(c, height, width), p.trigger.mask(height, width),
                                   label_map(data.num_classes, p.shift)).to(ctx.device)
