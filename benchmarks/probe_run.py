@@ -3,6 +3,7 @@
     python benchmarks/probe_run.py purge RUN_DIR [RUN_DIR ...]
     python benchmarks/probe_run.py aibd-alt RUN_DIR [RUN_DIR ...]
     python benchmarks/probe_run.py dbd-warmup RUN_DIR [RUN_DIR ...]
+    python benchmarks/probe_run.py pool NAIVE_RUN_DIR,ROBUST_RUN_DIR [...]
 
 A run directory is any of ``antibackdoor run`` or ``bench`` (e.g. of the grids in benchmarks/grids/); the
 training data and its poison are rebuilt from its config (the attack with the run's seed, or an ``outside:``
@@ -15,6 +16,10 @@ data set's own ground truth).
 - ``aibd-alt`` (an ``aibd`` run): the surplus test on per-class normalised scores (each k divided by its class's
   25th percentile plus the overall median), beside the guess the run recorded: the ``alt`` column of
   docs/aibd.md, a measurement the tool does not use.
+- ``pool`` (a ``none`` run, whose model is A-ABL's naive model, and an ``adv-train`` run on the same data, whose
+  model stands for the robust one): how many poisoned samples a class-balanced defensive pool (10 to 50 % of the data)
+  holds when each class's most trusted samples are drawn by each ranking ``a-abl-pdb`` offers, and by a few others
+  (docs/every-trigger.md, "Which samples the pool can trust").
 - ``dbd-warmup`` (a ``dbd`` run): the poison share of the labelled set right after the SCE warm-up, and that
   split read as a detector (``dbd-sce``: TPR / FPR, ROC AUC), from the run's checkpoint (docs/dbd.md).
 """
@@ -109,7 +114,71 @@ def dbd_warmup(run_dir: Path) -> None:
           f"as a detector, TPR / FPR: {split}")
 
 
-PROBES = {"purge": purge, "aibd-alt": aibd_alt, "dbd-warmup": dbd_warmup}
+def pool(pair: Path) -> None:
+    from antibackdoor.models.io import load_model
+    from antibackdoor.precision import PLAIN
+    from antibackdoor.stages import DefenseContext, agrees_with_label, sample_losses
+    from antibackdoor.stages.aabl import ifgsm_scores
+    from antibackdoor.stages.defensive import least_suspicious
+
+    naive_dir, robust_dir = (Path(p) for p in str(pair).split(","))
+    r = rebuild(naive_dir)
+    if not np.array_equal(rebuild(robust_dir).poison, r.poison):
+        raise SystemExit(f"{pair}: the two runs were not trained on the same poisoned data")
+    data, poison = r.data, torch.from_numpy(r.poison)
+    naive, robust = (load_model(d / "model.safetensors").eval() for d in (naive_dir, robust_dir))
+    ctx = DefenseContext(lambda: naive, precision=PLAIN)  # fp32 on the CPU, whatever the CPU kind
+    agree_n, agree_r = agrees_with_label(naive, data, ctx), agrees_with_label(robust, data, ctx)
+    loss_n, loss_r = sample_losses(naive, data, ctx).double(), sample_losses(robust, data, ctx).double()
+    sce = ifgsm_scores(naive, data, ctx, 2 / 255, 5).double()
+    both = agree_n & agree_r
+    ratios = (0.1, 0.2, 0.3, 0.5)
+    random = torch.rand(len(data), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rankings = {  # name: (trust, eligible)
+        "random, naive agrees": (random, agree_n),
+        "high iFGSM SCE (A-ABL's vulnerable end), naive agrees": (sce, agree_n),
+        "naive-loss: high naive loss, naive agrees": (loss_n, agree_n),
+        "low naive loss, naive agrees": (-loss_n, agree_n),
+        "random, both agree": (random, both),
+        "robust-loss: low robust loss, both agree": (-loss_r, both),
+        "loss-gain: naive minus robust loss, both agree": (loss_n - loss_r, both),
+    }
+    print(f"{naive_dir.name} + {robust_dir.name}: target {r.target}, {int(poison.sum())} poisoned; the robust "
+          f"model agrees with {pct(float(agree_r[poison].float().mean()))} % of the poison, the naive one with "
+          f"{pct(float(agree_n[poison].float().mean()))} %")
+    print("| ranking | " + " | ".join(f"pool {int(100 * q)} %: size (poisoned)" for q in ratios) + " |")
+    print("|---|" + "---|" * len(ratios))
+    for name, (trust, eligible) in rankings.items():
+        cells = []
+        for q in ratios:
+            chosen = least_suspicious(-trust, data.y, eligible, int(len(data) * q / data.num_classes),
+                                      data.num_classes)
+            cells.append(f"{int(chosen.sum())} ({int((chosen & poison).sum())})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    # the same loss gain read the other way: the least trusted samples as suspects, for the class-surplus test
+    from antibackdoor.surplus import class_surplus
+
+    gain = (loss_n - loss_r).numpy()
+    y = data.y.cpu().numpy()
+    surplus = class_surplus(y, np.argsort(gain, kind="stable"), np.zeros(len(y), bool), list(data.classes))
+    print(f"surplus test on the loss gain, lowest first: target {surplus.target} (best {surplus.best}, adjusted p "
+          f"{surplus.p:.2g})")
+    t = r.target
+    in_t = np.flatnonzero(y == t)
+    order = in_t[np.argsort(gain[in_t], kind="stable")]
+    p_np = poison.numpy()
+    for q in (0.25, 0.4, 0.5, 0.6):
+        drop = order[:int(q * len(order))]
+        left = np.setdiff1d(np.arange(len(y)), drop)
+        print(f"  dropping the lowest {int(100 * q)} % of class {t} by gain ({len(drop)}): {int(p_np[drop].sum())} "
+              f"poisoned among them, {int(p_np[left].sum())} left ({pct(p_np[left].mean())} % of {len(left)})")
+    agree_r_np = agree_r.numpy()
+    drop = in_t[~agree_r_np[in_t]]
+    print(f"  dropping the samples of class {t} the robust model disagrees with ({len(drop)}): "
+          f"{int(p_np[drop].sum())} poisoned among them, {int(p_np.sum() - p_np[drop].sum())} left")
+
+
+PROBES = {"pool": pool, "purge": purge, "aibd-alt": aibd_alt, "dbd-warmup": dbd_warmup}
 
 
 def main(argv: list[str] | None = None) -> int:
