@@ -89,7 +89,7 @@ def _aabl_t3_defenses() -> list[dict]:
     return [{"name": "none", "label": "No defense"}, {"name": "abl", "label": "ABL"},
             {"name": "dbd", "label": "DBD"}, {"name": "d-st", "label": "D-ST"}, {"name": "cbd", "label": "CBD"},
             {"name": "adv-train", "label": "Adv. Train"}, {"name": "a-abl", "label": "A-ABL"},
-            {"name": "aibd", "label": "AIBD"}]
+            {"name": "aibd", "label": "AIBD"}, {"name": "a-abl-pdb", "label": "A-ABL-PDB"}]
 
 
 def _detector(name: str, label: str, split_only: bool = True, **detector_params: Any) -> dict:
@@ -144,7 +144,7 @@ _add(Suite(
     "aabl-t3", "Defenses against attacks: ACC / ASR / RA", "A-ABL Table 3",
     "Every defense on every attack and on clean data (row 'clean'). RA: PGD-10, eps 8/255, step 2/255. "
     "'No defense' is shown for reference and does not compete for the bold marks; AIBD (not in A-ABL's table) "
-    "is added so that every defense of the project is compared on the same cells.",
+    "and the project's A-ABL-PDB are added so that the defenses of the project are compared on the same cells.",
     {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AABL_ATTACKS), "defenses": _aabl_t3_defenses(),
                "adjust": [CLB_RATE]},
      "paper": {"datasets": ["cifar10", "gtsrb", "tiny-imagenet"], "attacks": _attacks(AABL_ATTACKS),
@@ -215,16 +215,17 @@ _add(Suite(
 _AIBD_NONE = {"name": "none", "label": "No Defense", "params": {"train": {"crop": 0, "flip": False}}}
 _add(Suite(
     "aibd-t1", "Defenses against attacks: ACC / ASR", "AIBD Table 1",
-    "No defense, ABL, NAD, DBD, CBD and AIBD against six attacks and clean data (row 'clean'). As in the "
+    "No defense, ABL, NAD, DBD, CBD and AIBD (and the project's A-ABL-PDB beside them) against six attacks and "
+    "clean data (row 'clean'). As in the "
     "paper, the undefended model is trained without augmentation; GTSRB uses WRN-16-1.",
     {"quick": {"datasets": QUICK_DATA, "attacks": _attacks(AIBD_ATTACKS),
                "defenses": [_AIBD_NONE, {"name": "abl", "label": "ABL"}, {"name": "nad", "label": "NAD"},
                             {"name": "dbd", "label": "DBD"}, {"name": "cbd", "label": "CBD"},
-                            {"name": "aibd", "label": "AIBD"}]},
+                            {"name": "aibd", "label": "AIBD"}, {"name": "a-abl-pdb", "label": "A-ABL-PDB"}]},
      "paper": {"datasets": ["cifar10", "gtsrb"], "attacks": _attacks(AIBD_ATTACKS), "adjust": [AIBD_GTSRB_MODEL],
                "defenses": [_AIBD_NONE, {"name": "abl", "label": "ABL"}, {"name": "nad", "label": "NAD"},
                             {"name": "dbd", "label": "DBD"}, {"name": "cbd", "label": "CBD"},
-                            {"name": "aibd", "label": "AIBD"}]}},
+                            {"name": "aibd", "label": "AIBD"}, {"name": "a-abl-pdb", "label": "A-ABL-PDB"}]}},
     (TableSpec("ACC / ASR (%)", rows="attack", cols="defense", metrics=("acc", "asr"), blocks="dataset",
                competitors="cols", reference=("none",), summary=("average",), mark_failures=True,
                published="aibd_t1"),),
@@ -285,12 +286,12 @@ _SPARSE_ATTACKS = [
 _add(Suite(
     "sparse-triggers", "A-ABL, its options and AIBD on few-pixel triggers", "this project",
     "Few-pixel triggers (one pixel, four pixels, a 3x3 patch away from the corner) beside BadNets and Blend, "
-    "against the paper's A-ABL, A-ABL with its non-paper options (a-abl+), AIBD and adversarial training on all "
-    "the data (the accuracy reference). Not a table of either paper: no published numbers.",
+    "against the paper's A-ABL, A-ABL with its non-paper options (a-abl+), AIBD, A-ABL-PDB and adversarial "
+    "training on all the data (the accuracy reference). Not a table of either paper: no published numbers.",
     {p: {"datasets": QUICK_DATA if p == "quick" else ["cifar10"], "attacks": _SPARSE_ATTACKS,
          "defenses": [{"name": "none", "label": "No defense"}, {"name": "adv-train", "label": "Adv. Train"},
                       {"name": "a-abl", "label": "A-ABL"}, {"name": "a-abl+", "label": "A-ABL+"},
-                      {"name": "aibd", "label": "AIBD"}]}
+                      {"name": "aibd", "label": "AIBD"}, {"name": "a-abl-pdb", "label": "A-ABL-PDB"}]}
      for p in ("quick", "paper")},
     (TableSpec("ACC / ASR / RA per trigger (%)", rows="attack", cols="defense", metrics=("acc", "asr", "ra"),
                competitors="cols", reference=("none",), summary=("average", "worst")),

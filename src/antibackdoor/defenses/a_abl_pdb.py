@@ -51,14 +51,14 @@ PoolRank = Literal["loss-gain", "robust-loss", "naive-loss"]
 
 @dataclass(frozen=True)
 class AABLPDBParams(AABLParams):
-    ratio: float = param(0.1, doc="size of the defensive pool as a share of the training data, the same number "
-                                  "from every class (PDB's ratio)")
+    ratio: float = param(0.3, doc="size of the defensive pool as a share of the training data, the same number "
+                                  "from every class (PDB's ratio is 0.1; docs/every-trigger.md)")
     pool_rank: PoolRank = param("loss-gain", doc="which samples the pool trusts most, among those both models "
                                                  "predict with their given label: loss-gain (the naive model's "
                                                  "loss minus the robust model's, highest first), robust-loss (the "
                                                  "robust model's loss, lowest first), naive-loss (the naive "
                                                  "model's loss, highest first)")
-    frequency: int = param(5, doc="copies of every defensive sample in each epoch of the final training")
+    frequency: int = param(2, doc="copies of every defensive sample in each epoch of the final training (PDB's: 5)")
     shift: int = param(1, doc="the label map h(y) = (y + shift) mod K, undone at inference")
     from_robust: bool = param(False, doc="the final training continues from the robust model instead of a fresh "
                                          "one")
