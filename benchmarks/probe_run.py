@@ -4,6 +4,7 @@
     python benchmarks/probe_run.py aibd-alt RUN_DIR [RUN_DIR ...]
     python benchmarks/probe_run.py dbd-warmup RUN_DIR [RUN_DIR ...]
     python benchmarks/probe_run.py pool NAIVE_RUN_DIR,ROBUST_RUN_DIR [...]
+    python benchmarks/probe_run.py stamped RUN_DIR [RUN_DIR ...]
 
 A run directory is any of ``antibackdoor run`` or ``bench`` (e.g. of the grids in benchmarks/grids/); the
 training data and its poison are rebuilt from its config (the attack with the run's seed, or an ``outside:``
@@ -20,6 +21,10 @@ data set's own ground truth).
   model stands for the robust one): how many poisoned samples a class-balanced defensive pool (10 to 50 % of the data)
   holds when each class's most trusted samples are drawn by each ranking ``a-abl-pdb`` offers, and by a few others
   (docs/every-trigger.md, "Which samples the pool can trust").
+- ``stamped`` (a run of a defense that plants a defensive backdoor: ``pdb``, ``pdb-iso``, ``a-abl-pdb``): the clean
+  test accuracy of the deployed model (every input stamped, the answer mapped back) beside that of its network
+  alone on unstamped inputs, and how the deployed model's answers spread over the classes: what the defensive
+  trigger costs in accuracy (docs/every-trigger.md).
 - ``dbd-warmup`` (a ``dbd`` run): the poison share of the labelled set right after the SCE warm-up, and that
   split read as a detector (``dbd-sce``: TPR / FPR, ROC AUC), from the run's checkpoint (docs/dbd.md).
 """
@@ -178,7 +183,27 @@ def pool(pair: Path) -> None:
           f"{int(p_np[drop].sum())} poisoned among them, {int(p_np.sum() - p_np[drop].sum())} left")
 
 
-PROBES = {"pool": pool, "purge": purge, "aibd-alt": aibd_alt, "dbd-warmup": dbd_warmup}
+def stamped(run_dir: Path) -> None:
+    import yaml
+
+    from antibackdoor.data import load_dataset
+    from antibackdoor.metrics import predict
+    from antibackdoor.models.io import load_model
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    test = load_dataset(cfg["dataset"], cfg.get("data_root")).test
+    deployed = load_model(run_dir / "model.safetensors").eval()
+    if not hasattr(deployed, "net"):
+        raise SystemExit(f"{run_dir}: its model plants no defensive backdoor")
+    y = test.y.cpu()
+    on = predict(deployed, test)
+    off = predict(deployed.net, test)
+    print(f"{run_dir.name}: ACC deployed (stamped) {pct(float((on == y).float().mean()))} %, network alone "
+          f"(unstamped) {pct(float((off == y).float().mean()))} %; deployed answers per class "
+          f"{torch.bincount(on, minlength=len(test.classes)).tolist()}")
+
+
+PROBES = {"pool": pool, "stamped": stamped, "purge": purge, "aibd-alt": aibd_alt, "dbd-warmup": dbd_warmup}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,12 +137,12 @@ def test_run_pools_each_class_most_trusted_agreeing_samples_and_deploys_the_wrap
     assert pooled.sum() == info["pool"] and not (pooled & ~kept).any() and not (pooled & purged).any()
     assert info["pool"] <= info["eligible"] and info["trained_on"] == int((kept & ~purged).sum())
     # the stages: naive on everything, the robust model on the kept samples, then the defended training on what is
-    # left plus five copies of the pool, labelled h(y) = y + 1 mod 4, with the adversary inside the loss
+    # left plus two copies of the pool (the default), labelled h(y) = y + 1 mod 4, with the adversary in the loss
     stages = [c.stage for c in train_calls]
     assert stages[:2] == ["naive", "adv_train"] and stages[-1] == "defended"
     (call,) = [c for c in train_calls if c.stage == "defended"]
     left, k = info["trained_on"], int(pooled.sum())
-    assert len(call.data) == left + 5 * k
+    assert info["frequency"] == 2 and len(call.data) == left + 2 * k
     at = torch.searchsorted(torch.from_numpy(np.flatnonzero(kept & ~purged)), torch.from_numpy(np.flatnonzero(pooled)))
     assert torch.equal(call.data.x[left:left + k], call.data.x[:left][at])  # the pool's images as the data hold them
     assert torch.equal(call.data.y[left:left + k], (call.data.y[:left][at] + 1) % 4)
@@ -183,7 +183,6 @@ def test_the_pool_is_each_class_top_of_the_trust_among_the_eligible(tmp_path, mo
     (["final.adversary=null"], "--defense-param final.adversary: the final training must be adversarial"),
     (["shift=4"], "--defense-param shift: 4 is a multiple of the 4 classes"),
     (["trigger.size=16"], "--defense-param trigger.size: a square of 16 pixels covers the whole 16x16 image"),
-    (["ratio=0.01"], "--defense-param ratio: 0.01 of 240 samples leaves no defensive sample"),
 ])
 def test_bad_settings_exit_2_before_a_run_directory_exists(tmp_path, tiny_npz, capsys, extra, message):
     out = tmp_path / "runs"
@@ -194,3 +193,47 @@ def test_bad_settings_exit_2_before_a_run_directory_exists(tmp_path, tiny_npz, c
     lines = [line for line in err.splitlines() if not line.startswith("[antibackdoor]")]
     assert len(lines) == 1 and lines[0].startswith("antibackdoor: error: ") and message in lines[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_tiny_pool_share_still_pools_one_sample_a_class(tmp_path, monkeypatch):
+    import antibackdoor.defenses.a_abl_pdb as mod
+
+    monkeypatch.setattr(mod, "agrees_with_label", lambda model, data, ctx: torch.ones(len(data), dtype=torch.bool))
+    path = write_npz(tmp_path / "tiny.npz")
+    out = tmp_path / "runs"
+    assert main(["run", "--dataset", f"npz:{path}", "--attack", "none", "--defense", "a-abl-pdb", "--out", str(out),
+                 *FAST, "--defense-param", "ratio=0.001"]) == 0  # 240 x 0.001 / 4 rounds to 0: one a class
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    info = json.loads((d / "metrics.json").read_text())["defense_info"]
+    assert info["pool_per_class"] == [1, 1, 1, 1] and info["defensive_backdoor"] is True
+
+
+def test_without_an_eligible_sample_the_robust_model_is_returned(tmp_path, monkeypatch, train_calls):
+    """Neither model agreeing with any label leaves no pool: the deployed model would answer at random, so the
+    robust model comes back, unwrapped, and the run says so."""
+    import antibackdoor.defenses.a_abl_pdb as mod
+
+    monkeypatch.setattr(mod, "agrees_with_label", lambda model, data, ctx: torch.zeros(len(data), dtype=torch.bool))
+    path = write_npz(tmp_path / "tiny.npz")
+    out = tmp_path / "runs"
+    assert main(["run", "--dataset", f"npz:{path}", "--attack", "none", "--defense", "a-abl-pdb", "--out", str(out),
+                 *FAST]) == 0
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    info = json.loads((d / "metrics.json").read_text())["defense_info"]
+    assert info["defensive_backdoor"] is False and info["eligible"] == 0
+    assert "defended" not in [c.stage for c in train_calls]
+    assert not isinstance(ab.load_model(d / "model.safetensors"), StampAndRelabel)
+
+
+def test_defend_runs_it_by_default_and_says_why(tmp_path):
+    from test_pdb import grey_folder
+
+    root = grey_folder(tmp_path / "data", per_class=15)
+    out = tmp_path / "runs"
+    assert main(["defend", f"folder:{root}", "--out", str(out), *FAST, "--holdout", "0.2"]) == 0
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["defense_info"]["pool_per_class"] and (d / "suspicious.csv").is_file()
+    head = (d / "report.md").read_text().split("\n\n")[1]
+    assert head.startswith("defense **a-abl-pdb** (quick preset; defend's default:")
+    assert ab.load_model(d / "model.safetensors").image_size == 12

@@ -91,7 +91,8 @@ def sticker_flips(self, model, d, ctx):
 
 
 def tiny_args(out: Path, naive_epochs: int) -> list[str]:
-    args = ["--model", "cnn-small", "--out", str(out), "--ra-samples", "20",
+    """A-ABL (named: these tests read its split, not the default's defensive backdoor), one epoch a stage."""
+    args = ["--defense", "a-abl", "--model", "cnn-small", "--out", str(out), "--ra-samples", "20",
             "--defense-param", f"naive.epochs={naive_epochs}", "--defense-param", "final.epochs=1",
             "--defense-param", "final.adversary.steps=1"]
     return args
@@ -225,6 +226,7 @@ def test_report_shows_what_a_person_needs(poisoned):
     assert "TPR (poisoned isolated)" in truth and "ROC AUC of the ranking" in truth
     assert "held-out slice of the given data" in page.of("eval-table")
     assert "Otsu's threshold always cuts" in page.of("assumption-list")
+    assert "named with --defense" in (run_dir / "report.md").read_text().split("\n\n")[1]  # which ran, and why
     decisions = dict((r[0], r[1]) for r in page.rows["decisions"])
     assert float(decisions["threshold"]) > 0
     assert "guess-table" not in page.rows  # A-ABL makes no target guess of its own

@@ -36,6 +36,8 @@ def class_folder(root: Path, per_class: int = 12) -> Path:
 
 
 BASE = ["--model", "cnn-small", "--ra-samples", "2"]
+#: the tests of A-ABL's verdicts name it (defend's default is a-abl-pdb)
+A_ABL = ["--defense", "a-abl", *BASE]
 
 
 class Captions(HTMLParser):
@@ -145,7 +147,7 @@ def test_an_extreme_split_is_a_warning_in_the_report_and_the_summary(tmp_path, m
     root = class_folder(tmp_path / "data")
     out = tmp_path / "runs"
     monkeypatch.setattr(AABL, "split_scores", keep_three)
-    assert main(["defend", f"folder:{root}", *BASE, "--defense-param", "naive.epochs=1", "--defense-param",
+    assert main(["defend", f"folder:{root}", *A_ABL, "--defense-param", "naive.epochs=1", "--defense-param",
                  "final.epochs=1", "--defense-param", "final.adversary.steps=1", "--holdout", "0",
                  "--out", str(out)]) == 0
     summary = capsys.readouterr().out

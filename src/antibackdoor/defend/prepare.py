@@ -37,13 +37,19 @@ ISOLATE = "isolate-then-train"
 NOT_IN_ID = ("export_kept",)
 
 
+#: why ``defend`` runs its default defense when the user names none (the report says so beside the name)
+DEFAULT_DEFENSE_WHY = ("defend's default: A-ABL's split and purge isolate patch-like triggers, and its defensive "
+                       "backdoor overrides whole-image ones that no split isolates, with an adversarially robust "
+                       "model and no clean data needed (docs/every-trigger.md)")
+
+
 @dataclass(frozen=True)
 class DefendConfig(RunOptions):
     """``antibackdoor defend``: the user's data and what to do with it; the shared options (preset, seed, eval,
     out, data_root, device, precision) come from RunOptions, as in ``run``."""
 
     data: str
-    defense: str = "a-abl"
+    defense: str = "a-abl-pdb"
     detector: str | None = None
     defense_params: dict[str, Any] = field(default_factory=dict)
     model: str | None = None

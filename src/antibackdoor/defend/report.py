@@ -21,7 +21,7 @@ from ..defenses.base import DefenseResult
 from ..plots import class_surplus_figure, plt
 from ..surplus import TargetGuess, fmt_p
 from .analysis import Findings
-from .prepare import DefendSetup
+from .prepare import DEFAULT_DEFENSE_WHY, DefendConfig, DefendSetup
 
 GRID = 32
 MAX_BAD_LISTED = 500
@@ -199,6 +199,7 @@ def build_context(run_dir: Path, setup: DefendSetup, result: DefenseResult, find
     return {
         "title": f"antibackdoor defend: {c.data}",
         "config": c, "data": data, "defense": c.defense, "model": setup.model, "preset": c.preset,
+        "defense_why": DEFAULT_DEFENSE_WHY if c.defense == DefendConfig.defense else "named with --defense",
         "precision": setup.precision.describe(),
         "verdict": verdict(surplus, c.defense, n_iso, n, findings.unranked),
         "warnings": findings.warnings,

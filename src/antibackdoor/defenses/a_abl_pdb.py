@@ -13,7 +13,8 @@ toward the target class. PDB's defensive backdoor overrides both at inference, i
    ``pool_rank`` trusts most, among the samples left that both models predict with their given label. The
    default ranking, ``loss-gain``, is the naive model's loss minus the robust model's: a poisoned sample is easy
    for the naive model (it learned the trigger) and harder for the robust one (it learned little of it), a clean
-   sample the other way round.
+   sample the other way round. In the class the purge named, the split's score ranks instead (highest, i.e. most
+   vulnerable, first): a trigger the robust model learned as well (a patch) has no loss gain to show.
 5. PGD adversarial training from scratch on the samples left plus ``frequency`` stamped and augmented copies of
    every pool sample, labelled h(y) = (y + shift) mod K; the adversary perturbs every row, around the defensive
    trigger but never on it. The returned model stamps the trigger on every input and maps the answer back through
@@ -102,6 +103,7 @@ class AABLPDB(AABL, _PDBBase):
         "Poison in the pool would carry the attacker's backdoor through the defense.",
         "Every prediction of the returned model stamps the defensive trigger on the input and maps the answer "
         "back: the model is only defended when used as returned (antibackdoor.load_model does so).",
+        AABL.assumptions[-1],  # Otsu's threshold always cuts: isolation alone is no evidence of poison
     )
     presets = {
         # a-abl+'s presets (a-abl's with the log split and the purge) and PDB's defensive backdoor
@@ -110,16 +112,11 @@ class AABLPDB(AABL, _PDBBase):
     }
 
     def per_class(self, data: ImageSet) -> int:
-        """int(N x ratio / K) pool samples a class; ConfigError where it is 0."""
-        n = int(len(data) * self.params.ratio / data.num_classes)
-        if n < 1:
-            raise ConfigError(f"{key_path(self.option, 'ratio')}: {self.params.ratio} of {len(data)} samples leaves "
-                              f"no defensive sample for any of the {data.num_classes} classes")
-        return n
+        """int(N x ratio / K) pool samples a class, at least one: a small data set still gets a pool."""
+        return max(1, int(len(data) * self.params.ratio / data.num_classes))
 
     def check_data(self, data: ImageSet) -> None:
         _PDBBase.check_data(self, data)
-        self.per_class(data)
 
     def defended_config(self) -> TrainConfig:
         """The final training: stage 3's adversary and optimiser, with ``defended_epochs`` and ``defended_lr``."""
@@ -164,9 +161,31 @@ class AABLPDB(AABL, _PDBBase):
         log.info("A-ABL-PDB 4/5: defensive pool (%s)", p.pool_rank)
         eligible = left & agrees_with_label(robust, data, ctx) & agrees_with_label(naive, data, ctx)
         trust = self.trust(naive, robust, data, ctx)
+        target = info.get("purge_target")
+        if target is not None:
+            # the purge named the target: its poison is a trigger the robust model learned too (a patch beyond the
+            # adversary's budget), which the loss gain does not rank low; within that class the split's own score
+            # ranks it (robust = low), so the class's pool is its most vulnerable samples (the pool is drawn per
+            # class, so only the order within the class matters)
+            in_target = data.y.cpu() == target
+            trust = trust.clone()
+            trust[in_target] = scores.cpu().double()[in_target]
         per_class = self.per_class(data)
         chosen = least_suspicious(-trust, data.y, eligible, per_class, data.num_classes)
         pool = data.subset(chosen)
+        info.update({"pool_rank": p.pool_rank, "eligible": int(eligible.sum()), "trained_on": int(left.sum())})
+        stats.update({"defensive": chosen, "pool_eligible": eligible, "pool_trust": trust.float()})
+        if not bool(chosen.any()):
+            # no sample both models agree with: a defensive backdoor would have nothing to learn from, and a
+            # deployed model that stamps every input would answer at random; A-ABL+'s model is returned instead
+            log.warning("A-ABL-PDB: no sample is eligible for the defensive pool (neither model agrees with any "
+                        "given label); returning the robust model without a defensive backdoor")
+            info["defensive_backdoor"] = False
+            if "purged" in stats:
+                robust, history["purged_adv_train"] = train_stage(ctx, data.subset(left), p.final,
+                                                                  "purged_adv_train", seed_offset=3)
+            return DefenseResult(robust, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
+                                 info=info, history=history, sample_stats=stats)
         short = [data.classes[c] for c, n in enumerate(pool.class_counts().tolist()) if n < per_class]
         if short:
             log.warning("A-ABL-PDB: fewer than %d eligible pool samples in class(es) %s", per_class, ", ".join(short))
@@ -174,8 +193,7 @@ class AABLPDB(AABL, _PDBBase):
         model, history["defended"] = self.train_defended(data.subset(left), pool, ctx, cfg=self.defended_config(),
                                                          stage="defended", seed_offset="defended",
                                                          model=robust if p.from_robust else None)
-        info.update({"pool_rank": p.pool_rank, "eligible": int(eligible.sum()), "trained_on": int(left.sum()),
-                     **self.describe_pool(pool, data.num_classes)})
-        stats.update({"defensive": chosen, "pool_eligible": eligible, "pool_trust": trust.float()})
+        info["defensive_backdoor"] = True
+        info.update(self.describe_pool(pool, data.num_classes))
         return DefenseResult(model, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
                              info=info, history=history, sample_stats=stats)
