@@ -225,15 +225,33 @@ def test_without_an_eligible_sample_the_robust_model_is_returned(tmp_path, monke
     assert not isinstance(ab.load_model(d / "model.safetensors"), StampAndRelabel)
 
 
-def test_defend_runs_it_by_default_and_says_why(tmp_path):
+def test_defend_runs_it_and_the_report_says_it_was_named(tmp_path, monkeypatch):
+    from test_pdb import grey_folder
+
+    import antibackdoor.defenses.a_abl_pdb as mod
+
+    # one epoch of training agrees with few labels; the pool needs some
+    monkeypatch.setattr(mod, "agrees_with_label", lambda model, data, ctx: torch.ones(len(data), dtype=torch.bool))
+    root = grey_folder(tmp_path / "data", per_class=15)
+    out = tmp_path / "runs"
+    assert main(["defend", f"folder:{root}", "--defense", "a-abl-pdb", "--out", str(out), *FAST,
+                 "--holdout", "0.2"]) == 0
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["defense_info"]["defensive_backdoor"] is True and (d / "suspicious.csv").is_file()
+    assert isinstance(ab.load_model(d / "model.safetensors"), StampAndRelabel)
+    head = (d / "report.md").read_text().split("\n\n")[1]
+    assert head.startswith("defense **a-abl-pdb** (quick preset; named with --defense)")
+    assert ab.load_model(d / "model.safetensors").image_size == 12
+
+
+def test_defends_default_says_it_is_the_default(tmp_path):
     from test_pdb import grey_folder
 
     root = grey_folder(tmp_path / "data", per_class=15)
     out = tmp_path / "runs"
-    assert main(["defend", f"folder:{root}", "--out", str(out), *FAST, "--holdout", "0.2"]) == 0
+    assert main(["defend", f"folder:{root}", "--out", str(out), "--model", "cnn-small", "--ra-samples", "4",
+                 "--defense-param", "naive.epochs=1", "--defense-param", "final.epochs=1", "--holdout", "0.2"]) == 0
     (d,) = [p for p in out.iterdir() if p.is_dir()]
-    m = json.loads((d / "metrics.json").read_text())
-    assert m["defense_info"]["pool_per_class"] and (d / "suspicious.csv").is_file()
     head = (d / "report.md").read_text().split("\n\n")[1]
-    assert head.startswith("defense **a-abl-pdb** (quick preset; defend's default:")
-    assert ab.load_model(d / "model.safetensors").image_size == 12
+    assert head.startswith("defense **a-abl** (quick preset; defend's default:")

@@ -464,8 +464,8 @@ def test_a_split_only_defense_claims_no_model_and_measures_none(tmp_path):
     mask = tmp_path / "poison.txt"
     mask.write_text("\n".join(files) + "\n")
     out = tmp_path / "runs"
-    args = ["defend", f"folder:{root}", "--model", "cnn-small", "--out", str(out), "--poison-mask", str(mask),
-            "--defense-param", "naive.epochs=1", "--defense-param", "final.epochs=0"]
+    args = ["defend", f"folder:{root}", "--defense", "a-abl", "--model", "cnn-small", "--out", str(out),
+            "--poison-mask", str(mask), "--defense-param", "naive.epochs=1", "--defense-param", "final.epochs=0"]
     assert main(args) == 0
     run_dir = run_dir_of(out)
     m = json.loads((run_dir / "metrics.json").read_text())

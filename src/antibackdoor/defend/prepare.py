@@ -38,9 +38,8 @@ NOT_IN_ID = ("export_kept",)
 
 
 #: why ``defend`` runs its default defense when the user names none (the report says so beside the name)
-DEFAULT_DEFENSE_WHY = ("defend's default: A-ABL's split and purge isolate patch-like triggers, and its defensive "
-                       "backdoor overrides whole-image ones that no split isolates, with an adversarially robust "
-                       "model and no clean data needed (docs/every-trigger.md)")
+DEFAULT_DEFENSE_WHY = ("defend's default: the paper's A-ABL, no clean data needed; a-abl+ keeps more accuracy, "
+                       "a-abl-pdb lowers the ASR of whole-image triggers at an accuracy cost (docs/every-trigger.md)")
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class DefendConfig(RunOptions):
     out, data_root, device, precision) come from RunOptions, as in ``run``."""
 
     data: str
-    defense: str = "a-abl-pdb"
+    defense: str = "a-abl"
     detector: str | None = None
     defense_params: dict[str, Any] = field(default_factory=dict)
     model: str | None = None

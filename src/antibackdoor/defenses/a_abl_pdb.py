@@ -13,8 +13,7 @@ toward the target class. PDB's defensive backdoor overrides both at inference, i
    ``pool_rank`` trusts most, among the samples left that both models predict with their given label. The
    default ranking, ``loss-gain``, is the naive model's loss minus the robust model's: a poisoned sample is easy
    for the naive model (it learned the trigger) and harder for the robust one (it learned little of it), a clean
-   sample the other way round. In the class the purge named, the split's score ranks instead (highest, i.e. most
-   vulnerable, first): a trigger the robust model learned as well (a patch) has no loss gain to show.
+   sample the other way round.
 5. PGD adversarial training from scratch on the samples left plus ``frequency`` stamped and augmented copies of
    every pool sample, labelled h(y) = (y + shift) mod K; the adversary perturbs every row, around the defensive
    trigger but never on it. The returned model stamps the trigger on every input and maps the answer back through
@@ -161,15 +160,6 @@ class AABLPDB(AABL, _PDBBase):
         log.info("A-ABL-PDB 4/5: defensive pool (%s)", p.pool_rank)
         eligible = left & agrees_with_label(robust, data, ctx) & agrees_with_label(naive, data, ctx)
         trust = self.trust(naive, robust, data, ctx)
-        target = info.get("purge_target")
-        if target is not None:
-            # the purge named the target: its poison is a trigger the robust model learned too (a patch beyond the
-            # adversary's budget), which the loss gain does not rank low; within that class the split's own score
-            # ranks it (robust = low), so the class's pool is its most vulnerable samples (the pool is drawn per
-            # class, so only the order within the class matters)
-            in_target = data.y.cpu() == target
-            trust = trust.clone()
-            trust[in_target] = scores.cpu().double()[in_target]
         per_class = self.per_class(data)
         chosen = least_suspicious(-trust, data.y, eligible, per_class, data.num_classes)
         pool = data.subset(chosen)
