@@ -226,7 +226,7 @@ def test_report_shows_what_a_person_needs(poisoned):
     assert "TPR (poisoned isolated)" in truth and "ROC AUC of the ranking" in truth
     assert "held-out slice of the given data" in page.of("eval-table")
     assert "Otsu's threshold always cuts" in page.of("assumption-list")
-    assert "named with --defense" in (run_dir / "report.md").read_text().split("\n\n")[1]  # which ran, and why
+    assert "defend's default" in (run_dir / "report.md").read_text().split("\n\n")[1]  # which ran, and why
     decisions = dict((r[0], r[1]) for r in page.rows["decisions"])
     assert float(decisions["threshold"]) > 0
     assert "guess-table" not in page.rows  # A-ABL makes no target guess of its own
