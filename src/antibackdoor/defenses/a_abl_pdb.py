@@ -37,7 +37,7 @@ from ..data.imageset import ImageSet
 from ..errors import ConfigError
 from ..stages import DefenseContext, agrees_with_label, sample_losses, train_stage
 from ..stages.aabl import robust_split
-from ..stages.defensive import DefensiveAugment, DefensiveTrigger, least_suspicious
+from ..stages.defensive import DefensiveAugment, DefensiveTrigger, validate_defensive, validate_ratio
 from ..stages.recipes import QUICK_AT, QUICK_NAIVE
 from ..training import TrainConfig
 from .a_abl import AABL, AABLParams
@@ -70,12 +70,8 @@ class AABLPDBParams(AABLParams):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        if not 0 < self.ratio <= 1:
-            raise ConfigError(f"{key_path(where, 'ratio')}: {self.ratio} must be in (0, 1]")
-        if self.frequency < 1:
-            raise ConfigError(f"{key_path(where, 'frequency')}: {self.frequency} must be >= 1")
-        if self.shift < 1:
-            raise ConfigError(f"{key_path(where, 'shift')}: {self.shift} must be >= 1 (h must move every class)")
+        validate_ratio(where, self.ratio)
+        validate_defensive(where, self.frequency, self.shift)
         if self.defended_epochs is not None and self.defended_epochs < 1:
             raise ConfigError(f"{key_path(where, 'defended_epochs')}: {self.defended_epochs} must be >= 1")
         if self.defended_lr is not None and not self.defended_lr > 0:
@@ -113,9 +109,6 @@ class AABLPDB(AABL, _PDBBase):
     def per_class(self, data: ImageSet) -> int:
         """int(N x ratio / K) pool samples a class, at least one: a small data set still gets a pool."""
         return max(1, int(len(data) * self.params.ratio / data.num_classes))
-
-    def check_data(self, data: ImageSet) -> None:
-        _PDBBase.check_data(self, data)
 
     def defended_config(self) -> TrainConfig:
         """The final training: stage 3's adversary and optimiser, with ``defended_epochs`` and ``defended_lr``."""
@@ -161,8 +154,7 @@ class AABLPDB(AABL, _PDBBase):
         eligible = left & agrees_with_label(robust, data, ctx) & agrees_with_label(naive, data, ctx)
         trust = self.trust(naive, robust, data, ctx)
         per_class = self.per_class(data)
-        chosen = least_suspicious(-trust, data.y, eligible, per_class, data.num_classes)
-        pool = data.subset(chosen)
+        chosen, pool = self.draw_pool(data, -trust, eligible, per_class)
         info.update({"pool_rank": p.pool_rank, "eligible": int(eligible.sum()), "trained_on": int(left.sum())})
         stats.update({"defensive": chosen, "pool_eligible": eligible, "pool_trust": trust.float()})
         if not bool(chosen.any()):
@@ -176,9 +168,6 @@ class AABLPDB(AABL, _PDBBase):
                                                                   "purged_adv_train", seed_offset=3)
             return DefenseResult(robust, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
                                  info=info, history=history, sample_stats=stats)
-        short = [data.classes[c] for c, n in enumerate(pool.class_counts().tolist()) if n < per_class]
-        if short:
-            log.warning("A-ABL-PDB: fewer than %d eligible pool samples in class(es) %s", per_class, ", ".join(short))
         log.info("A-ABL-PDB 5/5: adversarial training on %d samples behind the defensive trigger", int(left.sum()))
         model, history["defended"] = self.train_defended(data.subset(left), pool, ctx, cfg=self.defended_config(),
                                                          stage="defended", seed_offset="defended",

@@ -64,6 +64,8 @@ from ..stages.defensive import (
     least_suspicious,
     pdb_loss,
     rotate,
+    validate_defensive,
+    validate_ratio,
 )
 from ..stages.recipes import QUICK_PLAIN
 from ..training import TrainConfig
@@ -92,10 +94,7 @@ class PDBCore:
                                                                     "stamping")
 
     def validate(self, where: str) -> None:
-        if self.frequency < 1:
-            raise ConfigError(f"{key_path(where, 'frequency')}: {self.frequency} must be >= 1")
-        if self.shift < 1:
-            raise ConfigError(f"{key_path(where, 'shift')}: {self.shift} must be >= 1 (h must move every class)")
+        validate_defensive(where, self.frequency, self.shift)
 
 
 @dataclass(frozen=True)
@@ -122,8 +121,7 @@ class PDBIsoParams(PDBCore):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        if not 0 < self.ratio <= 1:
-            raise ConfigError(f"{key_path(where, 'ratio')}: {self.ratio} must be in (0, 1]")
+        validate_ratio(where, self.ratio)
         if not isinstance(self.detector_params, dict):
             raise ConfigError(f"{key_path(where, 'detector_params')}: expected a mapping, got "
                               f"{self.detector_params!r}")
@@ -168,6 +166,17 @@ class _PDBBase(Defense):
                                   label_map(data.num_classes, p.shift)).to(ctx.device)
         ctx.note_trained(wrapped, ctx.is_trained(net))
         return wrapped, hist
+
+    def draw_pool(self, data: ImageSet, suspicion: torch.Tensor, eligible: torch.Tensor,
+                  per_class: int) -> tuple[torch.Tensor, ImageSet]:
+        """The defensive pool: in every class the ``per_class`` eligible samples of lowest ``suspicion``
+        (``least_suspicious``), as a mask and as data; a warning names the classes with fewer eligible ones."""
+        chosen = least_suspicious(suspicion, data.y, eligible, per_class, data.num_classes)
+        pool = data.subset(chosen)
+        short = [data.classes[c] for c, n in enumerate(pool.class_counts().tolist()) if n < per_class]
+        if short:
+            log.warning("%s: fewer than %d eligible samples in class(es) %s", self.name, per_class, ", ".join(short))
+        return chosen, pool
 
     def describe_pool(self, pool: ImageSet, num_classes: int) -> dict[str, Any]:
         p = self.params
@@ -253,11 +262,7 @@ class PDBIso(UsesDetector, _PDBBase):
         elif p.agree:
             log.warning("PDB-iso: %s trains no suspect model, so agree has nothing to filter with", p.detector)
         per_class = self.per_class(data)
-        chosen = least_suspicious(det.suspicion(), data.y, eligible, per_class, data.num_classes)
-        pool = data.subset(chosen)
-        short = [data.classes[c] for c, n in enumerate(pool.class_counts().tolist()) if n < per_class]
-        if short:
-            log.warning("PDB-iso: fewer than %d eligible samples in class(es) %s", per_class, ", ".join(short))
+        chosen, pool = self.draw_pool(data, det.suspicion(), eligible, per_class)
         log.info("PDB-iso: defensive pool = %d samples (%d a class), %d eligible", len(pool), per_class,
                  int(eligible.sum()))
         model, hist = self.train_defended(data, pool, ctx)

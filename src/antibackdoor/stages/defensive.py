@@ -127,6 +127,20 @@ class DefensiveAugment:
         both = self(torch.cat([x, mask.to(x.dtype).expand(n, -1, -1, -1)], 1), generator)
         return both[:, :-1], both[:, -1:] > self.scale_min / 2
 
+def validate_defensive(where: str, frequency: int, shift: int) -> None:
+    """The checks every defense planting a defensive backdoor makes of its copies per epoch and its label map."""
+    if frequency < 1:
+        raise ConfigError(f"{key_path(where, 'frequency')}: {frequency} must be >= 1")
+    if shift < 1:
+        raise ConfigError(f"{key_path(where, 'shift')}: {shift} must be >= 1 (h must move every class)")
+
+
+def validate_ratio(where: str, ratio: float) -> None:
+    """A pool drawn as a share of the training data: the share lies in (0, 1]."""
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"{key_path(where, 'ratio')}: {ratio} must be in (0, 1]")
+
+
 def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate each image by its angle (radians) about its centre; nearest pixel, zeros where nothing maps."""
     cos, sin = angle.cos(), angle.sin()
