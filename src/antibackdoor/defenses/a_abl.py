@@ -185,11 +185,15 @@ class AABL(Defense):
                      surplus.p, int(dropped.sum()), int(in_target.sum()), int((kept & ~purged).sum()))
             if r == rounds and not retrain_last:
                 break
-            stage = "purged_adv_train" if r == 1 else f"purged_adv_train_{r}"
-            model, history[stage] = train_stage(ctx, data.subset(kept & ~purged), self.params.final, stage,
-                                                seed_offset=2 + r)
+            model = self.train_purged(ctx, data, kept & ~purged, r, history)
         info["purged"] = int(purged.sum())
         stats["purged"] = purged
+        return model
+
+    def train_purged(self, ctx: DefenseContext, data: ImageSet, train_on, r: int, history: dict):
+        """Stage 3 again, from scratch, on ``train_on`` after purge round ``r`` (its own stage name and seed)."""
+        stage = "purged_adv_train" if r == 1 else f"purged_adv_train_{r}"
+        model, history[stage] = train_stage(ctx, data.subset(train_on), self.params.final, stage, seed_offset=2 + r)
         return model
 
     def split_scores(self, model, data: ImageSet, ctx: DefenseContext) -> torch.Tensor:

@@ -163,9 +163,8 @@ class AABLPDB(AABL, _PDBBase):
             log.warning("A-ABL-PDB: no sample is eligible for the defensive pool (neither model agrees with any "
                         "given label); returning the robust model without a defensive backdoor")
             info["defensive_backdoor"] = False
-            if "purged" in stats:
-                robust, history["purged_adv_train"] = train_stage(ctx, data.subset(left), p.final,
-                                                                  "purged_adv_train", seed_offset=3)
+            if "purged" in stats:  # the retraining a-abl+'s last purge round does
+                robust = self.train_purged(ctx, data, left, p.purge_rounds, history)
             return DefenseResult(robust, kept=kept, scores=scores, score_name="sce_adv", higher_is_suspicious=False,
                                  info=info, history=history, sample_stats=stats)
         log.info("A-ABL-PDB 5/5: adversarial training on %d samples behind the defensive trigger", int(left.sum()))
